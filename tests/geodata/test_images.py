@@ -1,0 +1,238 @@
+"""Tests for geodata.images: listing zips/folders, duplicate ids, safe names, ImageStore."""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import pickle
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geodata.images import (
+    ImageDecodeError,
+    ImageStore,
+    UnsafeMemberError,
+    index_images,
+    is_safe_relative_name,
+    list_images,
+    split_duplicate_ids,
+)
+
+SAMPLE_IMAGES = Path("/work/shared/osv5m-sample/images")
+SAMPLE_IDS = ("4065883540137904", "743171673023530", "827026111505364")
+
+
+def jpeg_bytes(
+    size: tuple[int, int] = (16, 8), color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
+    """A small real JPEG made by PIL."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    """`image` encoded as `fmt` bytes."""
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    """A zip at `path` holding `members` (name -> bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_zip_members_listed_at_any_depth_without_extracting(tmp_path: Path) -> None:
+    shard0 = {"train/00/1.jpg": jpeg_bytes(), "2.JPEG": jpeg_bytes(), "notes.txt": b"x"}
+    write_zip(tmp_path / "images/train/00.zip", shard0)
+    shard1 = {"a/b/c/3.jpg": jpeg_bytes(), "__MACOSX/a/._3.jpg": b"junk", "win\\4.jpg": jpeg_bytes()}
+    write_zip(tmp_path / "images/train/01.zip", shard1)
+    listing = list_images(tmp_path / "images/train", relative_to=tmp_path)
+    assert list(listing.columns) == ["id", "container", "member", "size_bytes"]
+    assert listing["id"].tolist() == ["1", "2", "3", "4"]
+    assert listing["container"].tolist() == ["images/train/00.zip"] * 2 + ["images/train/01.zip"] * 2
+    assert listing["member"].tolist() == ["train/00/1.jpg", "2.JPEG", "a/b/c/3.jpg", "win\\4.jpg"]
+    assert listing["size_bytes"].tolist() == [len(jpeg_bytes())] * 4
+    assert not (tmp_path / "images/train/train").exists()  # nothing extracted
+
+
+def test_unzipped_folders_at_depth_two_and_store_opens_them(tmp_path: Path) -> None:
+    deep = tmp_path / "images/train/00/ab"
+    deep.mkdir(parents=True)
+    for image_id in SAMPLE_IDS:
+        shutil.copy(SAMPLE_IMAGES / f"{image_id}.jpg", deep / f"{image_id}.jpg")
+    (tmp_path / "images/train/00/readme.md").write_text("not an image")
+    listing = index_images(tmp_path / "images/train", relative_to=tmp_path)
+    assert sorted(listing["id"]) == sorted(SAMPLE_IDS)
+    assert set(listing["container"]) == {"images/train/00/ab"}
+    store = ImageStore(tmp_path)
+    row = listing.iloc[0]
+    image = store.open(row.container, row.member)
+    assert image.mode == "RGB" and image.height == 512
+    assert store.read_bytes(row.container, row.member) == (deep / row.member).read_bytes()
+
+
+def test_default_container_is_relative_to_images_dir(tmp_path: Path) -> None:
+    write_zip(tmp_path / "00.zip", {"7.jpg": jpeg_bytes()})
+    (tmp_path / "8.jpg").write_bytes(jpeg_bytes())
+    listing = list_images(tmp_path)
+    assert listing[["container", "member"]].values.tolist() == [["00.zip", "7.jpg"], [".", "8.jpg"]]
+    assert ImageStore(tmp_path).open(".", "8.jpg").size == (16, 8)
+
+
+@pytest.mark.parametrize(
+    "bad_name", ["../evil.jpg", "a/../../evil.jpg", "/abs/evil.jpg", "..\\evil.jpg", "C:/evil.jpg"]
+)
+def test_unsafe_zip_member_refused_naming_zip_and_member(tmp_path: Path, bad_name: str) -> None:
+    write_zip(tmp_path / "images/train/00.zip", {"1.jpg": jpeg_bytes(), bad_name: jpeg_bytes()})
+    with pytest.raises(UnsafeMemberError, match=r"00\.zip.*member name") as err:
+        list_images(tmp_path / "images/train")
+    assert repr(bad_name) in str(err.value)
+
+
+def test_store_refuses_escaping_names(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    with pytest.raises(UnsafeMemberError):
+        store.read_bytes("images", "../../etc/passwd")
+    with pytest.raises(UnsafeMemberError):
+        store.read_bytes("/etc", "passwd")
+    assert is_safe_relative_name("a/b.jpg") and not is_safe_relative_name("")
+
+
+def test_duplicate_ids_keep_first_and_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_zip(tmp_path / "00.zip", {"5.jpg": jpeg_bytes(), "6.jpg": jpeg_bytes()})
+    write_zip(tmp_path / "01.zip", {"x/5.jpg": jpeg_bytes((4, 4))})
+    kept, dups = split_duplicate_ids(list_images(tmp_path))
+    assert kept["id"].tolist() == ["5", "6"] and kept["container"].iloc[0] == "00.zip"
+    assert dups[["id", "container", "member"]].values.tolist() == [["5", "01.zip", "x/5.jpg"]]
+    with caplog.at_level(logging.WARNING, logger="geodata.images"):
+        index = index_images(tmp_path)
+    assert index["id"].is_unique and len(index) == 2
+    assert "1 duplicate image ids" in caplog.text and "01.zip:x/5.jpg" in caplog.text
+
+
+def test_missing_folder_and_bad_zip_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "00.zip").write_bytes(b"not a zip")
+    with pytest.raises(zipfile.BadZipFile, match=r"00\.zip"):
+        list_images(tmp_path)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # 20x10 landscape: left half red, right half blue. Orientation 6 means "rotate 90
+    # degrees clockwise to display": the shown image is 10x20 with red on top.
+    raw = Image.new("RGB", (20, 10), (0, 0, 255))
+    raw.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    raw.save(buf, "JPEG", exif=exif, quality=95)
+    write_zip(tmp_path / "00.zip", {"1.jpg": buf.getvalue()})
+    image = ImageStore(tmp_path).open("00.zip", "1.jpg")
+    assert image.size == (10, 20)
+    top, bottom = np.asarray(image)[2, 5], np.asarray(image)[17, 5]
+    assert top[0] > 200 and top[2] < 60, top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+
+def _transparent_palette() -> Image.Image:
+    """A palette image whose only colour (black) is marked transparent."""
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "expected_rgb"),
+    [
+        ("gray.jpg", lambda: encode(Image.new("L", (8, 8), 128), "JPEG"), (128, 128, 128)),
+        ("cmyk.jpg", lambda: encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), (255, 0, 0)),
+        ("rgba.png", lambda: encode(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), (255, 255, 255)),
+        ("half.png", lambda: encode(Image.new("RGBA", (8, 8), (0, 0, 0, 255)), "PNG"), (0, 0, 0)),
+        ("la.png", lambda: encode(Image.new("LA", (8, 8), (50, 255)), "PNG"), (50, 50, 50)),
+        ("pal.png", lambda: encode(Image.new("RGB", (8, 8), (0, 200, 0)).convert("P"), "PNG"), (0, 200, 0)),
+        ("trns.png", lambda: encode(_transparent_palette(), "PNG"), (255, 255, 255)),
+        ("i16.png", lambda: encode(Image.new("I;16", (8, 8), 65535), "PNG"), (255, 255, 255)),
+    ],
+)
+def test_any_mode_opens_as_rgb(
+    tmp_path: Path, name: str, make: Callable[[], bytes], expected_rgb: tuple[int, int, int]
+) -> None:
+    (tmp_path / name).write_bytes(make())
+    image = ImageStore(tmp_path).open(".", name)
+    assert image.mode == "RGB" and image.size == (8, 8)
+    np.testing.assert_allclose(np.asarray(image)[4, 4], expected_rgb, atol=6)
+
+
+def test_truncated_jpeg_raises_decode_error_naming_member(tmp_path: Path) -> None:
+    data = jpeg_bytes((64, 64))
+    write_zip(tmp_path / "00.zip", {"d/9.jpg": data[: len(data) // 2], "d/10.jpg": b"\xff\xd8garbage"})
+    store = ImageStore(tmp_path)
+    with pytest.raises(ImageDecodeError, match=r"00\.zip:d/9\.jpg.*truncated"):
+        store.open("00.zip", "d/9.jpg")
+    with pytest.raises(ImageDecodeError, match=r"d/10\.jpg"):
+        store.open("00.zip", "d/10.jpg")
+    with pytest.raises(KeyError, match="no member"):
+        store.open("00.zip", "d/11.jpg")
+
+
+def test_decompression_bomb_refused_without_touching_pil_global(tmp_path: Path) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    write_zip(tmp_path / "00.zip", {"1.jpg": jpeg_bytes((40, 40))})
+    with pytest.raises(Image.DecompressionBombError, match="max_image_pixels=1000"):
+        ImageStore(tmp_path, max_image_pixels=1000).open("00.zip", "1.jpg")
+    assert ImageStore(tmp_path, max_image_pixels=1600).open("00.zip", "1.jpg").size == (40, 40)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+_INHERITED: ImageStore | None = None
+
+
+def _read_inherited(member: str) -> tuple[int, int, int]:
+    """In a forked worker: read through the store inherited from the parent (not pickled)."""
+    assert _INHERITED is not None
+    parent_pid = _INHERITED._pid
+    size = _INHERITED.open("images/train/00.zip", member).size
+    n_bytes = len(_INHERITED.read_bytes("images/train/00.zip", member))
+    return n_bytes, size[1], int(parent_pid != _INHERITED._pid)
+
+
+def test_store_pickles_and_reopens_zips_per_process(tmp_path: Path) -> None:
+    global _INHERITED
+    members = {f"train/{i}.jpg": (SAMPLE_IMAGES / f"{i}.jpg").read_bytes() for i in SAMPLE_IDS}
+    write_zip(tmp_path / "images/train/00.zip", members)
+    store = ImageStore(tmp_path)
+    first = store.open("images/train/00.zip", f"train/{SAMPLE_IDS[0]}.jpg")
+    assert len(store._zips) == 1  # handle cached
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.root == store.root and clone._zips == {}
+    again = clone.open("images/train/00.zip", f"train/{SAMPLE_IDS[0]}.jpg")
+    assert again.tobytes() == first.tobytes()
+    # Forked workers inherit the cached handle (and its file offset) but open their own.
+    _INHERITED = store
+    try:
+        with mp.get_context("fork").Pool(2) as pool:
+            out = pool.map(_read_inherited, list(members) * 3)
+    finally:
+        _INHERITED = None
+    assert [n for n, _, _ in out] == [len(b) for b in members.values()] * 3
+    assert all(height == 512 for _, height, _ in out)
+    assert all(reopened for _, _, reopened in out[:1])
+    store.close()
+    assert store._zips == {}
