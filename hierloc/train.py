@@ -124,7 +124,7 @@ def entity_mean_features(
     global_mean = feats.mean(0)
     out = []
     for lvl, n in enumerate(level_sizes):
-        idx = torch.as_tensor(targets[:, lvl], dtype=torch.long)
+        idx = torch.from_numpy(np.array(targets[:, lvl], dtype=np.int64))  # a copy: parquet arrays are read-only
         ok = idx >= 0
         sums = torch.zeros(n, feats.shape[1], dtype=torch.float64).index_add_(0, idx[ok], feats[ok])
         counts = torch.bincount(idx[ok], minlength=n).double()[:, None]
@@ -296,8 +296,8 @@ def train(
             sums += np.array([loss.item()] + [p.item() for p in per_level])
             if log_fn is not None and step % cfg.log_every == 0:
                 log_fn(
-                    {"train_loss": float(loss), "grad_norm": float(grad_norm), "tau": float(loss_fn.tau),
-                     "lambda": float(loss_fn.log_lambda.exp()), "sigma_km": float(loss_fn.sigma_km),
+                    {"train_loss": loss.item(), "grad_norm": grad_norm.item(), "tau": loss_fn.tau.item(),
+                     "lambda": loss_fn.log_lambda.exp().item(), "sigma_km": loss_fn.sigma_km.item(),
                      "lr": sched[0].get_last_lr()[0]},
                     step,
                 )

@@ -1,0 +1,86 @@
+"""End to end: the real Prefect flow on a tiny embedded dataset, tracked in a temp MLflow store."""
+
+import json
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield root
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+    mlflow.set_tracking_uri(old)
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline_result(tmp_path_factory, tracking, prefect_server):
+    from flows.pipeline import PipelineConfig, pipeline
+
+    work = tmp_path_factory.mktemp("pipeline")
+    cfg = PipelineConfig.model_validate({
+        "data_dir": str(work / "data"), "work_dir": str(work / "work"), "experiment": "e2e",
+        "demo_data": {"n_train": 1500, "n_test": 200, "seed": 3},
+        "features": {"num_workers": 0},
+        "model": {"dim": 16, "hidden": 64},
+        "train": {"epochs": 3, "batch_size": 128, "warmup_steps": 5},
+    })
+    return cfg, pipeline(cfg)
+
+
+def test_flow_completes_with_all_metrics(pipeline_result):
+    cfg, result = pipeline_result
+    m = result["metrics"]
+    for name in ("geoscore", "mean_km", "median_km", "acc_country", "acc_region", "acc_subregion", "acc_city",
+                 "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km",
+                 "pick_acc_country", "pick_acc_region", "pick_acc_subregion", "pick_acc_city"):
+        assert name in m and 0 <= m[name] <= (5000 if name == "geoscore" else 1e5), name
+    assert m["n"] == 200
+    saved = json.loads((cfg.work_dir and __import__("pathlib").Path(cfg.work_dir) / "evaluate" / "metrics.json").read_text())
+    assert saved["geoscore"] == pytest.approx(m["geoscore"])
+
+
+def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, tracking):
+    from mlflow.tracking import MlflowClient
+
+    _, result = pipeline_result
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "geoscore" in parent.data.metrics
+    children = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["parent_run_id"]}
+    assert set(children) == {"ingest", "hierarchy", "features", "train", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert "train.lr" in children["train"].data.params and "epoch_loss" in children["train"].data.metrics
+    arts = {a.path for a in client.list_artifacts(children["train"].info.run_id, "model")}
+    assert "model/model.pt" in arts
+    assert "train_n_kept" in children["ingest"].data.metrics or any(k.startswith("train_") for k in children["ingest"].data.metrics)
+
+
+def test_bad_parameters_are_rejected_before_anything_runs():
+    from pydantic import ValidationError
+
+    from flows.pipeline import PipelineConfig
+
+    with pytest.raises(ValidationError, match="beam_k"):
+        PipelineConfig.model_validate({"evaluate": {"beam_k": 0}})
+    with pytest.raises(ValidationError, match="backbone"):
+        PipelineConfig.model_validate({"features": {"backbone": "resnet"}})
