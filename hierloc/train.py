@@ -106,8 +106,8 @@ def build_model(cfg: ModelConfig, data: TrainData, ents: EntityData) -> HierLocM
         cfg,
         feat_mean=feats.mean(0),
         feat_std=feats.std(0),
-        entity_img_feat=torch.as_tensor(ents.img_feat, dtype=torch.float32),
-        entity_latlon_deg=torch.as_tensor(ents.latlon_deg, dtype=torch.float32),
+        entity_img_feat=torch.tensor(np.asarray(ents.img_feat), dtype=torch.float32),
+        entity_latlon_deg=torch.tensor(np.asarray(ents.latlon_deg), dtype=torch.float32),
         level_sizes=ents.level_sizes,
         parent_index=torch.as_tensor(ents.parent_index, dtype=torch.long),
     )
