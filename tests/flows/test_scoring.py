@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from geodata.geonames import default_labeler
 from geodata.osv5m import UNIQUE_COLUMNS, unique_keys
 from hierloc.metrics import per_row_hits, predicted_keys, truth_keys
 
-SELECT_CSV = Path("/work/shared/osv5m-sample/select.csv")
+SELECT_CSV = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "select.csv"
 
 
 @pytest.fixture(scope="module")

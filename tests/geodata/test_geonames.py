@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ from geodata.geonames import (
 )
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
 
-SELECT_CSV = Path("/work/shared/osv5m-sample/select.csv")
+SELECT_CSV = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "select.csv"
 FIELDS = ("cc", "admin1", "admin2", "name")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import io
 import logging
 import multiprocessing as mp
@@ -25,7 +26,7 @@ from geodata.images import (
     split_duplicate_ids,
 )
 
-SAMPLE_IMAGES = Path("/work/shared/osv5m-sample/images")
+SAMPLE_IMAGES = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
 SAMPLE_IDS = ("4065883540137904", "743171673023530", "827026111505364")
 
 

@@ -6,6 +6,7 @@ labels in select.csv; more real photos get synthetic coordinates.
 
 from __future__ import annotations
 
+import os
 import csv
 import io
 import json
@@ -31,7 +32,7 @@ from geodata.ingest import (
 )
 from geodata.osv5m import OSV5M_COLUMNS
 
-SAMPLE = Path("/work/shared/osv5m-sample")
+SAMPLE = Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
 MANIFEST_EXTRA = ("split", "line", "image_container", "image_member")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from hierloc.geo import (
     unit_to_latlon,
 )
 
-SELECT_CSV = Path("/work/shared/osv5m-sample/select.csv")
+SELECT_CSV = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "select.csv"
 
 
 @pytest.fixture(scope="module")

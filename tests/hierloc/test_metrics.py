@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ from hierloc.metrics import (
     truth_keys,
 )
 
-SELECT_CSV = Path("/work/shared/osv5m-sample/select.csv")
+SELECT_CSV = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "select.csv"
 METRIC_NAMES = [
     "geoscore", "mean_km", "median_km",
     "acc_country", "acc_region", "acc_subregion", "acc_city",
