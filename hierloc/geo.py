@@ -88,19 +88,3 @@ def unit_to_latlon(xyz: Array) -> tuple[Array, Array]:
     xp, (v,) = _namespace(xyz)
     x, y, z = v[..., 0], v[..., 1], v[..., 2]
     return xp.rad2deg(xp.arctan2(z, xp.hypot(x, y))), xp.rad2deg(xp.arctan2(y, x))
-
-
-def spherical_mean_deg(
-    lat_deg: Array, lon_deg: Array, weights: Array | None = None
-) -> tuple[Array, Array]:
-    """(Weighted) mean direction over the last axis: (..., N) -> (lat_deg, lon_deg), each (...).
-
-    The direction of the sum of unit vectors times weights (>= 0, default 1). When the
-    vectors cancel out exactly (e.g. two antipodes on the equator) the direction is
-    undefined and (0, 0) is returned; near-cancellation is ill-conditioned.
-    """
-    xyz = latlon_to_unit(lat_deg, lon_deg)  # (..., N, 3)
-    if weights is not None:
-        _, (xyz, w) = _namespace(xyz, weights)
-        xyz = xyz * w[..., None]
-    return unit_to_latlon(xyz.sum(-2))

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from hierloc import lorentz
+from hierloc.geo import latlon_to_unit
 
 Geometry = Literal["lorentz", "euclidean"]
 
@@ -78,8 +79,7 @@ class LocationEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * b.shape[1], out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, latlon_deg: torch.Tensor) -> torch.Tensor:
-        lat, lon = torch.deg2rad(latlon_deg[..., 0]), torch.deg2rad(latlon_deg[..., 1])
-        xyz = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1)
+        xyz = latlon_to_unit(latlon_deg[..., 0], latlon_deg[..., 1])
         proj = xyz.float() @ self.b
         return self.mlp(torch.cat([proj.sin(), proj.cos()], dim=-1))
 

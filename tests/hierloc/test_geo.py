@@ -18,7 +18,6 @@ from hierloc.geo import (
     geoscore,
     haversine_km,
     latlon_to_unit,
-    spherical_mean_deg,
     unit_to_latlon,
 )
 
@@ -130,29 +129,6 @@ def test_unit_vectors_round_trip():
     np.testing.assert_allclose(xyz_t.numpy(), xyz, atol=1e-12)
     lat_t, lon_t = unit_to_latlon(xyz_t)
     np.testing.assert_allclose(lat_t.numpy(), lat, atol=1e-9)
-
-
-def test_spherical_mean():
-    lat, lon = spherical_mean_deg(np.array([10.0, -10.0]), np.array([30.0, 30.0]))
-    assert (lat, lon) == (pytest.approx(0.0, abs=1e-12), pytest.approx(30.0))
-    # across the antimeridian the mean is at 180, not 0 (a plain average would give 0)
-    lat, lon = spherical_mean_deg(np.array([0.0, 0.0]), np.array([170.0, -170.0]))
-    assert abs(lon) == pytest.approx(180.0)
-    # a zero weight removes a point; a single point is its own mean
-    lat, lon = spherical_mean_deg(np.array([5.0, 60.0]), np.array([6.0, -100.0]), weights=np.array([1.0, 0.0]))
-    assert (lat, lon) == (pytest.approx(5.0), pytest.approx(6.0))
-    # batched (..., N) -> (...), torch equals numpy
-    rng = np.random.default_rng(4)
-    lat_b, lon_b = _random_points(rng, 12)
-    lat_b, lon_b, w = lat_b.reshape(3, 4), lon_b.reshape(3, 4), rng.uniform(0, 1, (3, 4))
-    m_np = spherical_mean_deg(lat_b, lon_b, w)
-    m_t = spherical_mean_deg(torch.from_numpy(lat_b), torch.from_numpy(lon_b), torch.from_numpy(w))
-    assert m_np[0].shape == (3,)
-    np.testing.assert_allclose(m_t[0].numpy(), m_np[0], atol=1e-9)
-    np.testing.assert_allclose(m_t[1].numpy(), m_np[1], atol=1e-9)
-    # the mean minimises nothing exotic: it is the direction of the weighted vector sum
-    direction = (latlon_to_unit(lat_b, lon_b) * w[..., None]).sum(-2)
-    np.testing.assert_allclose(latlon_to_unit(*m_np), direction / np.linalg.norm(direction, axis=-1, keepdims=True), atol=1e-12)
 
 
 def test_numpy_callers_do_not_import_torch():
