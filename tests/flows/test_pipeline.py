@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,13 @@ def prefect_server():
 def pipeline_result(tmp_path_factory, tracking, prefect_server):
     from flows.pipeline import PipelineConfig, pipeline
 
+    from geodata.demo_data import build_demo_dataset
+
     work = tmp_path_factory.mktemp("pipeline")
+    build_demo_dataset(work / "data", n_train=1500, n_test=200, seed=3)
+    # One bad row (latitude out of range) must be quarantined, counted, and not stop the run.
+    with open(work / "data" / "train.csv", "a") as f:
+        f.write("123456789," + "95.5,10.0" + "," * 29 + "\n")
     cfg = PipelineConfig.model_validate({
         "data_dir": str(work / "data"), "work_dir": str(work / "work"), "experiment": "e2e",
         "demo_data": {"n_train": 1500, "n_test": 200, "seed": 3},
@@ -53,7 +60,7 @@ def test_flow_completes_with_all_metrics(pipeline_result):
                  "pick_acc_country", "pick_acc_region", "pick_acc_subregion", "pick_acc_city"):
         assert name in m and 0 <= m[name] <= (5000 if name == "geoscore" else 1e5), name
     assert m["n"] == 200
-    saved = json.loads((cfg.work_dir and __import__("pathlib").Path(cfg.work_dir) / "evaluate" / "metrics.json").read_text())
+    saved = json.loads((Path(cfg.work_dir) / "evaluate" / "metrics.json").read_text())
     assert saved["geoscore"] == pytest.approx(m["geoscore"])
 
 
@@ -72,7 +79,11 @@ def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, t
     assert "train.lr" in children["train"].data.params and "epoch_loss" in children["train"].data.metrics
     arts = {a.path for a in client.list_artifacts(children["train"].info.run_id, "model")}
     assert "model/model.pt" in arts
-    assert "train_n_kept" in children["ingest"].data.metrics or any(k.startswith("train_") for k in children["ingest"].data.metrics)
+    ingest = children["ingest"].data.metrics
+    assert ingest["train_n_in"] == 1501 and ingest["train_n_kept"] == 1500 and ingest["train_n_quarantined"] == 1
+    assert ingest["train_quarantined_latitude_out_of_range"] == 1
+    arts = {a.path for a in client.list_artifacts(children["ingest"].info.run_id)}
+    assert {"quarantine.parquet", "ingest_report.json"} <= arts
 
 
 def test_bad_parameters_are_rejected_before_anything_runs():
