@@ -109,7 +109,7 @@ def build_model(cfg: ModelConfig, data: TrainData, ents: EntityData) -> HierLocM
         entity_img_feat=torch.tensor(np.asarray(ents.img_feat), dtype=torch.float32),
         entity_latlon_deg=torch.tensor(np.asarray(ents.latlon_deg), dtype=torch.float32),
         level_sizes=ents.level_sizes,
-        parent_index=torch.as_tensor(ents.parent_index, dtype=torch.long),
+        parent_index=torch.tensor(np.asarray(ents.parent_index), dtype=torch.long),
     )
 
 
