@@ -16,19 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from flows.scoring import score_points
 from geodata.geonames import default_labeler
 from geodata.hierarchy import assign_images, build_entities, parent_rows
 from geodata.images import ImageStore
-from geodata.ingest import ingest_osv5m
+from geodata.ingest import ingest_osv5m, write_parquet_atomic, write_text_atomic
 from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
 from hierloc.features import extract_features, load_backbone, load_features
 from hierloc.inference import beam_search
@@ -41,15 +41,11 @@ SPLITS = ("train", "test")
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=2, default=str), path)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
 
 
 # --- 1. ingest --------------------------------------------------------------
