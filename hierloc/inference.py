@@ -1,63 +1,84 @@
-"""Inference: beam search down the entity hierarchy (HIERLOC.md section 8).
+"""Inference: image features -> hyperboloid point -> ranked entities per level (HIERLOC.md section 8).
 
-Score the countries, keep the best k, score only the children of the kept ones at
-the next level, and so on; the best-scoring city beam wins, and its path gives the
-per-level picks. Vectorised over queries: a kept-parent mask per level, no Python
-loop per query. Scores are squared distances (lower is better); with
-``score="sum"`` a beam's score adds its ancestors' squared distances, with
-``score="last"`` only the entity's own distance counts.
+One interface, whatever the model's insides: ``predict_rows`` takes frozen backbone
+features, encodes them with the model's image branch, and searches the entity
+table (hierloc.search: beam search by default, flat as an option; FAISS or our own
+kernel). It returns the top-k paths with their squared distances and calibrated
+probabilities: a softmax over the k beams of ``-score / tau`` where tau is the
+temperature the loss learned (the model's own scale of "how far is unlikely"). The
+probability of an entity at a coarser level is the sum over the beams whose path
+goes through it, so a country's probability is never below its best city's.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from hierloc.model import HierLocModel
-
-BeamScore = Literal["sum", "last"]
+from hierloc.search import Backend, BeamScore, EntityIndex, Mode
 
 
 @dataclass
 class BeamResult:
-    """picks: (B, L) entity-table rows of the winning path, coarse to fine;
-    pick_score: (B,) its score; top_rows / top_scores: (B, k) the best k final-level
-    beams, best first (rows are -1 where fewer than k candidates existed)."""
+    """Per query (B queries, k results, L levels), best first.
+
+    picks: (B, L) entity rows of the winning path, coarse to fine; pick_score: (B,)
+    its score; pick_prob: (B, L) probability of each picked entity (summed over the
+    beams through it); top_rows: (B, k) finest-level rows (-1 where fewer than k);
+    top_scores: (B, k) their ranking scores (squared distance for ``score="last"``);
+    top_paths: (B, k, L) their paths; top_probs: (B, k) softmax over the beams;
+    n_scored: (B,) entities scored; seconds: search time, backbone excluded.
+    """
 
     picks: np.ndarray
     pick_score: np.ndarray
+    pick_prob: np.ndarray
     top_rows: np.ndarray
     top_scores: np.ndarray
+    top_paths: np.ndarray
+    top_probs: np.ndarray
+    n_scored: np.ndarray
+    seconds: float
+
+    @property
+    def queries_per_s(self) -> float:
+        return len(self.picks) / self.seconds if self.seconds > 0 else math.inf
 
 
-def _beam_chunk(
-    model: HierLocModel, z: torch.Tensor, h: torch.Tensor, k: int, score: BeamScore
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n_levels = len(model.level_sizes)
-    b = z.shape[0]
-    prev_score: torch.Tensor | None = None  # (B, N_{l-1}), +inf where not kept
-    for lvl in range(n_levels):
-        sl = model.level_slice(lvl)
-        d = model.sq_dist(z, h[sl])  # (B, N_l)
-        if prev_score is not None:
-            parent_local = model.parent_index[sl] - model.level_offsets[lvl - 1]
-            inherited = prev_score[:, parent_local]  # inf for children of dropped beams
-            d = torch.where(torch.isinf(inherited), inherited, d + inherited if score == "sum" else d)
-        kk = min(k, d.shape[1])
-        top_val, top_idx = torch.topk(d, kk, dim=1, largest=False)
-        if lvl < n_levels - 1:
-            prev_score = torch.full_like(d, float("inf")).scatter_(1, top_idx, top_val)
-    top_rows = top_idx + model.level_offsets[n_levels - 1]
-    top_rows = torch.where(torch.isinf(top_val), torch.full_like(top_rows, -1), top_rows)
-    # Walk the winner's parents up to the root for the per-level picks.
-    picks = torch.empty(b, n_levels, dtype=torch.long, device=z.device)
-    picks[:, -1] = top_rows[:, 0]
-    for lvl in range(n_levels - 1, 0, -1):
-        picks[:, lvl - 1] = model.parent_index[picks[:, lvl]]
-    return picks, top_rows, top_val
+def beam_probabilities(scores: np.ndarray, tau: float) -> np.ndarray:
+    """softmax(-score / tau) over each row (B, k); inf scores (missing beams) get 0."""
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    logits = -np.asarray(scores, dtype=np.float64) / tau
+    finite = np.isfinite(logits)
+    logits = np.where(finite, logits, -np.inf)
+    top = np.max(np.where(finite, logits, -np.inf), axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(finite, np.exp(logits - top), 0.0)
+    total = e.sum(axis=1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def path_probabilities(paths: np.ndarray, probs: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """Probability of each picked entity: sum of the beams through it. (B,k,L),(B,k),(B,L) -> (B,L)."""
+    through = paths == picks[:, None, :]  # (B, k, L)
+    return (through * probs[:, :, None]).sum(axis=1)
+
+
+@torch.no_grad()
+def encode_queries(model: HierLocModel, features: torch.Tensor | np.ndarray, *, batch_size: int = 4096,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Backbone features (B, D_img) -> points of the model's space (B, d+1), on the CPU."""
+    model = model.eval().to(device)
+    feats = torch.as_tensor(features)
+    out = [model.encode_images(feats[s : s + batch_size].to(device)).float().cpu()
+           for s in range(0, len(feats), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.dim + (model.cfg.geometry == "lorentz"))
 
 
 @torch.no_grad()
@@ -67,19 +88,28 @@ def beam_search(
     *,
     k: int = 10,
     score: BeamScore = "last",
-    batch_size: int = 1024,
+    mode: Mode = "beam",
+    backend: Backend = "auto",
+    batch_size: int = 2048,
     device: str | torch.device = "cpu",
+    tau: float = 1.0,
+    index: EntityIndex | None = None,
 ) -> BeamResult:
-    """Beam search for every row of ``features`` (B, D): frozen backbone features."""
-    model = model.eval().to(device)
-    feats = torch.as_tensor(features)
-    h = model.encode_entities()
-    outs = []
-    for start in range(0, feats.shape[0], batch_size):
-        z = model.encode_images(feats[start : start + batch_size].to(device))
-        outs.append(_beam_chunk(model, z, h, k, score))
-    if not outs:
-        empty = np.zeros((0, len(model.level_sizes)), dtype=np.int64)
-        return BeamResult(empty, np.zeros(0), np.zeros((0, k), np.int64), np.zeros((0, k)))
-    picks, top_rows, top_val = (torch.cat(parts).cpu().numpy() for parts in zip(*outs))
-    return BeamResult(picks=picks, pick_score=top_val[:, 0], top_rows=top_rows, top_scores=top_val)
+    """Search the entity table for every row of ``features`` (B, D): frozen backbone features.
+
+    ``index`` reuses an EntityIndex built once (EntityIndex.from_model); without it
+    one is built here from the model's current entity embeddings.
+    """
+    if index is None:
+        index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
+    z = encode_queries(model, features, device=device)
+    t0 = time.perf_counter()
+    res = index.search(z, k=k, mode=mode, score=score, backend=backend, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    probs = beam_probabilities(res.score, tau)
+    picks = res.paths[:, 0, :]
+    return BeamResult(
+        picks=picks, pick_score=res.score[:, 0], pick_prob=path_probabilities(res.paths, probs, picks),
+        top_rows=res.rows, top_scores=res.score, top_paths=res.paths, top_probs=probs,
+        n_scored=res.n_scored, seconds=seconds,
+    )
