@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import stages
+from flows.serving import log_pyfunc
 from flows.settings import DEMO_DATA_DIR, WORK_DIR
 from flows.tracking import Run, tracked_run
 from hierloc.model import ModelConfig
@@ -150,8 +151,12 @@ def train_task(cfg: PipelineConfig, feats: dict, parent: str) -> dict:
         out = stages.run_train(_work(cfg, "ingest"), _work(cfg, "hierarchy"), feats["dirs"], _work(cfg, "train"),
                                cfg.model, cfg.train, log_fn=lambda m, step: run.metrics(m, step=step))
         run.metrics({k: v for k, v in out.items() if k not in ("model_path", "checkpoint", "run_dir")})
-        run.artifact(out["model_path"], "model")
-        run.tags({"model_path": out["model_path"]})
+        bundle = stages.run_export(out["model_path"], _work(cfg, "hierarchy"), cfg.features.backbone,
+                                   cfg.features.pretrained, _work(cfg, "export") / Path(out["run_dir"]).name,
+                                   source={"train_run_id": run.run_id, "parent_run_id": parent})
+        out["bundle"] = str(bundle)
+        out["model_uri"] = log_pyfunc(run.client, run.run_id, bundle)
+        run.tags({"model_path": out["model_path"], "bundle_path": str(bundle), "model_uri": out["model_uri"]})
     return out
 
 
@@ -182,4 +187,5 @@ def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
         trained = train_task(cfg, feats, parent.run_id)
         metrics = evaluate_task(cfg, feats, trained, parent.run_id)
         parent.metrics(metrics)
-    return {"metrics": metrics, "parent_run_id": parent.run_id, "model_path": trained["model_path"]}
+    return {"metrics": metrics, "parent_run_id": parent.run_id, "model_path": trained["model_path"],
+            "bundle": trained["bundle"], "model_uri": trained["model_uri"]}

@@ -8,7 +8,8 @@ file a stage writes lives under its own folder of the work directory:
     hierarchy/   entities.parquet, assignments_{split}.parquet, hierarchy_report.json
     features/<backbone>-<digest>/{split}/shard-*.npz
     train/<digest>/  checkpoint.pt, model.pt
-    evaluate/    predictions.parquet, metrics.json
+    export/<digest>/ the model bundle (hierloc.predictor); export/latest.json points at the newest
+    evaluate/    predictions.parquet, metrics.json, figures/*.png
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
 from hierloc.features import extract_features, load_backbone, load_features
 from hierloc.inference import beam_search
 from hierloc.model import ModelConfig
+from hierloc.predictor import write_bundle
 from hierloc.train import EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, load_model, train
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,26 @@ def run_train(
     return {"model_path": str(res.model_path), "checkpoint": str(res.checkpoint), "run_dir": str(run_dir),
             "steps": res.steps, "epochs_run": res.epochs_run, "seconds": res.seconds,
             "n_train": int(len(feats)), "dropped_no_features": dropped, **res.final}
+
+
+# --- 4b. export ----------------------------------------------------------------
+def run_export(model_path: Path, hierarchy_dir: Path, backbone: str, pretrained: str | None, out_dir: Path,
+               source: dict | None = None) -> Path:
+    """Pack the trained head, its entity table and the backbone into a bundle; point
+    ``export/latest.json`` at it (what ``hierloc predict`` uses by default)."""
+    out_dir = Path(out_dir)
+    bundle = write_bundle(out_dir, Path(model_path), load_entities(hierarchy_dir), backbone, pretrained, source)
+    _write_json({"bundle": str(bundle.resolve())}, out_dir.parent / "latest.json")
+    return bundle
+
+
+def latest_bundle(work_dir: Path) -> Path | None:
+    """The bundle the last pipeline run exported under ``work_dir``, if any."""
+    pointer = Path(work_dir) / "export" / "latest.json"
+    if not pointer.is_file():
+        return None
+    bundle = Path(json.loads(pointer.read_text())["bundle"])
+    return bundle if (bundle / "bundle.json").is_file() else None
 
 
 # --- 5. evaluate -------------------------------------------------------------

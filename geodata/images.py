@@ -328,23 +328,62 @@ class ImageStore:
         ImageDecodeError (an OSError) when it is truncated, corrupt or not an image; the
         message names the container and member.
         """
-        data = self.read_bytes(container, member)
-        where = f"{container}:{member}"
-        try:
-            image = Image.open(io.BytesIO(data))
-            n_pixels = image.width * image.height
-            if n_pixels > self.max_image_pixels:
-                raise Image.DecompressionBombError(
-                    f"{where}: {image.width}x{image.height} = {n_pixels} pixels exceeds "
-                    f"max_image_pixels={self.max_image_pixels} (possible decompression bomb); "
-                    "raise the limit only for trusted data"
-                )
-            image.load()  # full decode: truncated data raises here, not later in a worker
-            return to_rgb(image)
-        except Image.DecompressionBombError:
-            raise
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-            raise ImageDecodeError(
-                f"{where}: cannot decode image ({type(exc).__name__}: {exc}); "
-                "the file is truncated or corrupt: re-extract or re-download it"
-            ) from exc
+        return decode_image(self.read_bytes(container, member), f"{container}:{member}", self.max_image_pixels)
+
+
+def decode_image(data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode image bytes fully; return RGB with EXIF orientation applied.
+
+    Raises PIL.Image.DecompressionBombError above ``max_image_pixels`` (checked from the
+    header, before any pixel is decoded) and ImageDecodeError (an OSError) when the data
+    is truncated, corrupt or not an image; messages start with ``where``.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        n_pixels = image.width * image.height
+        if n_pixels > max_image_pixels:
+            raise Image.DecompressionBombError(
+                f"{where}: {image.width}x{image.height} = {n_pixels} pixels exceeds "
+                f"max_image_pixels={max_image_pixels} (possible decompression bomb); "
+                "raise the limit only for trusted data"
+            )
+        image.load()  # full decode: truncated data raises here, not later in a worker
+        return to_rgb(image)
+    except Image.DecompressionBombError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        raise ImageDecodeError(
+            f"{where}: cannot decode image ({type(exc).__name__}: {exc}); "
+            "the file is truncated, corrupt or not an image"
+        ) from exc
+
+
+#: Photo file endings picked up when a folder is given to the predict tool.
+PHOTO_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def expand_photo_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files named directly, plus the photos (by suffix) found under named folders, sorted.
+
+    Returns (files, errors): errors are (path, reason) for paths that do not exist.
+    A file named directly is kept whatever its suffix: decoding decides.
+    """
+    files: list[Path] = []
+    errors: list[tuple[Path, str]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES
+                           and not f.name.startswith("._"))
+            if not found:
+                errors.append((p, f"no photos ({', '.join(PHOTO_SUFFIXES)}) under this folder"))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            errors.append((p, "no such file or folder"))
+    return files, errors
+
+
+def open_photo(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open one photo file as RGB (EXIF rotation applied; bomb guard; clear errors)."""
+    return decode_image(Path(path).read_bytes(), str(path), max_image_pixels)

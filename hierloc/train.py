@@ -144,10 +144,15 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: HierLocModel, path: Path) -> None:
-    """Everything needed to rebuild the model for inference, in one file."""
+def save_model(model: HierLocModel, path: Path, *, tau: float = 1.0) -> None:
+    """Everything needed to rebuild the model for inference, in one file.
+
+    ``tau`` is the loss temperature at the end of training: inference turns beam
+    distances into probabilities with it (hierloc.inference.beam_probabilities).
+    """
     _atomic_save(
-        {"model_config": model.cfg.to_dict(), "level_sizes": model.level_sizes, "state_dict": model.state_dict()},
+        {"model_config": model.cfg.to_dict(), "level_sizes": model.level_sizes, "state_dict": model.state_dict(),
+         "tau": float(tau)},
         path,
     )
 
@@ -166,6 +171,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Hi
         parent_index=sd["parent_index"],
     )
     model.load_state_dict(sd)
+    #: the loss temperature the model was trained to (1.0 for files written before it was saved)
+    model.tau = float(blob.get("tau", 1.0))
     return model.eval()
 
 
@@ -318,7 +325,7 @@ def train(
             ckpt_path,
         )
     model_path = out_dir / "model.pt"
-    save_model(model.cpu(), model_path)
+    save_model(model.cpu(), model_path, tau=float(loss_fn.tau.detach()))
     return TrainResult(
         checkpoint=ckpt_path, model_path=model_path, steps=step,
         epochs_run=cfg.epochs - start_epoch, seconds=time.perf_counter() - t0, final=last,

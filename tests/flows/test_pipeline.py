@@ -78,7 +78,7 @@ def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, t
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert "train.lr" in children["train"].data.params and "epoch_loss" in children["train"].data.metrics
     arts = {a.path for a in client.list_artifacts(children["train"].info.run_id, "model")}
-    assert "model/model.pt" in arts
+    assert {"model/MLmodel", "model/artifacts"} <= arts  # the pyfunc model, bundle included
     ingest = children["ingest"].data.metrics
     assert ingest["train_n_in"] == 1501 and ingest["train_n_kept"] == 1500 and ingest["train_n_quarantined"] == 1
     assert ingest["train_quarantined_latitude_out_of_range"] == 1
@@ -95,3 +95,29 @@ def test_bad_parameters_are_rejected_before_anything_runs():
         PipelineConfig.model_validate({"evaluate": {"beam_k": 0}})
     with pytest.raises(ValidationError, match="backbone"):
         PipelineConfig.model_validate({"features": {"backbone": "resnet"}})
+
+
+def test_logged_pyfunc_model_answers_real_photos_paths_and_bytes(pipeline_result, tracking):
+    """The model logged by the run, loaded back by URI, on the real OSV-5M sample photos."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    _, result = pipeline_result
+    photos = sorted((Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images").glob("*.jpg"))[:6]
+    assert photos, "the OSV-5M sample photos are missing"
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    by_path = model.predict(pd.DataFrame({"path": [str(p) for p in photos] + ["/no/such/photo.jpg"]}))
+    assert len(by_path) == len(photos) + 1
+    assert (by_path["error"].iloc[:-1] == "").all() and "No such file" in by_path["error"].iloc[-1]
+    ok = by_path.iloc[:-1]
+    assert ok["latitude"].between(-90, 90).all() and ok["longitude"].between(-180, 180).all()
+    assert (ok["country_prob"] >= ok["city_prob"] - 1e-9).all() and ok["city_prob"].between(0, 1).all()
+    cands = json.loads(ok["candidates"].iloc[0])
+    assert 1 <= len(cands) <= 5 and abs(sum(c["prob"] for c in cands)) <= 1 + 1e-6
+    # The same photos as base64 text (what a JSON request carries) give the same answers.
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in photos] + ["not base64!"]
+    by_bytes = model.predict(pd.DataFrame({"image": b64}))
+    pd.testing.assert_frame_equal(by_bytes.iloc[:-1].drop(columns="error"), ok.drop(columns="error"))
+    assert "base64" in by_bytes["error"].iloc[-1]
