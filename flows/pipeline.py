@@ -170,6 +170,7 @@ def evaluate_task(cfg: PipelineConfig, feats: dict, trained: dict, parent: str) 
         run.metrics(metrics)
         run.artifact(out / "metrics.json")
         run.artifact(out / "predictions.parquet")
+        run.artifact_dir(out / "figures", "figures")
     return metrics
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from flows.scoring import score_points
 from geodata.geonames import default_labeler
@@ -33,6 +34,7 @@ from geodata.ingest import ingest_osv5m, write_parquet_atomic, write_text_atomic
 from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
 from hierloc.features import extract_features, load_backbone, load_features
 from hierloc.inference import beam_search
+from hierloc.metrics import expected_calibration_error
 from hierloc.model import ModelConfig
 from hierloc.predictor import write_bundle
 from hierloc.train import EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, load_model, train
@@ -187,7 +189,7 @@ def run_evaluate(
     m, feats, targets, latlon, dropped = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["test"]), "test")
     ents = load_entities(hierarchy_dir)
     model = load_model(model_path)
-    res = beam_search(model, feats, k=beam_k, device=device)
+    res = beam_search(model, feats, k=beam_k, device=device, tau=model.tau)
     city_rows = res.picks[:, -1]
     pred_lat = ents["lat"].to_numpy()[city_rows]
     pred_lon = ents["lon"].to_numpy()[city_rows]
@@ -196,7 +198,11 @@ def run_evaluate(
                                           unique, variant=variant)
     level_index = ents["level_index"].to_numpy()
     for lvl, name in enumerate(LEVELS):
-        metrics[f"pick_acc_{name}"] = float((level_index[res.picks[:, lvl]] == targets[:, lvl]).mean()) if len(m) else float("nan")
+        picked_ok = level_index[res.picks[:, lvl]] == targets[:, lvl]
+        metrics[f"pick_acc_{name}"] = float(picked_ok.mean()) if len(m) else float("nan")
+        # Are the beam probabilities calibrated? 0 = a picked entity with probability p is right a share p of the time.
+        metrics[f"ece_{name}"] = expected_calibration_error(res.pick_prob[:, lvl], picked_ok)
+        metrics[f"mean_prob_{name}"] = float(res.pick_prob[:, lvl].mean()) if len(m) else float("nan")
     # The bar to clear: always answering the most frequent training country.
     train_cc = pd.read_parquet(Path(ingest_dir) / "manifest" / "train.parquet", columns=["country"])["country"]
     majority = train_cc.value_counts().index[0] if len(train_cc) else ""
@@ -204,7 +210,30 @@ def run_evaluate(
     metrics["n_dropped_no_features"] = dropped
     preds = pd.DataFrame({"id": m["id"], "latitude": pred_lat, "longitude": pred_lon, "dist_km": dist_km,
                           **{f"pick_{n}": ents["key"].to_numpy()[res.picks[:, lvl]] for lvl, n in enumerate(LEVELS)},
+                          **{f"prob_{n}": res.pick_prob[:, lvl] for lvl, n in enumerate(LEVELS)},
                           **{f"hit_{k}": v for k, v in hits.items()}, "score": res.pick_score})
+    metrics["search_queries_per_s"] = res.queries_per_s
+    metrics.update(write_figures(out_dir / "figures", model, ents, m, preds, metrics))
     _write_parquet(preds, out_dir / "predictions.parquet")
     _write_json(metrics, out_dir / "metrics.json")
     return metrics
+
+
+def write_figures(fig_dir: Path, model, ents: pd.DataFrame, truth: pd.DataFrame, preds: pd.DataFrame,
+                  metrics: dict) -> dict:
+    """The evaluation at a glance: error map and CDF, per-level accuracy, country confusion,
+    and the entity embeddings in the Poincare disk. Returns the disk's mean radius per level."""
+    from flows import plots
+
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    plots.error_map(truth["latitude"], truth["longitude"], preds["latitude"], preds["longitude"], fig_dir / "error_map.png")
+    plots.error_cdf(preds["dist_km"], fig_dir / "error_cdf.png")
+    plots.level_accuracy_bars(metrics, fig_dir / "level_accuracy.png")
+    pred_cc = preds["pick_country"].astype(str).str.split("|").str[0]
+    plots.country_confusion(truth["country"].astype(str), pred_cc, fig_dir / "country_confusion.png")
+    with torch.no_grad():
+        points = model.eval().encode_entities().numpy()
+    _, radii = plots.poincare_disk(points, ents["level"].to_numpy(np.int64), float(model.curvature),
+                                   fig_dir / "poincare_disk.png", geometry=model.cfg.geometry)
+    return radii

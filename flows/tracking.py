@@ -63,6 +63,9 @@ class Run:
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def artifact_dir(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
     def json(self, obj: Any, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             p = os.path.join(tmp, name)

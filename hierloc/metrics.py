@@ -213,3 +213,20 @@ def osv5m_metrics(
         out[f"acc_{r}km"] = float(within.mean())
     out["n"] = int(d.size)
     return out
+
+
+def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by
+    the share of predictions in each bin. prob (B,) in [0, 1], correct (B,) bool."""
+    prob = np.asarray(prob, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if prob.shape != correct.shape:
+        raise ValueError(f"prob {prob.shape} and correct {correct.shape} differ in shape")
+    if len(prob) == 0:
+        return float("nan")
+    # Bin i holds (i/n, (i+1)/n]; a probability of exactly 0 goes to the first bin.
+    bins = np.clip(np.ceil(prob * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    conf = np.bincount(bins, weights=prob, minlength=n_bins)
+    acc = np.bincount(bins, weights=correct.astype(float), minlength=n_bins)
+    return float(np.abs(acc - conf).sum() / len(prob))

@@ -82,6 +82,11 @@ def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, t
     ingest = children["ingest"].data.metrics
     assert ingest["train_n_in"] == 1501 and ingest["train_n_kept"] == 1500 and ingest["train_n_quarantined"] == 1
     assert ingest["train_quarantined_latitude_out_of_range"] == 1
+    figs = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "figures")}
+    assert {f"figures/{n}.png" for n in ("error_map", "error_cdf", "level_accuracy", "country_confusion",
+                                          "poincare_disk")} <= figs
+    ev = children["evaluate"].data.metrics
+    assert ev["search_queries_per_s"] > 0 and 0 < ev["mean_ball_radius_country"] < 1
     arts = {a.path for a in client.list_artifacts(children["ingest"].info.run_id)}
     assert {"quarantine.parquet", "ingest_report.json"} <= arts
 

@@ -153,3 +153,17 @@ def test_select_csv_baseline_hits_and_metrics(select):
     assert out["mean_km"] == pytest.approx(select["distance_base"].astype(float).mean(), abs=1e-6)
     # city hits need admin2 equality too: the official count is never above the name-only one
     assert hits["city"].sum() <= (select["city_hit_base"] == "True").sum()
+
+
+def test_expected_calibration_error():
+    from hierloc.metrics import expected_calibration_error
+
+    # Perfectly calibrated bins: p = 0.25 right 1 in 4, p = 1.0 always right.
+    p = np.array([0.25] * 4 + [1.0] * 3)
+    ok = np.array([1, 0, 0, 0, 1, 1, 1], dtype=bool)
+    assert expected_calibration_error(p, ok) == pytest.approx(0.0)
+    # Always 0.9 confident, right half the time: off by 0.4.
+    assert expected_calibration_error(np.full(10, 0.9), np.arange(10) % 2 == 0) == pytest.approx(0.4)
+    assert np.isnan(expected_calibration_error(np.zeros(0), np.zeros(0, bool)))
+    with pytest.raises(ValueError, match="shape"):
+        expected_calibration_error(np.zeros(3), np.zeros(2, bool))
