@@ -137,7 +137,8 @@ class EntityIndex:
             self.rows.append(rows)
             self.keys.append(keys[rows].contiguous())
         self._parent = parent
-        self._faiss: list | None = None
+        self._faiss_flats: dict[int, object] = {}
+        self._faiss_ivfs: dict[int, tuple] = {}
         self.device = torch.device(device)
         if self.device.type != "cpu":
             self.keys = [t.to(self.device) for t in self.keys]
@@ -324,44 +325,50 @@ class EntityIndex:
         return pos, val, acc, n_scored
 
     # --- FAISS ----------------------------------------------------------------
-    def _faiss_indexes(self) -> list:
-        if self._faiss is None:
-            import faiss
+    def _faiss_flat(self, lvl: int):
+        """FAISS flat inner-product index over one level (built on first use)."""
+        import faiss
 
-            out = []
-            for lvl, keys in enumerate(self.keys):
-                x = np.ascontiguousarray(keys.numpy(), dtype=np.float32)
-                d = x.shape[1]
-                if lvl == 0:
-                    index = faiss.IndexFlatIP(d)
-                    index.add(x)
-                    out.append((index, None))
-                    continue
-                nlist = self.level_sizes[lvl - 1]
-                quantizer = faiss.IndexFlatIP(d)  # never used: every search is pre-assigned
-                ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-                ivf.is_trained = True
-                parent_pos = np.repeat(np.arange(nlist, dtype=np.int64), self.child_count[lvl].numpy())
-                ids = np.arange(len(x), dtype=np.int64)  # ids are sorted positions
-                ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(parent_pos))
-                flat = faiss.IndexFlatIP(d)
-                flat.add(x)
-                out.append((flat, ivf))
-            self._faiss = out
-        return self._faiss
+        if lvl not in self._faiss_flats:
+            index = faiss.IndexFlatIP(self.keys[lvl].shape[1])
+            index.add(np.ascontiguousarray(self.keys[lvl].numpy(), dtype=np.float32))
+            self._faiss_flats[lvl] = index
+        return self._faiss_flats[lvl]
+
+    def _faiss_ivf(self, lvl: int):
+        """FAISS IVF index over level ``lvl`` >= 1 whose inverted lists are the children of
+        each entity of the level above (built on first use). Searched pre-assigned only."""
+        import faiss
+
+        if lvl not in self._faiss_ivfs:
+            x = np.ascontiguousarray(self.keys[lvl].numpy(), dtype=np.float32)
+            d, nlist = x.shape[1], self.level_sizes[lvl - 1]
+            quantizer = faiss.IndexFlatIP(d)  # never used: every search is pre-assigned
+            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.is_trained = True
+            parent_pos = np.repeat(np.arange(nlist, dtype=np.int64), self.child_count[lvl].numpy())
+            ids = np.arange(len(x), dtype=np.int64)  # FAISS ids are sorted positions
+            ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(parent_pos))
+            self._faiss_ivfs[lvl] = (ivf, quantizer)  # the IVF does not own its quantizer: keep it alive
+        return self._faiss_ivfs[lvl][0]
+
+    def faiss_nbytes(self) -> int:
+        """Memory of the FAISS structures built so far (vectors and ids)."""
+        total = sum(ix.ntotal * ix.d * 4 for ix in self._faiss_flats.values())
+        total += sum(ivf.ntotal * (ivf.code_size + 8) for ivf, _ in self._faiss_ivfs.values())
+        return int(total)
 
     def _flat_faiss(self, q: torch.Tensor, k: int, score: BeamScore):
-        flat, _ = self._faiss_indexes()[-1]
+        flat = self._faiss_flat(self.n_levels - 1)
         val, pos = flat.search(np.ascontiguousarray(q.numpy()), k)
         return self._from_faiss(val, pos) + (None, torch.full((len(q),), self.level_sizes[-1], dtype=torch.long))
 
     def _beam_faiss(self, q: torch.Tensor, k: int, score: BeamScore):
-        idx = self._faiss_indexes()
         x = np.ascontiguousarray(q.numpy())
-        val, pos = idx[0][0].search(x, k)
+        val, pos = self._faiss_flat(0).search(x, k)
         n_scored = torch.full((len(q),), self.level_sizes[0], dtype=torch.long)
         for lvl in range(1, self.n_levels):
-            ivf = idx[lvl][1]
+            ivf = self._faiss_ivf(lvl)
             # Never more probes than lists: FAISS answers nothing at all when asked to.
             nprobe = min(k, self.level_sizes[lvl - 1])
             assign = np.ascontiguousarray(pos[:, :nprobe], dtype=np.int64)
