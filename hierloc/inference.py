@@ -100,6 +100,8 @@ def beam_search(
     ``index`` reuses an EntityIndex built once (EntityIndex.from_model); without it
     one is built here from the model's current entity embeddings.
     """
+    if backend == "auto" and torch.device(device).type != "cpu":
+        backend = "torch"  # FAISS runs on the CPU here; the torch kernel runs where the model runs
     if index is None:
         index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
     z = encode_queries(model, features, device=device)
