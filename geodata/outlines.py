@@ -14,6 +14,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import shapely
 
@@ -82,16 +83,26 @@ def world_outlines(scale: str = "110m") -> list[np.ndarray]:
     return list(_rings(scale))
 
 
+def ne_iso_a2(frame: pd.DataFrame) -> pd.Series:
+    """ISO alpha-2 of Natural Earth admin-0 rows: ISO_A2_EH, else ISO_A2, else NA.
+
+    ISO_A2_EH fills ISO_A2's "-99" (France -> FR, Norway -> NO, Kosovo -> XK) and is the plain
+    code where ISO_A2 is not (Taiwan: ISO_A2 "CN-TW", ISO_A2_EH "TW").
+    """
+    def ok(col: str) -> pd.Series:
+        return frame[col].where((frame[col] != _NO_CODE) & (frame[col].str.len() == 2))
+
+    return ok("ISO_A2_EH").fillna(ok("ISO_A2"))
+
+
 def country_polygons(scale: str = "110m") -> gpd.GeoDataFrame:
     """Countries of one scale: columns iso_a2 (str, NA if none), name (str), geometry (EPSG:4326).
 
-    iso_a2 is Natural Earth's ISO_A2, falling back to ISO_A2_EH where ISO_A2 is "-99"
-    (France -> "FR", Norway -> "NO", Kosovo -> "XK"); missing (NA) where both are "-99"
-    (N. Cyprus, Somaliland). One row per Natural Earth country; a fresh frame per call.
+    iso_a2 from ne_iso_a2 (France -> "FR", Norway -> "NO", Kosovo -> "XK", Taiwan -> "TW");
+    missing (NA) where neither column has a code (N. Cyprus, Somaliland). One row per Natural Earth country; a fresh frame per call.
     """
     frame = _read_countries(scale)
-    iso = frame["ISO_A2"].where(frame["ISO_A2"] != _NO_CODE, frame["ISO_A2_EH"])
-    iso = iso.where(iso != _NO_CODE)
+    iso = ne_iso_a2(frame)
     return gpd.GeoDataFrame(
         {"iso_a2": iso.to_numpy(), "name": frame["NAME"].to_numpy()},
         geometry=frame.geometry.to_numpy(),  # shapely geometries are immutable

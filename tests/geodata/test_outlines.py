@@ -72,3 +72,9 @@ def test_country_polygons_returns_a_fresh_frame():
     a = country_polygons("110m")
     a.loc[:, "name"] = "x"
     assert (country_polygons("110m")["name"] != "x").all()
+
+
+def test_taiwan_gets_its_plain_code():
+    # ISO_A2 is "CN-TW" in Natural Earth; ISO_A2_EH holds "TW".
+    names = country_polygons("110m").set_index("name")["iso_a2"]
+    assert names["Taiwan"] == "TW"
