@@ -386,3 +386,27 @@ def candidates_map(
         title = title or f"{len(prob)} candidate(s); best is {dist:.0f} km from the truth"
     ax.set_title(title or f"{len(prob)} candidate(s); best: {candidates[best]['label']}")
     return _save_png(fig, path)
+
+
+def entity_map(lat_deg: Any, lon_deg: Any, levels: Any, path: str | os.PathLike[str], *,
+               n_images: Any = None, title: str | None = None) -> Path:
+    """World map of the entity table: one marker per entity at its coordinates, coloured by
+    level (ints indexing LEVEL_NAMES), cities sized by their image count when given."""
+    lat, lon = _latlon(lat_deg, lon_deg, "entity ")
+    lv = np.asarray(levels)
+    if lv.shape != lat.shape or lv.dtype.kind not in "iu" or ((lv < 0) | (lv >= len(LEVEL_NAMES))).any():
+        raise ValueError(f"levels: need {len(lat)} ints in [0, {len(LEVEL_NAMES)})")
+    counts = None if n_images is None else _floats(n_images, "n_images", n=len(lat))
+    fig = _figure(12.0, 6.5)
+    ax = fig.add_subplot()
+    _draw_world(ax)
+    for i in reversed(range(len(LEVEL_NAMES))):  # cities first, countries on top
+        rows = lv == i
+        if not rows.any():
+            continue
+        size = 2.0 if counts is None or i < 3 else 1.0 + 12.0 * np.sqrt(counts[rows] / max(counts[rows].max(), 1.0))
+        ax.scatter(lon[rows], lat[rows], s=size if i == 3 else 40.0 / (i + 1), color=f"C{i}", alpha=0.6 if i == 3 else 0.9,
+                   linewidths=0, label=f"{LEVEL_NAMES[i]} ({int(rows.sum()):,})", zorder=3 + (3 - i))
+    ax.legend(loc="lower left", fontsize=8, markerscale=2)
+    ax.set_title(title or f"{len(lat):,} entities")
+    return _save_png(fig, path)

@@ -282,3 +282,17 @@ def test_plots_never_import_pyplot(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
     assert (tmp_path / "b.png").is_file()
+
+
+def test_entity_map_writes_a_png_and_checks_levels(tmp_path):
+    from PIL import Image
+
+    from flows.plots import entity_map
+
+    lat = np.array([48.85, 45.76, 45.75, 45.74])
+    lon = np.array([2.35, 4.83, 4.85, 4.86])
+    out = entity_map(lat, lon, np.array([0, 1, 2, 3]), tmp_path / "e.png", n_images=[10, 5, 5, 5])
+    with Image.open(out) as im:
+        assert im.width > 800
+    with pytest.raises(ValueError, match="levels"):
+        entity_map(lat, lon, np.array([0, 1, 2, 7]), tmp_path / "bad.png")
