@@ -38,15 +38,36 @@ def label(
     out_csv: Path = typer.Argument(..., help="output CSV (input columns + OSV-5M labels)"),
     lat_col: str = typer.Option("latitude"),
     lon_col: str = typer.Option("longitude"),
+    method: str = typer.Option("geonames", help="geonames (= reverse_geocoder, OSV-5M's method) or polygons"),
+    admin_source: str = typer.Option("gazetteer", help="polygons: gazetteer (embedded), gadm, geoboundaries, natural_earth"),
+    admin_path: Optional[Path] = typer.Option(None, help="polygons: your GADM .gpkg / geoBoundaries folder / NE file"),
+    max_snap_km: float = typer.Option(25.0, help="polygons: points in no polygon go to the nearest within this"),
+    dask_scheduler: Optional[str] = typer.Option(None, help="polygons: Dask scheduler address (default: local)"),
 ) -> None:
-    """Add country, region, sub-region, city and unique_* columns (identical to reverse_geocoder)."""
-    from geodata.geonames import label_csv
+    """Add country, region, sub-region, city (and unique_* for geonames) to each row of a CSV.
 
+    geonames gives answers identical to reverse_geocoder; polygons adds, per level, the polygon
+    code and why the point got it (inside, snapped, ...).
+    """
     try:
-        n = label_csv(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col)
-    except ValueError as exc:
+        if method == "geonames":
+            from geodata.geonames import label_csv
+
+            n = label_csv(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col)
+            typer.echo(f"labelled {n} rows -> {out_csv}")
+        elif method == "polygons":
+            from geodata.labeling import label_csv_polygons
+
+            rep = label_csv_polygons(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col, admin_source=admin_source,
+                                     admin_path=admin_path, max_snap_km=max_snap_km, scheduler=dask_scheduler)
+            typer.echo(f"labelled {rep['n']} rows -> {out_csv}; without a country: {rep['unassigned_country']}")
+            for lvl in ("country", "region", "sub-region"):
+                if lvl in rep:
+                    typer.echo(f"  {lvl:<10} " + ", ".join(f"{k} {v}" for k, v in rep[lvl].items()))
+        else:
+            _fail(f"unknown --method {method!r}: use geonames or polygons")
+    except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    typer.echo(f"labelled {n} rows -> {out_csv}")
 
 
 @app.command()

@@ -39,7 +39,20 @@ class IngestParams(BaseModel):
 
 class HierarchyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    coords: Literal["geonames", "mean"] = Field("geonames", description="city coordinates: GeoNames place or image mean")
+    labeler: Literal["osv5m", "geonames", "polygons"] = Field(
+        "osv5m", description="osv5m: the dataset's labels; geonames: nearest GeoNames place (= reverse_geocoder); "
+                             "polygons: admin polygons (point in polygon, Dask-parallel)")
+    coords: Literal["geonames", "mean", "medoid", "representative"] = Field(
+        "geonames", description="entity coordinates: GeoNames place for cities (upper levels: image mean), image mean, "
+                                "image medoid, or polygon representative point (polygons only)")
+    admin_source: Literal["gazetteer", "gadm", "geoboundaries", "natural_earth", "parquet"] = Field(
+        "gazetteer", description="polygons: embedded geoBoundaries units (gazetteer), or your GADM / geoBoundaries / "
+                                 "Natural Earth files, or a prepared GeoParquet table, at admin_path")
+    admin_path: str | None = Field(None, description="polygon file or folder for gadm / geoboundaries / natural_earth")
+    grid_deg: float = Field(5.0, ge=0.0, le=360.0, description="cut polygons on this grid (0 = no cut): faster joins")
+    max_snap_km: float = Field(25.0, ge=0.0, le=500.0, description="points in no polygon go to the nearest within this")
+    dask_scheduler: str | None = Field(None, description="Dask scheduler address (tcp://...) for a real cluster; "
+                                                         "None: a LocalCluster for big inputs, in-process for small ones; 'sync'")
 
 
 class FeatureParams(BaseModel):
@@ -115,11 +128,19 @@ def hierarchy_task(cfg: PipelineConfig, parent: str) -> dict:
     with tracked_run(cfg.experiment, "hierarchy", parent, tags={"stage": "hierarchy"}) as run:
         run.params(cfg.hierarchy.model_dump())
         out = _work(cfg, "hierarchy")
-        report = stages.run_hierarchy(_work(cfg, "ingest"), out, cfg.hierarchy.coords)
+        h = cfg.hierarchy
+        report = stages.run_hierarchy(_work(cfg, "ingest"), out, h.coords, labeler=h.labeler, admin_source=h.admin_source,
+                                      admin_path=h.admin_path, grid_deg=h.grid_deg, max_snap_km=h.max_snap_km,
+                                      scheduler=h.dask_scheduler)
         run.metrics({f"n_{lvl}": n for lvl, n in report["entities"].items()})
-        run.metrics({"n_placeholder_subregions": report["placeholder_subregions"]})
+        run.metrics({"n_placeholder_subregions": report["placeholder_subregions"], "n_orphans": report["orphans"],
+                     "train_points_without_country": report["train_points_without_country"]})
+        for split in stages.SPLITS:
+            run.metrics({f"unassigned_{split}_{lvl}": n for lvl, n in report[f"unassigned_{split}"].items()})
+            run.metrics({f"labels_{split}_{k}": v for k, v in report[f"labels_{split}"].items()})
         run.artifact(out / "entities.parquet")
         run.artifact(out / "hierarchy_report.json")
+        run.artifact(out / "entity_map.png")
     return report
 
 

@@ -30,8 +30,9 @@ from flows.scoring import score_points
 from geodata.geonames import default_labeler
 from geodata.hierarchy import assign_images, build_entities, parent_rows
 from geodata.images import ImageStore
+from geodata.labeling import country_disagreements, label_points, representative_coords
 from geodata.ingest import ingest_osv5m, write_parquet_atomic, write_text_atomic
-from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
+from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
 from hierloc.features import extract_features, load_backbone, load_features
 from hierloc.inference import beam_search
 from hierloc.metrics import expected_calibration_error
@@ -60,23 +61,68 @@ def run_ingest(data_dir: Path, out_dir: Path, verify_images: str = "decode", max
 
 
 # --- 2. hierarchy ------------------------------------------------------------
-def run_hierarchy(ingest_dir: Path, out_dir: Path, coords: str = "geonames", previous: Path | None = None) -> dict:
-    """Entity table from the training labels, and per-image entity ids for every split."""
+def run_hierarchy(
+    ingest_dir: Path, out_dir: Path, coords: str = "geonames", previous: Path | None = None, *,
+    labeler: str = "osv5m", admin_source: str = "gazetteer", admin_path: str | None = None,
+    grid_deg: float = 5.0, max_snap_km: float = 25.0, scheduler: str | None = None,
+) -> dict:
+    """Entity table from the training labels, per-image entity ids for every split, and a QC report.
+
+    labeler: "osv5m" (the dataset's own label columns), "geonames" (relabel with the GeoNames
+    labeler) or "polygons" (admin polygons from ``admin_source``/``admin_path``, geodata.admin);
+    the labelers run over Parquet partitions on Dask (``scheduler``: geodata.parallel).
+    coords: "geonames", "mean", "medoid" (geodata.hierarchy.build_entities) or "representative"
+    (polygon representative points; polygons only).
+    """
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_m = pd.read_parquet(ingest_dir / "manifest" / "train.parquet")
-    prev = pd.read_parquet(previous) if previous else None
-    places = default_labeler().places if coords == "geonames" else None
-    entities = build_entities(train_m, places=places, coords=coords, previous=prev)
-    _write_parquet(entities, out_dir / "entities.parquet")
-    report: dict = {"entities": {lvl: int((entities["level"] == i).sum()) for i, lvl in enumerate(LEVELS)},
-                    "placeholder_subregions": int(entities["placeholder"].sum())}
+    if coords == "representative" and labeler != "polygons":
+        raise ValueError("coords='representative' needs polygons: set labeler='polygons'")
+    admin = polygon_labeler = None
+    if labeler == "polygons":
+        from geodata.admin import load_admin
+        from geodata.labeling import disambiguate_names
+        from geodata.polygon_labeler import PolygonLabeler
+
+        admin = disambiguate_names(load_admin(admin_source, admin_path))
+        polygon_labeler = PolygonLabeler(admin, grid_deg=grid_deg, max_snap_km=max_snap_km)
+    report: dict = {"labeler": labeler, "coords": coords}
+    manifests, label_sets = {}, {}
     for split in SPLITS:
-        manifest = pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet")
-        assigned = assign_images(manifest, entities)
+        m = pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet")
+        res = label_points(m, labeler, scheduler=scheduler, labeler=polygon_labeler)
+        for col in LABEL_COLUMNS:  # the labels the entity table is built from
+            m[col] = res.labels[col].to_numpy()
+        manifests[split], label_sets[split] = m, res.labels
+        report[f"labels_{split}"] = res.report
+        if labeler == "polygons":
+            # OSV-5M's own labels are GeoNames': how often do the polygons put a point in another country?
+            gn = pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet", columns=["country"])["country"]
+            report[f"labels_{split}"]["country_differs_from_geonames"] = country_disagreements(res.labels, gn)
+    train_m = manifests["train"]
+    has_country = (train_m["country"] != "").to_numpy()
+    prev = pd.read_parquet(previous) if previous else None
+    places = default_labeler().places if coords in ("geonames", "representative") else None
+    entities = build_entities(train_m[has_country], places=places, coords="geonames" if coords == "representative" else coords,
+                              previous=prev)
+    if coords == "representative":
+        entities = representative_coords(entities, label_sets["train"][has_country].assign(
+            **{c: train_m.loc[has_country, c].to_numpy() for c in LABEL_COLUMNS}), admin)
+    _write_parquet(entities, out_dir / "entities.parquet")
+    ids = set(entities["entity_id"].tolist())
+    report.update({"entities": {lvl: int((entities["level"] == i).sum()) for i, lvl in enumerate(LEVELS)},
+                   "placeholder_subregions": int(entities["placeholder"].sum()),
+                   "orphans": int((entities["level"] > 0).sum() - entities["parent_id"].isin(ids).sum()),
+                   "train_points_without_country": int((~has_country).sum())})
+    for split in SPLITS:
+        assigned = assign_images(manifests[split], entities)
         _write_parquet(assigned, out_dir / f"assignments_{split}.parquet")
         report[f"unassigned_{split}"] = {lvl: int((assigned[f"{lvl}_id"] < 0).sum()) for lvl in LEVELS}
     _write_json(report, out_dir / "hierarchy_report.json")
+    from flows import plots
+
+    plots.entity_map(entities["lat"], entities["lon"], entities["level"].to_numpy(np.int64), out_dir / "entity_map.png",
+                     n_images=entities["n_images"], title=f"{len(entities):,} entities ({labeler} labels, {coords} coordinates)")
     return report
 
 
@@ -112,10 +158,11 @@ def run_features(
 
 
 # --- 4. train ----------------------------------------------------------------
-def _split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, split: str):
+def _split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, split: str, require_targets: bool = False):
     """Features, per-level targets and coordinates of one split, aligned by image id.
 
-    Images whose features could not be computed (NaN) are dropped and counted.
+    Images whose features could not be computed (NaN) are dropped and counted; with
+    ``require_targets`` also images without an entity at some level (unassigned by a labeler).
     """
     m = pd.read_parquet(Path(ingest_dir) / "manifest" / f"{split}.parquet")
     a = pd.read_parquet(Path(hierarchy_dir) / f"assignments_{split}.parquet")
@@ -125,6 +172,8 @@ def _split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, spli
         raise ValueError(f"{(row < 0).sum()} {split} images have no cached features in {feature_dir}: rerun features")
     feats = feats[row]
     ok = np.isfinite(feats).all(axis=1)
+    if require_targets:  # training needs an entity at every level; evaluation keeps every row
+        ok &= (a[[f"{lvl}_index" for lvl in LEVELS]].to_numpy() >= 0).all(axis=1)
     m, a, feats = m[ok].reset_index(drop=True), a[ok].reset_index(drop=True), feats[ok]
     targets = a[[f"{lvl}_index" for lvl in LEVELS]].to_numpy(np.int64)
     latlon = m[["latitude", "longitude"]].to_numpy(np.float32)
@@ -140,7 +189,8 @@ def run_train(
     model_cfg: ModelConfig, train_cfg: TrainConfig, log_fn=None,
 ) -> dict:
     """Train on the train split; the run folder is keyed by config + data so reruns resume."""
-    _, feats, targets, latlon, dropped = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["train"]), "train")
+    _, feats, targets, latlon, dropped = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["train"]), "train",
+                                                       require_targets=True)
     ents = load_entities(hierarchy_dir)
     level_sizes = [int((ents["level"] == i).sum()) for i in range(len(LEVELS))]
     ent_data = EntityData(
@@ -154,7 +204,7 @@ def run_train(
     res = train(data, ent_data, model_cfg, train_cfg, run_dir, log_fn=log_fn)
     return {"model_path": str(res.model_path), "checkpoint": str(res.checkpoint), "run_dir": str(run_dir),
             "steps": res.steps, "epochs_run": res.epochs_run, "seconds": res.seconds,
-            "n_train": int(len(feats)), "dropped_no_features": dropped, **res.final}
+            "n_train": int(len(feats)), "dropped_no_features_or_entity": dropped, **res.final}
 
 
 # --- 4b. export ----------------------------------------------------------------

