@@ -422,7 +422,7 @@ def _readme(params: dict, stats: dict) -> str:
         "`geodata.demo_data.build_demo_dataset`; columns that cannot be derived (urls,",
         "sequence, capture time, bins, cells, land cover, climate, quadtrees, creators) are empty.",
         "Labels (country, region, sub-region, city, unique_*) follow OSV-5M's rule: the",
-        "nearest GeoNames place (reverse_geocoder, mode=1) of the written coordinates.",
+        "nearest GeoNames place (reverse_geocoder.search, its default mode) of the written coordinates.",
         "",
         "## Sources and licences",
         "",

