@@ -41,11 +41,16 @@ def geonames_partition(df: pd.DataFrame, labeler: GeoNamesLabeler | None) -> pd.
 
 def polygons_partition(df: pd.DataFrame, payload: tuple) -> pd.DataFrame:
     """One partition -> id, the OSV-5M label columns ("" where unassigned), and per level the
-    polygon code and the labeler's reason (geodata.polygon_labeler), plus the city's reason."""
+    polygon code and the labeler's reason (geodata.polygon_labeler), plus the city's reason.
+    ``payload`` = (PolygonLabeler, GeoNames places); places None: polygons only, no city."""
     labeler, places = payload
     lat = df["latitude"].to_numpy(np.float64)
     lon = df["longitude"].to_numpy(np.float64)
-    lab = labeler.assign_cities(labeler.label(lat, lon), places)
+    lab = labeler.label(lat, lon)
+    if places is not None:
+        lab = labeler.assign_cities(lab, places)
+    else:
+        lab = lab.assign(city_name="", city_reason="not_requested")
     out = pd.DataFrame({"id": df["id"].to_numpy()})
     out["country"] = lab["cc"].fillna("").astype(str).to_numpy()
     for name in ("region", "sub-region"):

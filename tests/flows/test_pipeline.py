@@ -126,3 +126,25 @@ def test_logged_pyfunc_model_answers_real_photos_paths_and_bytes(pipeline_result
     by_bytes = model.predict(pd.DataFrame({"image": b64}))
     pd.testing.assert_frame_equal(by_bytes.iloc[:-1].drop(columns="error"), ok.drop(columns="error"))
     assert "base64" in by_bytes["error"].iloc[-1]
+
+
+@pytest.mark.slow
+def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracking, prefect_server):
+    """labeler: polygons end to end: the embedded geoBoundaries polygons (built on the first run,
+    ~1 min, then cached), Dask-parallel labelling, training and evaluation on the result."""
+    from flows.pipeline import PipelineConfig, pipeline
+    from geodata.demo_data import build_demo_dataset
+
+    build_demo_dataset(tmp_path / "data", n_train=1500, n_test=200, seed=4)
+    cfg = PipelineConfig.model_validate({
+        "data_dir": str(tmp_path / "data"), "work_dir": str(tmp_path / "work"), "experiment": "e2e-polygons",
+        "hierarchy": {"labeler": "polygons", "coords": "representative", "dask_scheduler": "local"},
+        "features": {"num_workers": 0}, "model": {"dim": 16, "hidden": 64},
+        "train": {"epochs": 2, "batch_size": 128, "warmup_steps": 5},
+    })
+    result = pipeline(cfg)
+    rep = json.loads((tmp_path / "work" / "hierarchy" / "hierarchy_report.json").read_text())
+    assert rep["labeler"] == "polygons" and rep["entities"]["country"] > 50 and rep["orphans"] == 0
+    # geoBoundaries has no Greenland, Antarctica, ...: such points are counted, not given an entity.
+    assert rep["train_points_without_country"] == rep["labels_train"]["unassigned_country"] < 0.1 * 1500
+    assert 0 <= result["metrics"]["pick_acc_country"] <= 1 and (tmp_path / "work" / "hierarchy" / "entity_map.png").exists()
