@@ -50,7 +50,10 @@ def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
     proc = subprocess.Popen(
         [str(mlflow_cli), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=log, stderr=subprocess.STDOUT,
+        # mlflow execs `uvicorn` by name: the venv's bin must be on PATH even when it is not activated (CI)
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+             "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
     base = f"http://127.0.0.1:{port}"
     try:
