@@ -144,7 +144,11 @@ def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracki
     })
     result = pipeline(cfg)
     rep = json.loads((tmp_path / "work" / "hierarchy" / "hierarchy_report.json").read_text())
-    assert rep["labeler"] == "polygons" and rep["entities"]["country"] > 50 and rep["orphans"] == 0
+    import pandas as pd
+
+    n_cc = pd.read_csv(tmp_path / "data" / "train.csv", usecols=["country"], keep_default_na=False)["country"].nunique()
+    assert rep["labeler"] == "polygons" and rep["orphans"] == 0
+    assert 0.8 * n_cc <= rep["entities"]["country"] <= n_cc + 2  # a border point may fall in a neighbour
     # geoBoundaries has no Greenland, Antarctica, ...: such points are counted, not given an entity.
     assert rep["train_points_without_country"] == rep["labels_train"]["unassigned_country"] < 0.1 * 1500
     assert 0 <= result["metrics"]["pick_acc_country"] <= 1 and (tmp_path / "work" / "hierarchy" / "entity_map.png").exists()
