@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from geodata.ingest import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,6 @@ log = logging.getLogger(__name__)
 MIN_ROWS_FOR_CLUSTER = 200_000
 
 PartitionFn = Callable[[pd.DataFrame, Any], pd.DataFrame]
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 #: Shared state loaded by this worker process, by file: read once, reused by every task.
@@ -70,7 +62,7 @@ def _run_partition(fn: PartitionFn, in_path: str, out_path: str, payload: Any, p
     out = fn(df, payload)
     if len(out) != len(df):
         raise ValueError(f"{in_path}: the partition function returned {len(out)} rows for {len(df)}")
-    _write_atomic(pa.Table.from_pandas(out, preserve_index=False), Path(out_path))
+    write_parquet_atomic(pa.Table.from_pandas(out, preserve_index=False), Path(out_path))
     return len(out)
 
 
@@ -108,7 +100,7 @@ def map_partitions(
         for i in range(n_parts):
             part = frame.iloc[bounds[i] : bounds[i + 1]]
             in_path, out_path = root / f"in-{i:05d}.parquet", root / f"out-{i:05d}.parquet"
-            _write_atomic(pa.Table.from_pandas(part, preserve_index=False), in_path)
+            write_parquet_atomic(pa.Table.from_pandas(part, preserve_index=False), in_path)
             ins.append(str(in_path))
             outs.append(str(out_path))
         if scheduler == "sync":
