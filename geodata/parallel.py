@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Inputs smaller than this many rows run in-process: a cluster costs seconds to start.
 MIN_ROWS_FOR_CLUSTER = 200_000
+#: Rows per partition at most (the polygon labeler handles up to 1M points per point tree).
+ROWS_PER_PARTITION = 1_000_000
 
 PartitionFn = Callable[[pd.DataFrame, Any], pd.DataFrame]
 
@@ -88,7 +90,7 @@ def map_partitions(
     scheduler = scheduler if scheduler is not None else default_scheduler()
     if scheduler is None and len(frame) < min_rows_for_cluster:
         scheduler = "sync"
-    n_parts = n_partitions or (1 if scheduler == "sync" else max(2 * n_workers, -(-len(frame) // 500_000)))
+    n_parts = n_partitions or (1 if scheduler == "sync" else max(2 * n_workers, -(-len(frame) // ROWS_PER_PARTITION)))
     n_parts = max(1, min(n_parts, len(frame) or 1))
     owns_dir = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="hierloc-parts-")) if owns_dir else Path(work_dir)

@@ -236,8 +236,10 @@ def test_max_snap_km_zero_never_snaps():
     assert row["country_reason"] == "no_polygon_within_0km"
 
 
-def test_levels_follow_the_deepest_inside_polygon(synthetic):
-    labels = synthetic.label(
+def test_levels_follow_the_deepest_inside_polygon():
+    # Every level looked up, so that each disagreement between levels is seen and counted.
+    checked = PolygonLabeler(admin_table(SYNTHETIC), grid_deg=1.0, check_all_levels=True)
+    labels = checked.label(
         np.array([5.0, 9.8, 9.95, 50.0]),
         np.array([9.9, 2.5, 7.0, 50.0]),
     )
@@ -538,3 +540,22 @@ def test_label_partition_errors_leave_nothing_behind(tmp_path, synthetic):
     with pytest.raises(ValueError, match=r"cols.parquet: missing column\(s\) \['latitude', 'longitude'\]"):
         label_partition(tmp_path / "cols.parquet", tmp_path / "out.parquet", synthetic)
     assert sorted(os.listdir(tmp_path)) == ["bad.parquet", "cols.parquet"]
+
+
+def test_skipping_lookups_under_a_finer_polygon_gives_the_same_labels(ne50):
+    """The default (coarser levels inferred from a finer inside polygon) and check_all_levels
+    give identical codes; only the reasons of such points differ (no "overridden_by")."""
+    rng = np.random.default_rng(7)
+    lat, lon = rng.uniform(-60, 75, 4000), rng.uniform(-180, 180, 4000)
+    lat[:5], lon[:5] = [5.0, 9.8, 9.95, 50.0, 5.0], [9.9, 2.5, 7.0, 50.0, 10.0]
+    from geodata.admin import default_cache_dir
+    from geodata.gazetteer import gazetteer_levels
+
+    real = gazetteer_levels(default_cache_dir(), countries=["LU", "PT"])  # 3 real levels, overlapping slivers
+    lat = np.r_[lat, rng.uniform(36.9, 42.2, 3000), rng.uniform(49.4, 50.2, 1000)]
+    lon = np.r_[lon, rng.uniform(-9.6, -6.1, 3000), rng.uniform(5.7, 6.6, 1000)]
+    for admin, grid in ((admin_table(SYNTHETIC), 1.0), (natural_earth_admin("50m"), 5.0), (real, 5.0)):
+        fast = PolygonLabeler(admin, grid_deg=grid).label(lat, lon)
+        full = PolygonLabeler(admin, grid_deg=grid, check_all_levels=True).label(lat, lon)
+        codes = [c for c in fast.columns if c.endswith(("_code", "_name")) or c == "cc"]
+        pd.testing.assert_frame_equal(fast[codes], full[codes])
