@@ -130,16 +130,20 @@ def _run_and_report(cfg) -> None:
 
     result = pipeline(cfg)
     m = result["metrics"]
-    extra = ("pick_", "baseline_", "n_dropped", "ece_", "mean_prob_", "mean_ball_", "search_")
+    extra = ("pick_", "baseline_", "n_dropped", "ece_", "mean_prob_", "mean_ball_", "search_", "index_gb")
     typer.echo("\n" + format_metrics_table({k: v for k, v in m.items() if not k.startswith(extra)}))
-    typer.echo("\nentity picked per level (beam search):")
+    retrieval = cfg.evaluate.method == "retrieval"
+    typer.echo("\nentity at each level of the nearest training image (retrieval baseline):" if retrieval
+               else "\nentity picked per level (beam search):")
     for lvl in ("country", "region", "subregion", "city"):
         typer.echo(f"  pick_acc_{lvl:<10} {100 * m[f'pick_acc_{lvl}']:.1f} %")
     typer.echo(f"  baseline: always the most frequent training country: {100 * m['baseline_majority_acc_country']:.1f} %")
-    typer.echo("beam probabilities (mean probability of the pick / expected calibration error):")
-    for lvl in ("country", "region", "subregion", "city"):
-        typer.echo(f"  {lvl:<10} {100 * m[f'mean_prob_{lvl}']:5.1f} %  / {100 * m[f'ece_{lvl}']:.1f} %")
-    typer.echo(f"search: {m['search_queries_per_s']:,.0f} queries/s (beam k=10, backbone excluded)")
+    if not retrieval:
+        typer.echo("beam probabilities (mean probability of the pick / expected calibration error):")
+        for lvl in ("country", "region", "subregion", "city"):
+            typer.echo(f"  {lvl:<10} {100 * m[f'mean_prob_{lvl}']:5.1f} %  / {100 * m[f'ece_{lvl}']:.1f} %")
+    what = "exact retrieval over the training features" if retrieval else "beam k=10"
+    typer.echo(f"search: {m['search_queries_per_s']:,.0f} queries/s ({what}, backbone excluded)")
     uri = mlflow.get_tracking_uri()
     typer.echo(f"\nMLflow parent run {result['parent_run_id']} in {uri}")
     typer.echo(f"open the UI with:  mlflow ui --backend-store-uri {uri}")

@@ -66,6 +66,9 @@ class FeatureParams(BaseModel):
 
 class EvalParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    method: Literal["hierloc", "retrieval"] = Field(
+        "hierloc", description="hierloc: train the model and beam-search it; retrieval: the paper's baseline, the "
+                               "location of the nearest training image by backbone feature (no training)")
     beam_k: int = Field(10, ge=1, le=10_000, description="beam width (paper: 10)")
     variant: Literal["official", "corrected"] = Field("official", description="OSV-5M metric variant (see README)")
 
@@ -195,6 +198,20 @@ def evaluate_task(cfg: PipelineConfig, feats: dict, trained: dict, parent: str) 
     return metrics
 
 
+@task(name="retrieval-baseline", cache_policy=NO_CACHE)
+def retrieval_task(cfg: PipelineConfig, feats: dict, parent: str) -> dict:
+    with tracked_run(cfg.experiment, "evaluate", parent, tags={"stage": "evaluate", "method": "retrieval"}) as run:
+        run.params(cfg.evaluate.model_dump())
+        out = _work(cfg, "evaluate")
+        metrics = stages.run_retrieval(_work(cfg, "ingest"), _work(cfg, "hierarchy"), feats["dirs"], out,
+                                       cfg.evaluate.variant)
+        run.metrics(metrics)
+        run.artifact(out / "metrics.json")
+        run.artifact(out / "predictions.parquet")
+        run.artifact_dir(out / "figures", "figures")
+    return metrics
+
+
 @flow(name="hierloc-pipeline", log_prints=True)
 def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
     """The whole pipeline on one OSV-5M folder; returns the evaluation metrics and run ids."""
@@ -206,8 +223,13 @@ def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
         ingest_task(cfg, parent.run_id)
         hierarchy_task(cfg, parent.run_id)
         feats = features_task(cfg, parent.run_id)
-        trained = train_task(cfg, feats, parent.run_id)
-        metrics = evaluate_task(cfg, feats, trained, parent.run_id)
+        if cfg.evaluate.method == "retrieval":
+            trained = {}
+            metrics = retrieval_task(cfg, feats, parent.run_id)
+        else:
+            trained = train_task(cfg, feats, parent.run_id)
+            metrics = evaluate_task(cfg, feats, trained, parent.run_id)
         parent.metrics(metrics)
-    return {"metrics": metrics, "parent_run_id": parent.run_id, "model_path": trained["model_path"],
-            "bundle": trained["bundle"], "model_uri": trained["model_uri"]}
+        parent.tags({"method": cfg.evaluate.method})
+    return {"metrics": metrics, "parent_run_id": parent.run_id, "model_path": trained.get("model_path"),
+            "bundle": trained.get("bundle"), "model_uri": trained.get("model_uri")}

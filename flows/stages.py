@@ -9,7 +9,7 @@ file a stage writes lives under its own folder of the work directory:
     features/<backbone>-<digest>/{split}/shard-*.npz
     train/<digest>/  checkpoint.pt, model.pt
     export/<digest>/ the model bundle (hierloc.predictor); export/latest.json points at the newest
-    evaluate/    predictions.parquet, metrics.json, figures/*.png
+    evaluate/    predictions.parquet, metrics.json, figures/*.png (the retrieval baseline writes here too)
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from hierloc.inference import beam_search
 from hierloc.metrics import expected_calibration_error
 from hierloc.model import ModelConfig
 from hierloc.predictor import write_bundle
+from hierloc.retrieval import RetrievalIndex
 from hierloc.train import EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, load_model, train
 
 log = logging.getLogger(__name__)
@@ -253,10 +254,7 @@ def run_evaluate(
         # Are the beam probabilities calibrated? 0 = a picked entity with probability p is right a share p of the time.
         metrics[f"ece_{name}"] = expected_calibration_error(res.pick_prob[:, lvl], picked_ok)
         metrics[f"mean_prob_{name}"] = float(res.pick_prob[:, lvl].mean()) if len(m) else float("nan")
-    # The bar to clear: always answering the most frequent training country.
-    train_cc = pd.read_parquet(Path(ingest_dir) / "manifest" / "train.parquet", columns=["country"])["country"]
-    majority = train_cc.value_counts().index[0] if len(train_cc) else ""
-    metrics["baseline_majority_acc_country"] = float((m["country"] == majority).mean()) if len(m) else float("nan")
+    metrics["baseline_majority_acc_country"] = _majority_country_acc(ingest_dir, m)
     metrics["n_dropped_no_features"] = dropped
     preds = pd.DataFrame({"id": m["id"], "latitude": pred_lat, "longitude": pred_lon, "dist_km": dist_km,
                           **{f"pick_{n}": ents["key"].to_numpy()[res.picks[:, lvl]] for lvl, n in enumerate(LEVELS)},
@@ -264,6 +262,47 @@ def run_evaluate(
                           **{f"hit_{k}": v for k, v in hits.items()}, "score": res.pick_score})
     metrics["search_queries_per_s"] = res.queries_per_s
     metrics.update(write_figures(out_dir / "figures", model, ents, m, preds, metrics))
+    _write_parquet(preds, out_dir / "predictions.parquet")
+    _write_json(metrics, out_dir / "metrics.json")
+    return metrics
+
+
+def _majority_country_acc(ingest_dir: Path, test: pd.DataFrame) -> float:
+    """The bar to clear: always answering the most frequent training country."""
+    train_cc = pd.read_parquet(Path(ingest_dir) / "manifest" / "train.parquet", columns=["country"])["country"]
+    majority = train_cc.value_counts().index[0] if len(train_cc) else ""
+    return float((test["country"] == majority).mean()) if len(test) else float("nan")
+
+
+def run_retrieval(
+    ingest_dir: Path, hierarchy_dir: Path, feature_dirs: dict[str, str], out_dir: Path, variant: str = "official",
+) -> dict:
+    """The retrieval baseline (the paper's "SC Retrieval"): each test image takes the location of
+    its nearest training image by backbone feature (cosine, exact, FAISS), scored with the same
+    metrics as the model; pick_acc_<level> is the nearest training image's entity at each level."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, tr_feats, tr_targets, tr_latlon, _ = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["train"]), "train")
+    m, feats, targets, latlon, dropped = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["test"]), "test")
+    index = RetrievalIndex(tr_feats)
+    res = index.search(feats, k=1)
+    nn = res.rows[:, 0]
+    pred_lat, pred_lon = tr_latlon[nn, 0].astype(float), tr_latlon[nn, 1].astype(float)
+    metrics, dist_km, hits = score_points(pred_lat, pred_lon, latlon[:, 0].astype(float), latlon[:, 1].astype(float),
+                                          m[list(UNIQUE_COLUMNS)], variant=variant)
+    for lvl, name in enumerate(LEVELS):
+        metrics[f"pick_acc_{name}"] = float((tr_targets[nn, lvl] == targets[:, lvl]).mean()) if len(m) else float("nan")
+    metrics["baseline_majority_acc_country"] = _majority_country_acc(ingest_dir, m)
+    metrics["n_dropped_no_features"] = dropped
+    metrics["search_queries_per_s"] = len(feats) / res.seconds if res.seconds > 0 else float("nan")
+    metrics["index_gb"] = index.nbytes / 1e9
+    preds = pd.DataFrame({"id": m["id"], "latitude": pred_lat, "longitude": pred_lon, "dist_km": dist_km,
+                          "neighbour_row": nn, "similarity": res.similarity[:, 0],
+                          **{f"hit_{k}": v for k, v in hits.items()}})
+    ents = load_entities(hierarchy_dir)
+    keys = {lvl: ents.loc[ents["level"] == lvl, "key"].to_numpy() for lvl in range(len(LEVELS))}
+    preds["pick_country"] = np.where(tr_targets[nn, 0] >= 0, keys[0][np.maximum(tr_targets[nn, 0], 0)], "")
+    write_figures(out_dir / "figures", None, ents, m, preds, metrics)
     _write_parquet(preds, out_dir / "predictions.parquet")
     _write_json(metrics, out_dir / "metrics.json")
     return metrics
@@ -282,6 +321,8 @@ def write_figures(fig_dir: Path, model, ents: pd.DataFrame, truth: pd.DataFrame,
     plots.level_accuracy_bars(metrics, fig_dir / "level_accuracy.png")
     pred_cc = preds["pick_country"].astype(str).str.split("|").str[0]
     plots.country_confusion(truth["country"].astype(str), pred_cc, fig_dir / "country_confusion.png")
+    if model is None:  # a baseline without entity embeddings
+        return {}
     with torch.no_grad():
         points = model.eval().encode_entities().numpy()
     _, radii = plots.poincare_disk(points, ents["level"].to_numpy(np.int64), float(model.curvature),

@@ -152,3 +152,21 @@ def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracki
     # geoBoundaries has no Greenland, Antarctica, ...: such points are counted, not given an entity.
     assert rep["train_points_without_country"] == rep["labels_train"]["unassigned_country"] < 0.1 * 1500
     assert 0 <= result["metrics"]["pick_acc_country"] <= 1 and (tmp_path / "work" / "hierarchy" / "entity_map.png").exists()
+
+
+def test_retrieval_baseline_through_the_same_stages(pipeline_result, tmp_path):
+    """The paper's retrieval baseline on the same ingest/hierarchy/features as the model run."""
+    from flows import stages
+
+    cfg, result = pipeline_result
+    work = Path(cfg.work_dir)
+    dirs = {s: str(next((work / "features").glob(f"*/{s}"))) for s in stages.SPLITS}  # the run's feature cache
+    m = stages.run_retrieval(work / "ingest", work / "hierarchy", dirs, tmp_path / "retrieval")
+    for name in ("geoscore", "acc_country", "acc_1km", "pick_acc_city", "search_queries_per_s", "index_gb"):
+        assert name in m
+    assert m["n"] == result["metrics"]["n"] and 0 <= m["acc_country"] <= 1
+    import pandas as pd
+
+    preds = pd.read_parquet(tmp_path / "retrieval" / "predictions.parquet")
+    assert preds["similarity"].between(-1.0001, 1.0001).all() and (preds["neighbour_row"] >= 0).all()
+    assert (tmp_path / "retrieval" / "figures" / "error_map.png").exists()
