@@ -127,7 +127,7 @@ def main() -> None:
         print(f"| {name} | {s:.1f} | {rate:,.0f} |")
     print(f"\ngeonames answers identical to reverse_geocoder: {100 * gn['same_labels']:.4f} % of {n:,} points ({gn['label_mismatches']} mismatches)")
     print(f"polygons == sjoin on points inside a sub-region: {100 * same:.3f} %; "
-          f"unassigned country: {res.report['unassigned_country']:,}; disagreements (country/region): "
+          f"unassigned country: {res.report['unassigned_country']:,}; disagreements (country/region; only for points outside a finer polygon): "
           f"{res.report['country']['disagreements']:,} / {res.report['region']['disagreements']:,}")
     print(f"entities: {ents.groupby('level').size().to_dict()}")
     print(f"whole hierarchy (geonames labels + polygon labels + entity table, cache warm): {total:.1f} s; "

@@ -13,7 +13,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows import stages
 from flows.serving import log_pyfunc
@@ -51,6 +51,15 @@ class HierarchyParams(BaseModel):
     admin_path: str | None = Field(None, description="polygon file or folder for gadm / geoboundaries / natural_earth")
     grid_deg: float = Field(5.0, ge=0.0, le=360.0, description="cut polygons on this grid (0 = no cut): faster joins")
     max_snap_km: float = Field(25.0, ge=0.0, le=500.0, description="points in no polygon go to the nearest within this")
+    check_all_levels: bool = Field(False, description="look every point up at every level, to count every "
+                                                      "disagreement between levels (slower; same labels)")
+    @field_validator("grid_deg")
+    @classmethod
+    def _grid(cls, v: float) -> float:
+        if 0 < v < 0.1:
+            raise ValueError("grid_deg: 0 (no cut) or at least 0.1 degree")
+        return v
+
     dask_scheduler: str | None = Field(None, description="Dask scheduler address (tcp://...) for a real cluster; "
                                                          "None: a LocalCluster for big inputs, in-process for small ones; 'sync'")
 
@@ -134,7 +143,7 @@ def hierarchy_task(cfg: PipelineConfig, parent: str) -> dict:
         h = cfg.hierarchy
         report = stages.run_hierarchy(_work(cfg, "ingest"), out, h.coords, labeler=h.labeler, admin_source=h.admin_source,
                                       admin_path=h.admin_path, grid_deg=h.grid_deg, max_snap_km=h.max_snap_km,
-                                      scheduler=h.dask_scheduler)
+                                      check_all_levels=h.check_all_levels, scheduler=h.dask_scheduler)
         run.metrics({f"n_{lvl}": n for lvl, n in report["entities"].items()})
         run.metrics({"n_placeholder_subregions": report["placeholder_subregions"], "n_orphans": report["orphans"],
                      "train_points_without_country": report["train_points_without_country"]})

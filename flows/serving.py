@@ -32,6 +32,8 @@ from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, open_photo
 from hierloc.predictor import Predictor, predictions_frame
 
 INPUT_COLUMNS = ("path", "image", "features")
+OUTPUT_COLUMNS = ("latitude", "longitude", "path", *(f"{lvl}_{f}" for lvl in ("country", "region", "subregion", "city")
+                                                      for f in ("key", "name", "prob")), "candidates")
 _REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "geoopt", "faiss-cpu", "pandas", "pyarrow", "pillow", "mlflow")
 
 
@@ -71,7 +73,7 @@ class HierLocPyfunc(PythonModel):
         for i, value in enumerate(df[col].tolist()):
             try:
                 if col == "features":
-                    feats[i] = np.asarray(value, dtype=np.float32)
+                    feats[i] = self.predictor.check_features(np.asarray(value, dtype=np.float32)[None])[0]
                 elif col == "path":
                     images.append(open_photo(Path(value), self.max_image_pixels))
                     image_rows.append(i)
@@ -84,12 +86,12 @@ class HierLocPyfunc(PythonModel):
             for i, f in zip(image_rows, self.predictor.image_features(images)):
                 feats[i] = f
         ok = [i for i, f in enumerate(feats) if f is not None]
-        out = pd.DataFrame(index=range(len(df)))
+        out = pd.DataFrame(index=range(len(df)), columns=list(OUTPUT_COLUMNS))  # the same columns when all fail
         if ok:
             preds = self.predictor.predict_features(np.stack([feats[i] for i in ok]), top_k=top_k, beam_k=self.beam_k)
             answered = predictions_frame(preds)
             answered.index = ok
-            out = out.join(answered)
+            out = out[[]].join(answered)
         out["error"] = errors
         return out
 

@@ -65,7 +65,7 @@ def run_ingest(data_dir: Path, out_dir: Path, verify_images: str = "decode", max
 def run_hierarchy(
     ingest_dir: Path, out_dir: Path, coords: str = "geonames", previous: Path | None = None, *,
     labeler: str = "osv5m", admin_source: str = "gazetteer", admin_path: str | None = None,
-    grid_deg: float = 5.0, max_snap_km: float = 25.0, scheduler: str | None = None,
+    grid_deg: float = 5.0, max_snap_km: float = 25.0, check_all_levels: bool = False, scheduler: str | None = None,
 ) -> dict:
     """Entity table from the training labels, per-image entity ids for every split, and a QC report.
 
@@ -86,12 +86,13 @@ def run_hierarchy(
         from geodata.polygon_labeler import PolygonLabeler
 
         admin = disambiguate_names(load_admin(admin_source, admin_path))
-        polygon_labeler = PolygonLabeler(admin, grid_deg=grid_deg, max_snap_km=max_snap_km)
+        polygon_labeler = PolygonLabeler(admin, grid_deg=grid_deg, max_snap_km=max_snap_km,
+                                         check_all_levels=check_all_levels)
     report: dict = {"labeler": labeler, "coords": coords}
     manifests, label_sets = {}, {}
     for split in SPLITS:
         m = pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet")
-        res = label_points(m, labeler, scheduler=scheduler, labeler=polygon_labeler)
+        res = label_points(m, labeler, scheduler=scheduler, labeler=polygon_labeler, work_dir=out_dir / "partitions")
         for col in LABEL_COLUMNS:  # the labels the entity table is built from
             m[col] = res.labels[col].to_numpy()
         manifests[split], label_sets[split] = m, res.labels
@@ -113,6 +114,7 @@ def run_hierarchy(
     ids = set(entities["entity_id"].tolist())
     report.update({"entities": {lvl: int((entities["level"] == i).sum()) for i, lvl in enumerate(LEVELS)},
                    "placeholder_subregions": int(entities["placeholder"].sum()),
+                   # check_tree (in build_entities) refuses a table with orphans: recorded for the report
                    "orphans": int((entities["level"] > 0).sum() - entities["parent_id"].isin(ids).sum()),
                    "train_points_without_country": int((~has_country).sum())})
     for split in SPLITS:
@@ -324,7 +326,7 @@ def write_figures(fig_dir: Path, model, ents: pd.DataFrame, truth: pd.DataFrame,
     if model is None:  # a baseline without entity embeddings
         return {}
     with torch.no_grad():
-        points = model.eval().encode_entities().numpy()
+        points = model.eval().encode_entities().cpu().numpy()
     _, radii = plots.poincare_disk(points, ents["level"].to_numpy(np.int64), float(model.curvature),
                                    fig_dir / "poincare_disk.png", geometry=model.cfg.geometry)
     return radii

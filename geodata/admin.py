@@ -193,6 +193,11 @@ def validate_admin(frame: gpd.GeoDataFrame) -> None:
         raise ValueError(f"admin levels must be in {sorted(LEVEL_NAMES)}, got {sorted(frame['level'].unique())}")
     if frame.loc[frame["level"] == 0, "parent_code"].notna().any():
         raise ValueError("level-0 rows must have no parent_code")
+    for col in ("name", "country"):  # they become entity keys: "nan" or "" would be an entity
+        bad = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
+        if bad.any():
+            raise ValueError(f"admin table: {int(bad.sum())} rows have no {col}, e.g. codes "
+                             f"{frame.loc[bad, 'code'].head(5).tolist()}")
     types = shapely.get_type_id(frame.geometry.to_numpy())
     if not np.isin(types, _POLYGONAL).all():
         raise ValueError("admin geometries must be Polygon or MultiPolygon")

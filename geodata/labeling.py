@@ -92,13 +92,17 @@ def label_points(
     admin: gpd.GeoDataFrame | None = None,
     grid_deg: float = 5.0,
     max_snap_km: float = 25.0,
+    check_all_levels: bool = False,
     scheduler: str | None = None,
     n_workers: int = 2,
     labeler=None,
+    work_dir=None,
 ) -> LabelResult:
     """Label ``points`` (id, latitude, longitude[, OSV-5M label columns for "osv5m"]).
 
     ``labeler`` reuses a prepared PolygonLabeler (e.g. the one that labelled the train split).
+    ``work_dir``: where the Parquet partitions go (a folder the Dask workers can read: required
+    for a remote cluster; default a temporary folder).
     """
     if method == "osv5m":
         missing = [c for c in LABEL_COLUMNS if c not in points]
@@ -111,7 +115,8 @@ def label_points(
         return LabelResult(labels.reset_index(drop=True), {"method": "osv5m"})
     frame = points[["id", "latitude", "longitude"]].reset_index(drop=True)
     if method == "geonames":
-        labels = map_partitions(frame, geonames_partition, default_labeler(), scheduler=scheduler, n_workers=n_workers)
+        labels = map_partitions(frame, geonames_partition, default_labeler(), scheduler=scheduler, n_workers=n_workers,
+                                work_dir=work_dir)
         return LabelResult(labels, {"method": "geonames", "unassigned_country": 0})
     if method != "polygons":
         raise ValueError(f"unknown labeler {method!r}: use 'osv5m', 'geonames' or 'polygons'")
@@ -120,9 +125,10 @@ def label_points(
             raise ValueError("labeler 'polygons' needs admin polygons (geodata.admin.load_admin)")
         from geodata.polygon_labeler import PolygonLabeler
 
-        labeler = PolygonLabeler(disambiguate_names(admin), grid_deg=grid_deg, max_snap_km=max_snap_km)
+        labeler = PolygonLabeler(disambiguate_names(admin), grid_deg=grid_deg, max_snap_km=max_snap_km,
+                                 check_all_levels=check_all_levels)
     labels = map_partitions(frame, polygons_partition, (labeler, default_labeler().places),
-                            scheduler=scheduler, n_workers=n_workers)
+                            scheduler=scheduler, n_workers=n_workers, work_dir=work_dir)
     return LabelResult(labels, polygon_report(labels, labeler.level_names))
 
 
@@ -166,7 +172,10 @@ def representative_coords(entities: pd.DataFrame, labels: pd.DataFrame, admin: g
         if code_col not in labels:
             continue
         pair = pd.DataFrame({"key": keys[key_col].to_numpy(), "code": labels[code_col].astype(str).to_numpy()})
-        pair = pair[pair["code"] != ""].drop_duplicates("key")
+        # One key can span several polygons (a country made of several level-0 units, e.g. Natural
+        # Earth's Kazakhstan and Baikonur): the polygon holding most of its images represents it.
+        counts = pair[pair["code"] != ""].groupby(["key", "code"], sort=True).size().reset_index(name="n")
+        pair = counts.sort_values(["key", "n"], ascending=[True, False], kind="stable").drop_duplicates("key")
         pt = rep.reindex(pair["code"].to_numpy())
         ok = pt.notna().to_numpy()
         key_to = pd.DataFrame({"lat": pt.y.to_numpy()[ok], "lon": pt.x.to_numpy()[ok]}, index=pair["key"].to_numpy()[ok])

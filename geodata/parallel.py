@@ -26,6 +26,7 @@ import pickle
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,8 +97,9 @@ def map_partitions(
         n_partitions = rounds * n_workers
     n_parts = n_partitions or 1
     n_parts = max(1, min(n_parts, len(frame) or 1))
-    owns_dir = work_dir is None
-    root = Path(tempfile.mkdtemp(prefix="hierloc-parts-")) if owns_dir else Path(work_dir)
+    if work_dir is None and scheduler not in ("sync", "local", None):
+        raise ValueError(f"scheduler {scheduler!r} is a remote cluster: pass work_dir, a folder its workers can read")
+    root = Path(tempfile.mkdtemp(prefix="hierloc-parts-")) if work_dir is None else Path(work_dir) / f"run-{uuid.uuid4().hex[:12]}"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
@@ -119,9 +121,8 @@ def map_partitions(
         log.info("%d rows in %d partitions on %s in %.1f s", len(frame), n_parts, scheduler or "a LocalCluster",
                  time.perf_counter() - t0)
         return result
-    finally:
-        if owns_dir:
-            shutil.rmtree(root, ignore_errors=True)
+    finally:  # this run's own folder (a unique name, also under a given work_dir): nothing left behind
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any, scheduler: str | None,
@@ -141,11 +142,14 @@ def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any,
         # 9 s on 2 local workers; the file costs 0.5 s to write and 0.6 s to read).
         payload_file = None
         if payload is not None:
-            payload_file = str(Path(ins[0]).with_name("payload.pkl"))
+            payload_file = str(Path(ins[0]).with_name("payload.pkl"))  # the run folder's name is unique
             tmp = payload_file + f".tmp{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, payload_file)
+            try:
+                with open(tmp, "wb") as fh:
+                    pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                os.replace(tmp, payload_file)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         n = len(ins)
         futures = client.map(_run_partition, [fn] * n, ins, outs, [None] * n, [payload_file] * n, pure=False)
         client.gather(futures)

@@ -311,9 +311,10 @@ class PolygonLabeler:
     check_all_levels: look every point up at every level. Off (default), levels are looked up
         finest first and a point inside a finer polygon takes that polygon's ancestors at the
         coarser levels without a lookup (the labels are the same: the consistency rule below gives
-        coarser levels the anchor's chain anyway), about 2x faster; then "overridden_by_<level>"
-        (a coarser polygon that disagrees with the finer one) is only detected for points that
-        are not inside a finer polygon. Turn it on to count every disagreement between levels.
+        coarser levels the anchor's chain anyway), 1.4x faster. Such coarser levels get reason ""
+        (counted as inside), so "snapped" and "overridden_by_<level>" at coarser levels are only
+        seen for points that are not inside a finer polygon. Turn it on to count every
+        disagreement between levels.
     """
 
     def __init__(self, admin_gdf: gpd.GeoDataFrame, *, grid_deg: float = 5.0, max_snap_km: float = 25.0,

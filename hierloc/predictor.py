@@ -64,10 +64,15 @@ def write_bundle(
                 "level_sizes": model.level_sizes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": source or {}}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a bundle is an ordinary shared folder
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)  # put the previous bundle back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
@@ -108,8 +113,10 @@ class Predictor:
             backbone.module.to(device)
         self.tau = float(tau if tau is not None else getattr(model, "tau", 1.0))
         self.device = device
-        self.backend = backend
-        self.index = EntityIndex.from_model(self.model, device=device if backend == "torch" else "cpu")
+        # FAISS runs on the CPU; on a GPU the torch kernel searches where the model runs.
+        self.backend = "torch" if backend == "auto" and torch.device(device).type != "cpu" else backend
+        self.index = EntityIndex.from_model(self.model, device=device if self.backend == "torch" else "cpu")
+        self.feature_dim = int(self.model.norm.mean.shape[0])
         self._key = self.entities["key"].astype(str).to_numpy()
         self._name = self.entities["name"].fillna("").astype(str).to_numpy()
         self._lat = self.entities["lat"].to_numpy(np.float64)
@@ -147,10 +154,25 @@ class Predictor:
     def predict_images(self, images: Sequence, *, top_k: int = 5, beam_k: int = 10) -> list[Prediction]:
         return self.predict_features(self.image_features(images), top_k=top_k, beam_k=beam_k)
 
+    def check_features(self, features: np.ndarray) -> np.ndarray:
+        """(B, D) float32 features, or ValueError naming the first bad row (shape, NaN/inf)."""
+        feats = np.asarray(features, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
+            raise ValueError(f"features must be (B, {self.feature_dim}) for this model, got {feats.shape}")
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            raise ValueError(f"features of row {int(np.flatnonzero(bad)[0])} hold NaN or inf ({int(bad.sum())} rows)")
+        return feats
+
     def predict_features(self, features: np.ndarray, *, top_k: int = 5, beam_k: int = 10) -> list[Prediction]:
-        """Backbone features (B, D) -> one Prediction per row."""
-        res = beam_search(self.model, features, k=max(beam_k, top_k), backend=self.backend, tau=self.tau,
+        """Backbone features (B, D) -> one Prediction per row. The candidates are the beam's final
+        entities, so at most ``beam_k`` (a larger ``top_k`` does not widen the beam: that would
+        change the probabilities and possibly the pick)."""
+        res = beam_search(self.model, self.check_features(features), k=beam_k, backend=self.backend, tau=self.tau,
                           index=self.index, device=self.device)
+        if (res.picks[:, -1] < 0).any():  # only with a hand-made table where some entity has no children
+            b = int(np.flatnonzero(res.picks[:, -1] < 0)[0])
+            raise RuntimeError(f"query {b}: the beam found no entity at the finest level; check the entity table")
         out = []
         for b in range(len(res.picks)):
             levels = {}

@@ -85,3 +85,21 @@ def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_bad_feature_rows_are_reported_per_row_and_columns_stay(demo_bundle, tmp_path):
+    import mlflow
+    import numpy as np
+
+    from flows.serving import OUTPUT_COLUMNS, save_pyfunc
+    from hierloc.predictor import Predictor
+
+    dim = Predictor.load(demo_bundle, with_backbone=False).feature_dim
+    model = mlflow.pyfunc.load_model(str(save_pyfunc(demo_bundle, tmp_path / "pyfunc")))
+    good = np.random.default_rng(0).normal(size=dim).tolist()
+    out = model.predict(pd.DataFrame({"features": [good, [float("nan")] * dim, good[:-1], good]}))
+    assert list(out["error"] == "") == [True, False, False, True]
+    assert "NaN" in out["error"][1] and f"(B, {dim})" in out["error"][2]
+    assert out.loc[[0, 3], "latitude"].notna().all()
+    none_ok = model.predict(pd.DataFrame({"features": [[float("inf")] * dim]}))
+    assert set(OUTPUT_COLUMNS) <= set(none_ok.columns) and none_ok["latitude"].isna().all()

@@ -40,7 +40,12 @@ def test_local_cluster_equals_in_process(points, tmp_path):
     got = map_partitions(points, geonames_partition, labeler, scheduler="local", n_partitions=4, n_workers=2,
                          work_dir=tmp_path / "parts")
     pd.testing.assert_frame_equal(got, ref)
-    assert sorted(p.name for p in (tmp_path / "parts").glob("out-*.parquet")) == [f"out-{i:05d}.parquet" for i in range(4)]
+    assert list((tmp_path / "parts").iterdir()) == []  # the run's partitions and payload file are gone
+
+
+def test_a_remote_scheduler_needs_a_shared_work_dir(points):
+    with pytest.raises(ValueError, match="pass work_dir"):
+        map_partitions(points, add_sum, {"offset": 0.0}, scheduler="tcp://10.0.0.1:8786")
 
 
 def test_a_partition_function_that_loses_rows_is_an_error(points):
