@@ -65,3 +65,18 @@ def test_geonames_labels_match_the_labeler():
     ref = default_labeler().label(pts["latitude"].to_numpy(), pts["longitude"].to_numpy())
     assert (got["country"].to_numpy() == ref["cc"].astype(str).to_numpy()).all()
     assert (got["city"].to_numpy() == ref["name"].astype(str).to_numpy()).all()
+
+
+def test_representative_point_comes_from_the_polygon_holding_most_images():
+    # One country key (KZ) over two level-0 units, as Natural Earth's Kazakhstan and Baikonur.
+    from geodata.labeling import representative_coords
+
+    admin = gpd.GeoDataFrame({"level": [0, 0], "code": ["KAB", "KAZ"], "name": ["Baikonur", "Kazakhstan"],
+                              "parent_code": [None, None], "country": ["KZ", "KZ"], "source": "test"},
+                             geometry=[shapely.box(63, 45, 64, 46), shapely.box(50, 40, 80, 55)], crs="EPSG:4326")
+    labels = pd.DataFrame({"country": ["KZ"] * 5, "region": ["r"] * 5, "sub-region": [""] * 5, "city": ["c"] * 5,
+                           "country_code": ["KAB", "KAZ", "KAZ", "KAZ", "KAZ"]})
+    ents = pd.DataFrame({"level": [0], "key": ["KZ"], "lat": [0.0], "lon": [0.0]})
+    out = representative_coords(ents, labels, admin)
+    assert shapely.box(50, 40, 80, 55).covers(shapely.Point(out.loc[0, "lon"], out.loc[0, "lat"]))
+    assert not shapely.box(63, 45, 64, 46).covers(shapely.Point(out.loc[0, "lon"], out.loc[0, "lat"]))
