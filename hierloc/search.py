@@ -29,6 +29,7 @@ a sum of distances is not an inner product).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,6 +140,7 @@ class EntityIndex:
         self._parent = parent
         self._faiss_flats: dict[int, object] = {}
         self._faiss_ivfs: dict[int, tuple] = {}
+        self._faiss_lock = threading.Lock()
         self.device = torch.device(device)
         if self.device.type != "cpu":
             self.keys = [t.to(self.device) for t in self.keys]
@@ -195,8 +197,11 @@ class EntityIndex:
         ``backend="auto"`` takes FAISS on the CPU (when installed and ``score="last"``)
         and our kernel otherwise (CUDA, or ``score="sum"``).
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if k < 1 or batch_size < 1:
+            raise ValueError(f"k and batch_size must be >= 1, got {k} and {batch_size}")
+        if mode not in ("beam", "flat") or backend not in ("auto", "torch", "faiss") or score not in ("last", "sum"):
+            raise ValueError(f"mode {mode!r} / backend {backend!r} / score {score!r}: "
+                             "use beam|flat, auto|torch|faiss, last|sum")
         if backend == "faiss" and score != "last":
             raise ValueError("the faiss backend ranks by inner product: only score='last' (use backend='torch')")
         if backend == "faiss" and self.device.type != "cpu":
@@ -216,10 +221,9 @@ class EntityIndex:
             pos, ip, acc, n_scored = fn(qs, k, score)
             parts.append(self._finish(pos, ip, acc, n_scored, None if q_sqnorm is None else q_sqnorm[s : s + batch_size], score))
         if not parts:
-            kk = k
-            empty_i = np.zeros((0, kk), np.int64)
-            return SearchResult(empty_i, np.zeros((0, kk), np.float32), np.zeros((0, kk), np.float32),
-                                np.zeros((0, kk, self.n_levels), np.int64), np.zeros(0, np.int64))
+            empty_i = np.zeros((0, k), np.int64)
+            return SearchResult(empty_i, np.zeros((0, k), np.float32), np.zeros((0, k), np.float32),
+                                np.zeros((0, k, self.n_levels), np.int64), np.zeros(0, np.int64))
         return SearchResult(*(np.concatenate(p) for p in zip(*parts)))
 
     def _finish(self, pos, ip, acc, n_scored, q_sqnorm, score) -> tuple:
@@ -364,6 +368,10 @@ class EntityIndex:
         return self._from_faiss(val, pos) + (None, torch.full((len(q),), self.level_sizes[-1], dtype=torch.long))
 
     def _beam_faiss(self, q: torch.Tensor, k: int, score: BeamScore):
+        with self._faiss_lock:  # nprobe is set on the shared IVF indexes: one search at a time
+            return self._beam_faiss_locked(q, k)
+
+    def _beam_faiss_locked(self, q: torch.Tensor, k: int):
         x = np.ascontiguousarray(q.numpy())
         val, pos = self._faiss_flat(0).search(x, k)
         n_scored = torch.full((len(q),), self.level_sizes[0], dtype=torch.long)

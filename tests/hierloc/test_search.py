@@ -191,3 +191,11 @@ def test_probabilities_ignore_missing_beams():
     assert (p[1] == 0).all()
     with pytest.raises(ValueError, match="tau"):
         beam_probabilities(p, tau=0.0)
+
+
+def test_bad_search_arguments_are_refused():
+    pts = lorentz.expmap0(torch.randn(4, 3), k=1.0).numpy()
+    idx = EntityIndex(pts, [2, 2], np.array([-1, -1, 0, 0]))
+    for kwargs in ({"mode": "greedy"}, {"backend": "annoy"}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="must be|use beam"):
+            idx.search(pts, **kwargs)
