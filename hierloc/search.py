@@ -197,8 +197,10 @@ class EntityIndex:
         ``backend="auto"`` takes FAISS on the CPU (when installed and ``score="last"``)
         and our kernel otherwise (CUDA, or ``score="sum"``).
         """
-        if k < 1 or batch_size < 1:
-            raise ValueError(f"k and batch_size must be >= 1, got {k} and {batch_size}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mode not in ("beam", "flat") or backend not in ("auto", "torch", "faiss") or score not in ("last", "sum"):
             raise ValueError(f"mode {mode!r} / backend {backend!r} / score {score!r}: "
                              "use beam|flat, auto|torch|faiss, last|sum")
