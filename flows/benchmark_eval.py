@@ -50,7 +50,7 @@ from geodata.benchmarks import (
 from geodata.geonames import label_frame
 from geodata.hierarchy import level_keys
 from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, open_photo
-from geodata.ingest import write_parquet_atomic, write_text_atomic
+from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS, unique_keys
 from hierloc.geo import geoscore
 from hierloc.predictor import Predictor

@@ -10,7 +10,6 @@ y = lat_deg (EPSG:4326), with Natural Earth country outlines (geodata.outlines).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
+from geodata.atomic import atomic_write_path
 from geodata.outlines import world_outlines
 from hierloc.geo import EARTH_RADIUS_KM, haversine_km
 
@@ -41,18 +41,10 @@ def _figure(width_in: float, height_in: float) -> Figure:
 
 
 def _save_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` to ``path`` as PNG through a temp file in the same folder, then os.replace."""
+    """Write ``fig`` to ``path`` as PNG, atomically (geodata.atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; figures are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=DPI)
     return path
 
 

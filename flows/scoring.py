@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geodata.atomic import atomic_write_path
 from geodata.geonames import (
     GeoNamesLabeler,
-    atomic_write_path,
     default_labeler,
     parse_coordinates,
 )

@@ -31,7 +31,8 @@ from geodata.geonames import default_labeler
 from geodata.hierarchy import assign_images, build_entities, parent_rows
 from geodata.images import ImageStore
 from geodata.labeling import country_disagreements, label_points, representative_coords
-from geodata.ingest import ingest_osv5m, write_parquet_atomic, write_text_atomic
+from geodata.atomic import write_parquet_atomic, write_text_atomic
+from geodata.ingest import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
 from hierloc.features import extract_features, load_backbone, load_features
 from hierloc.inference import beam_search

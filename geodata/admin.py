@@ -37,7 +37,7 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from geodata.geonames import atomic_write_path
+from geodata.atomic import atomic_write_path
 from geodata.outlines import natural_earth_countries_path, ne_iso_a2
 
 log = logging.getLogger(__name__)

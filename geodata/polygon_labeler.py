@@ -56,7 +56,8 @@ import shapely
 from scipy.spatial import cKDTree
 
 from geodata.admin import LEVEL_NAMES, validate_admin
-from geodata.geonames import atomic_write_path, parse_coordinates
+from geodata.atomic import atomic_write_path
+from geodata.geonames import parse_coordinates
 
 #: Sphere radius (km), the one of the project's haversine (hierloc.geo, not importable here).
 EARTH_RADIUS_KM = 6371.0
