@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from hierloc.atomic import atomic_write_path
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,6 @@ class _ImageDataset(Dataset):
             return image_id, torch.zeros(self.shape), f"{container}:{member}: {type(exc).__name__}: {exc}"
 
 
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def extract_features(
     items: Sequence[tuple[int, str, str]],
     open_image: OpenImage,
@@ -162,10 +157,10 @@ def extract_features(
             done += len(batch_ids)
             if progress is not None:
                 progress(done, len(items), time.perf_counter() - t0)
-        _atomic_npz(path, ids=np.concatenate(ids), feats=np.concatenate(feats))
-        fail_tmp = fail_path.with_suffix(".tmp")
-        fail_tmp.write_text(json.dumps(failures, indent=1))
-        os.replace(fail_tmp, fail_path)
+        with atomic_write_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez would append .npz
+            np.savez(fh, ids=np.concatenate(ids), feats=np.concatenate(feats))
+        with atomic_write_path(fail_path) as tmp:
+            tmp.write_text(json.dumps(failures, indent=1))
     for stale in sorted(out_dir.glob("shard-*.npz"))[n_shards:]:
         stale.unlink()  # left by an earlier, larger run of the same cache
     secs = time.perf_counter() - t0

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from hierloc.atomic import atomic_write_path
 from hierloc.geo import haversine_km
 from hierloc.loss import GeoWeightedInfoNCE, Kernel
 from hierloc.model import HierLocModel, ModelConfig
@@ -138,10 +138,8 @@ def config_digest(*parts: dict) -> str:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_model(model: HierLocModel, path: Path, *, tau: float = 1.0) -> None:
