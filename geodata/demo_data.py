@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import io
-import os
 import re
 import time
 import zipfile
