@@ -195,25 +195,16 @@ def train_task(cfg: PipelineConfig, feats: dict, parent: str) -> dict:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: PipelineConfig, feats: dict, trained: dict, parent: str) -> dict:
-    with tracked_run(cfg.experiment, "evaluate", parent, tags={"stage": "evaluate"}) as run:
-        run.params(cfg.evaluate.model_dump())
+    """The trained model's beam search, or (evaluate.method=retrieval) the retrieval baseline."""
+    e = cfg.evaluate
+    with tracked_run(cfg.experiment, "evaluate", parent, tags={"stage": "evaluate", "method": e.method}) as run:
+        run.params(e.model_dump())
         out = _work(cfg, "evaluate")
-        metrics = stages.run_evaluate(Path(trained["model_path"]), _work(cfg, "ingest"), _work(cfg, "hierarchy"),
-                                      feats["dirs"], out, cfg.evaluate.beam_k, cfg.evaluate.variant)
-        run.metrics(metrics)
-        run.artifact(out / "metrics.json")
-        run.artifact(out / "predictions.parquet")
-        run.artifact_dir(out / "figures", "figures")
-    return metrics
-
-
-@task(name="retrieval-baseline", cache_policy=NO_CACHE)
-def retrieval_task(cfg: PipelineConfig, feats: dict, parent: str) -> dict:
-    with tracked_run(cfg.experiment, "evaluate", parent, tags={"stage": "evaluate", "method": "retrieval"}) as run:
-        run.params(cfg.evaluate.model_dump())
-        out = _work(cfg, "evaluate")
-        metrics = stages.run_retrieval(_work(cfg, "ingest"), _work(cfg, "hierarchy"), feats["dirs"], out,
-                                       cfg.evaluate.variant)
+        if e.method == "retrieval":
+            metrics = stages.run_retrieval(_work(cfg, "ingest"), _work(cfg, "hierarchy"), feats["dirs"], out, e.variant)
+        else:
+            metrics = stages.run_evaluate(Path(trained["model_path"]), _work(cfg, "ingest"), _work(cfg, "hierarchy"),
+                                          feats["dirs"], out, e.beam_k, e.variant)
         run.metrics(metrics)
         run.artifact(out / "metrics.json")
         run.artifact(out / "predictions.parquet")
@@ -232,12 +223,9 @@ def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
         ingest_task(cfg, parent.run_id)
         hierarchy_task(cfg, parent.run_id)
         feats = features_task(cfg, parent.run_id)
-        if cfg.evaluate.method == "retrieval":
-            trained = {}
-            metrics = retrieval_task(cfg, feats, parent.run_id)
-        else:
-            trained = train_task(cfg, feats, parent.run_id)
-            metrics = evaluate_task(cfg, feats, trained, parent.run_id)
+        # The retrieval baseline needs no training.
+        trained = {} if cfg.evaluate.method == "retrieval" else train_task(cfg, feats, parent.run_id)
+        metrics = evaluate_task(cfg, feats, trained, parent.run_id)
         parent.metrics(metrics)
         parent.tags({"method": cfg.evaluate.method})
     return {"metrics": metrics, "parent_run_id": parent.run_id, "model_path": trained.get("model_path"),
