@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
@@ -26,6 +27,7 @@ from matplotlib.patches import Circle
 from geodata.atomic import atomic_write_path
 from geodata.outlines import world_outlines
 from hierloc.geo import EARTH_RADIUS_KM, haversine_km
+from hierloc.lorentz import to_poincare
 
 LEVEL_NAMES: tuple[str, ...] = ("country", "region", "subregion", "city")
 DPI = 120
@@ -261,7 +263,8 @@ def lorentz_to_ball(points: Any, curvature: float) -> np.ndarray:
             f"points: {bad.size} of {len(x)} rows are off the hyperboloid <x,x>_L = -K, K={curvature} "
             f"(row {bad[0]}: <x,x>_L = {inner[bad[0]]:.4g}); pass the model's curvature, or geometry='euclidean'"
         )
-    return space / (x0 + np.sqrt(curvature))[:, None]
+    # hierloc.lorentz.to_poincare maps to the ball of radius sqrt(K): scale it to the unit ball.
+    return to_poincare(torch.from_numpy(x), k=curvature).numpy() / np.sqrt(curvature)
 
 
 def radial_pca_2d(coords: np.ndarray) -> np.ndarray:

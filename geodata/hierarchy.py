@@ -69,7 +69,7 @@ def spherical_mean_deg(lat_deg: np.ndarray, lon_deg: np.ndarray, group: np.ndarr
 
     Unlike averaging degrees, this is right across the antimeridian.
     """
-    xyz = _unit_xyz(lat_deg, lon_deg)
+    xyz = unit_xyz(lat_deg, lon_deg)
     sums = np.stack([np.bincount(group, weights=xyz[:, i], minlength=n_groups) for i in range(3)], axis=1)
     norm = np.linalg.norm(sums, axis=1, keepdims=True)
     # Antipodal points can cancel to a zero vector: then the group's first point stands in.
@@ -86,7 +86,7 @@ def medoid_deg(
     """Medoid of each group's points: the point with the least summed great-circle distance to the
     others -> (n_groups, 2) lat, lon. Groups above ``max_points`` points use a seeded sample of that
     many as both candidates and targets (exact below it). Always one of the group's own points."""
-    xyz = _unit_xyz(lat_deg, lon_deg)
+    xyz = unit_xyz(lat_deg, lon_deg)
     out = np.full((n_groups, 2), np.nan)
     order = np.argsort(group, kind="stable")
     starts = np.searchsorted(group[order], np.arange(n_groups + 1))
@@ -105,7 +105,8 @@ def medoid_deg(
     return out
 
 
-def _unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+def unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+    """(N,) x 2 degrees -> (N, 3) unit vectors on the sphere."""
     lat, lon = np.radians(lat_deg), np.radians(lon_deg)
     return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
 

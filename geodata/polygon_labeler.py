@@ -58,6 +58,7 @@ from scipy.spatial import cKDTree
 from geodata.admin import LEVEL_NAMES, validate_admin
 from geodata.atomic import atomic_write_path
 from geodata.geonames import parse_coordinates
+from geodata.hierarchy import unit_xyz
 
 #: Sphere radius (km), the one of the project's haversine (hierloc.geo, not importable here).
 EARTH_RADIUS_KM = 6371.0
@@ -198,12 +199,6 @@ def _origin_to_segments(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.n
     len2 = dx * dx + dy * dy
     t = np.clip(-(ax * dx + ay * dy) / np.where(len2 > 0, len2, 1.0), 0.0, 1.0)  # degenerate: t = 0
     return np.hypot(ax + t * dx, ay + t * dy)
-
-
-def _unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
-    """(N,) x 2 degrees -> (N, 3) unit vectors."""
-    lat, lon = np.radians(lat_deg), np.radians(lon_deg)
-    return np.column_stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)])
 
 
 class _Boundaries:
@@ -560,7 +555,7 @@ class PolygonLabeler:
             rows = self.rows(lat, lon)  # (L, P): each place's polygon at each level
             level_k, place = np.nonzero(rows >= 0)
             group = rows[level_k, place]
-            data = np.column_stack([_unit_xyz(lat[place], lon[place]), group * _GROUP_SPACING])
+            data = np.column_stack([unit_xyz(lat[place], lon[place]), group * _GROUP_SPACING])
             self._places_cache = (digest, cKDTree(data), place)
         return self._places_cache[1], self._places_cache[2]
 
@@ -587,7 +582,7 @@ class PolygonLabeler:
             rows = code_index.get_indexer(labels[f"{name}_code"].to_numpy(dtype=object))
             group = np.where(rows >= 0, rows, group)
             group_level = np.where(rows >= 0, k, group_level)
-        xyz = _unit_xyz(labels["lat_deg"].to_numpy(np.float64), labels["lon_deg"].to_numpy(np.float64))
+        xyz = unit_xyz(labels["lat_deg"].to_numpy(np.float64), labels["lon_deg"].to_numpy(np.float64))
 
         entry = np.full(n, len(place_of_entry), dtype=np.int64)  # len: no place found
         chord = np.full(n, np.nan)
