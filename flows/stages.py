@@ -30,7 +30,7 @@ from flows.scoring import score_points
 from geodata.geonames import default_labeler
 from geodata.hierarchy import assign_images, build_entities, parent_rows
 from geodata.images import ImageStore
-from geodata.labeling import country_disagreements, label_points, representative_coords
+from geodata.labeling import country_disagreements, label_points, polygon_report, representative_coords
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.ingest import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
@@ -90,18 +90,23 @@ def run_hierarchy(
         polygon_labeler = PolygonLabeler(admin, grid_deg=grid_deg, max_snap_km=max_snap_km,
                                          check_all_levels=check_all_levels)
     report: dict = {"labeler": labeler, "coords": coords}
-    manifests, label_sets = {}, {}
-    for split in SPLITS:
-        m = pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet")
-        res = label_points(m, labeler, scheduler=scheduler, labeler=polygon_labeler, work_dir=out_dir / "partitions")
-        for col in LABEL_COLUMNS:  # the labels the entity table is built from
-            m[col] = res.labels[col].to_numpy()
-        manifests[split], label_sets[split] = m, res.labels
-        report[f"labels_{split}"] = res.report
+    manifests = {split: pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet") for split in SPLITS}
+    # Both splits in one labelling run: one cluster start and one labeler shipment, not one per split.
+    res = label_points(pd.concat(manifests.values(), ignore_index=True), labeler, scheduler=scheduler,
+                       labeler=polygon_labeler, work_dir=out_dir / "partitions")
+    label_sets, start = {}, 0
+    for split, m in manifests.items():
+        labels = res.labels.iloc[start : start + len(m)].reset_index(drop=True)
+        start += len(m)
+        rep = dict(res.report)
         if labeler == "polygons":
+            rep = polygon_report(labels, polygon_labeler.level_names)
             # OSV-5M's own labels are GeoNames': how often do the polygons put a point in another country?
-            gn = pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet", columns=["country"])["country"]
-            report[f"labels_{split}"]["country_differs_from_geonames"] = country_disagreements(res.labels, gn)
+            rep["country_differs_from_geonames"] = country_disagreements(labels, m["country"])
+        for col in LABEL_COLUMNS:  # the labels the entity table is built from
+            m[col] = labels[col].to_numpy()
+        label_sets[split] = labels
+        report[f"labels_{split}"] = rep
     train_m = manifests["train"]
     has_country = (train_m["country"] != "").to_numpy()
     prev = pd.read_parquet(previous) if previous else None
