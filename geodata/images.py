@@ -5,11 +5,14 @@ into folders of any depth. Both layouts are addressed the same way: a *container
 (a zip file or a folder, as a path relative to the dataset root) and a *member* (the
 name inside the zip, or the file name inside the folder).
 
-- `list_images` walks a folder and lists every JPEG (zip members are listed from the
-  zip's central directory; nothing is extracted).
+- `list_images` / `list_images_table` walk a folder and list every JPEG (zip members
+  from the zip's central directory, tar members from their headers, with the data
+  offset; nothing is ever extracted). Member names that could escape (absolute, drive
+  letter, '..') make the whole archive refused; link/device members are listed as
+  refused and never read.
 - `split_duplicate_ids` / `index_images` keep the first image per id.
 - `ImageStore` opens images as RGB from those (container, member) pairs; it is picklable
-  and keeps one open ZipFile per zip per process.
+  and keeps one open handle per zip / tar per process.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import io
 import logging
 import os
 import re
+import stat
+import tarfile
 import threading
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -93,12 +100,97 @@ def _relative_posix(path: Path, root: Path) -> str:
 
 _UNSAFE_RE = r"^[\\/]|^[A-Za-z]:|(?:^|[\\/])\.\.(?:[\\/]|$)"  # absolute, drive, '..' part
 
+#: Arrow schema of a container listing (`list_container`): one row per image member.
+#: offset: byte offset of the member's data in a tar (null for zips and folders);
+#: refused: why a member was refused (symlink, hardlink, device, ...); null = readable.
+LISTING_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("container", pa.string()),
+        ("member", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("offset", pa.int64()),
+        ("refused", pa.string()),
+    ]
+)
 
-def _list_zip(zip_path: Path, container: str) -> list[tuple[str, str, str, int]]:
-    """List the JPEG members of one zip as (id, container, member, size_bytes) rows.
+#: Container kinds: a zip shard, a tar shard, or a folder holding image files directly.
+ContainerKind = Literal["zip", "tar", "dir"]
+
+
+@dataclass(frozen=True)
+class Container:
+    """One place images live: `path` on disk, `rel` its '/'-separated path under the dataset root."""
+
+    kind: ContainerKind
+    rel: str
+    path: Path
+
+
+def _names_array(names: list[str]) -> pa.Array:
+    return pa.array(names, pa.string())
+
+
+def _refuse_unsafe_names(names: pa.Array, where: str) -> None:
+    """Raise UnsafeMemberError for the first absolute / drive / '..' / empty member name."""
+    unsafe = np.asarray(
+        pc.or_(pc.match_substring_regex(names, _UNSAFE_RE), pc.equal(names, "")).to_numpy(zero_copy_only=False),
+        dtype=bool,
+    )
+    if unsafe.any():
+        _check_safe(names[int(np.flatnonzero(unsafe)[0])].as_py(), where)  # raises
+
+
+def _image_mask(names: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(is image name (n,) bool, basename array): .jpg/.jpeg, skipping '._x.jpg' and __MACOSX/."""
+    base = pc.replace_substring_regex(names, r"^.*[\\/]", "")  # basename; Windows zips use '\\'
+    lower = pc.utf8_lower(base)
+    keep = pc.and_(
+        pc.or_(*[pc.ends_with(lower, suffix) for suffix in IMAGE_SUFFIXES]),
+        pc.invert(pc.or_(pc.starts_with(base, "._"), pc.match_substring_regex(names, r"(?:^|/)__MACOSX/"))),
+    )
+    return np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool), base
+
+
+def _listing_table(
+    names: list[str], container: str, sizes: list[int], offsets: list[int | None],
+    refused: list[str | None], where: str,
+) -> pa.Table:
+    """LISTING_SCHEMA rows for the image-named members among `names` (all names checked for safety)."""
+    arr = _names_array(names)
+    _refuse_unsafe_names(arr, where)
+    keep, base = _image_mask(arr)
+    idx = pa.array(np.flatnonzero(keep), pa.int64())
+    stems = pc.replace_substring_regex(base.take(idx), r"\.[^.]*$", "")  # '123.jpg' -> '123'
+    n = len(idx)
+    return pa.table(
+        {
+            "id": stems,
+            "container": pa.array([container] * n, pa.string()),
+            "member": arr.take(idx),
+            "size_bytes": pa.array(sizes, pa.int64()).take(idx),
+            "offset": pa.array(offsets, pa.int64()).take(idx),
+            "refused": pa.array(refused, pa.string()).take(idx),
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member is not a plain file (a unix symlink, device, fifo ...), else None."""
+    mode = info.external_attr >> 16
+    file_type = stat.S_IFMT(mode)  # 0 when the writer stored permission bits only
+    if info.create_system == 3 and file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
+        kind = "symlink" if stat.S_ISLNK(mode) else f"file of type {stat.filemode(mode)[0]!r}"
+        return f"zip member is a {kind}, not a regular file; refused"
+    return None
+
+
+def _list_zip(zip_path: Path, container: str) -> pa.Table:
+    """List the JPEG members of one zip (its central directory only; nothing is extracted).
 
     Every member name is checked, not only JPEGs: an archive holding an escaping name
-    is refused as a whole. Vectorised: a release shard holds ~50k members.
+    is refused as a whole. Symlink/device members are listed with `refused` set.
     """
     try:
         with zipfile.ZipFile(zip_path) as zf:
@@ -107,51 +199,116 @@ def _list_zip(zip_path: Path, container: str) -> list[tuple[str, str, str, int]]
         raise zipfile.BadZipFile(
             f"{zip_path}: not a readable zip ({exc}); re-download or re-create this shard"
         ) from exc
-    names = pa.array([i.filename for i in infos], pa.string())
-    unsafe = np.asarray(
-        pc.or_(pc.match_substring_regex(names, _UNSAFE_RE), pc.equal(names, "")), dtype=bool
+    return _listing_table(
+        [i.filename for i in infos], container, [i.file_size for i in infos], [None] * len(infos),
+        [_zip_refusal(i) for i in infos], f"zip {zip_path}",
     )
-    if unsafe.any():
-        _check_safe(names[int(np.flatnonzero(unsafe)[0])].as_py(), f"zip {zip_path}")  # raises
-    base = pc.replace_substring_regex(names, r"^.*[\\/]", "")  # basename; Windows zips use '\\'
-    lower = pc.utf8_lower(base)
-    keep = np.asarray(
-        pc.and_(
-            pc.or_(*[pc.ends_with(lower, suffix) for suffix in IMAGE_SUFFIXES]),
-            pc.invert(
-                pc.or_(
-                    pc.starts_with(base, "._"),
-                    pc.match_substring_regex(names, r"(?:^|/)__MACOSX/"),
-                )
-            ),
-        ),
-        dtype=bool,
-    )
-    idx = np.flatnonzero(keep)
-    ids = pc.replace_substring_regex(base.take(idx), r"\.[^.]*$", "").to_pylist()  # stem
-    members = names.take(idx).to_pylist()
-    sizes = [infos[i].file_size for i in idx]
-    return list(zip(ids, [container] * len(ids), members, sizes, strict=True))
 
 
-def _walk(folder: Path, root: Path, rows: list[tuple[str, str, str, int]]) -> None:
-    """Recursively add images of `folder` (and of zips found there) to `rows`, sorted by name.
+def tar_refusal(info: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read (link, device, fifo, ...), else None for a regular file."""
+    if info.isreg():
+        return None
+    if info.issym():
+        return f"tar member is a symlink to {info.linkname!r}; refused"
+    if info.islnk():
+        return f"tar member is a hardlink to {info.linkname!r}; refused"
+    if info.isdev():
+        return "tar member is a device or fifo; refused"
+    return f"tar member of type {info.type!r} is not a regular file; refused"
 
-    Symlinked folders are not followed (no cycles); symlinked files are.
+
+def iter_tar_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
+    """The members of a tar in archive order, headers only (nothing extracted).
+
+    Raises UnsafeMemberError naming the tar when a member name is absolute, has a
+    drive letter or a '..' part (the whole shard is refused), tarfile.ReadError when
+    the file is not a readable tar.
     """
+    try:
+        tf = tarfile.open(tar_path, "r:")
+    except tarfile.ReadError as exc:
+        raise tarfile.ReadError(f"{tar_path}: not a readable tar ({exc}); re-create this shard") from exc
+    with tf:
+        for info in tf:
+            _check_safe(info.name, f"tar {tar_path}")
+            yield info
+            tf.members = []  # headers are not needed again: keep memory flat on big shards
+
+
+def _list_tar(tar_path: Path, container: str) -> pa.Table:
+    """List the JPEG members of one tar with data offset and size; links/devices refused."""
+    names, sizes, offsets, refused = [], [], [], []
+    for info in iter_tar_members(tar_path):
+        if info.isdir():
+            continue
+        names.append(info.name)
+        sizes.append(info.size)
+        offsets.append(info.offset_data)
+        refused.append(tar_refusal(info))
+    return _listing_table(names, container, sizes, offsets, refused, f"tar {tar_path}")
+
+
+def _list_dir(folder: Path, container: str) -> pa.Table:
+    """The image files directly in `folder` (symlinked files are followed: the folder is the user's own)."""
     with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    container = _relative_posix(folder, root)
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            _walk(Path(entry.path), root, rows)
-        elif entry.is_file():
-            lower = entry.name.lower()
-            if lower.endswith(".zip"):
-                path = Path(entry.path)
-                rows.extend(_list_zip(path, _relative_posix(path, root)))
-            elif _is_image_name(entry.name):
-                rows.append((_stem(entry.name), container, entry.name, entry.stat().st_size))
+        entries = sorted((e for e in it if e.is_file() and _is_image_name(e.name)), key=lambda e: e.name)
+    names = [e.name for e in entries]
+    return _listing_table(
+        names, container, [e.stat().st_size for e in entries], [None] * len(names), [None] * len(names),
+        f"folder {folder}",
+    )
+
+
+def find_containers(images_dir: Path, root: Path) -> list[Container]:
+    """Zips, tars and folders holding images under `images_dir`, at any depth, in sorted walk order.
+
+    `rel` is relative to `root`. Symlinked folders are not followed (no cycles).
+    """
+    found: list[Container] = []
+
+    def walk(folder: Path) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        has_images = False
+        for entry in entries:
+            if not has_images and entry.is_file() and _is_image_name(entry.name):
+                # The folder's own images go where its first image sorts among its entries.
+                has_images = True
+                found.append(Container("dir", _relative_posix(folder, root), folder))
+            if entry.is_dir(follow_symlinks=False):
+                walk(Path(entry.path))
+            elif entry.is_file():
+                lower = entry.name.lower()
+                kind: ContainerKind | None = "zip" if lower.endswith(".zip") else "tar" if lower.endswith(".tar") else None
+                if kind is not None:
+                    path = Path(entry.path)
+                    found.append(Container(kind, _relative_posix(path, root), path))
+
+    walk(images_dir)
+    return found
+
+
+def list_container(container: Container) -> pa.Table:
+    """The image members of one container as a LISTING_SCHEMA table (archive / name order)."""
+    if container.kind == "zip":
+        return _list_zip(container.path, container.rel)
+    if container.kind == "tar":
+        return _list_tar(container.path, container.rel)
+    return _list_dir(container.path, container.rel)
+
+
+def list_images_table(images_dir: Path, *, relative_to: Path | None = None) -> pa.Table:
+    """Every image under `images_dir` (zips, tars, folders, any depth) as one LISTING_SCHEMA table."""
+    images_dir = Path(images_dir)
+    root = Path(relative_to) if relative_to is not None else images_dir
+    if not images_dir.is_dir():
+        raise FileNotFoundError(
+            f"image folder {images_dir} does not exist; expected OSV-5M shards like "
+            f"{images_dir}/00.zip or unzipped folders"
+        )
+    tables = [list_container(c) for c in find_containers(images_dir, root)]
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
 
 def list_images(images_dir: Path, *, relative_to: Path | None = None) -> pd.DataFrame:
@@ -168,17 +325,12 @@ def list_images(images_dir: Path, *, relative_to: Path | None = None) -> pd.Data
     `ImageStore(dataset_root)` can open the rows. Raises FileNotFoundError when
     `images_dir` is not a folder, UnsafeMemberError for an absolute or '..' member name.
     """
-    images_dir = Path(images_dir)
-    root = Path(relative_to) if relative_to is not None else images_dir
-    if not images_dir.is_dir():
-        raise FileNotFoundError(
-            f"image folder {images_dir} does not exist; expected OSV-5M shards like "
-            f"{images_dir}/00.zip or unzipped folders"
-        )
-    rows: list[tuple[str, str, str, int]] = []
-    _walk(images_dir, root, rows)
-    frame = pd.DataFrame(rows, columns=list(IMAGE_INDEX_COLUMNS))
-    return frame.astype({"id": "str", "container": "str", "member": "str", "size_bytes": "int64"})
+    table = list_images_table(images_dir, relative_to=relative_to)
+    refused = table.filter(pc.is_valid(table["refused"]))
+    for row in refused.slice(0, 5).to_pylist():
+        log.warning("%s:%s: %s", row["container"], row["member"], row["refused"])
+    table = table.filter(pc.is_null(table["refused"])).select(list(IMAGE_INDEX_COLUMNS))
+    return table.to_pandas().astype({"id": "str", "container": "str", "member": "str", "size_bytes": "int64"})
 
 
 def split_duplicate_ids(listing: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -241,21 +393,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class ImageStore:
     """Open images by (container, member) under a dataset root; picklable across workers.
 
-    `container` is a zip file or a folder path relative to `root` (as `list_images`
-    writes it); `member` is the name inside the zip or the file name in the folder.
-    Open ZipFile handles are cached per process and dropped on pickling and after a
-    fork, so DataLoader workers re-open their own. Reads from threads are safe
-    (zipfile serialises reads on a shared handle).
+    `container` is a zip file, a tar file or a folder path relative to `root` (as
+    `list_images` writes it); `member` is the name inside the archive or the file name in
+    the folder. Tar members are read with one positioned read (`os.pread`) at their data
+    offset: pass `offset`/`size` from the image index (the manifest's image_offset and
+    image_size) to skip the lookup, else the tar's headers are indexed once per process.
+    Open handles are cached per process and dropped on pickling and after a fork, so
+    DataLoader workers re-open their own. Reads from threads are safe (zipfile serialises
+    reads on a shared handle; pread does not move a file offset).
 
-    Images with more than `max_image_pixels` pixels raise PIL's DecompressionBombError
-    before any pixel is decoded. The limit is checked per store, so PIL's global
-    Image.MAX_IMAGE_PIXELS is left untouched.
+    Archive members that are links or devices are refused (UnsafeMemberError), never
+    followed. Images with more than `max_image_pixels` pixels raise PIL's
+    DecompressionBombError before any pixel is decoded. The limit is checked per store, so
+    PIL's global Image.MAX_IMAGE_PIXELS is left untouched.
     """
 
     def __init__(self, root: Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.root = Path(root)
         self.max_image_pixels = int(max_image_pixels)
         self._zips: dict[str, zipfile.ZipFile] = {}
+        self._tar_fds: dict[str, int] = {}
+        self._tar_index: dict[str, dict[str, tuple[int, int, str | None]]] = {}
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
@@ -278,41 +436,118 @@ class ImageStore:
         self.close()
 
     def close(self) -> None:
-        """Close this process's cached zip handles."""
+        """Close this process's cached zip and tar handles."""
         with self._lock:
             if self._pid == os.getpid():
                 for zf in self._zips.values():
                     zf.close()
-            self._zips = {}
+                for fd in self._tar_fds.values():
+                    os.close(fd)
+            self._zips, self._tar_fds, self._tar_index = {}, {}, {}
+
+    def _own_handles(self) -> None:
+        """Drop handles inherited through a fork (call with the lock held)."""
+        pid = os.getpid()
+        if pid != self._pid:
+            # Forked child: the parent's zip handles share a file offset; never use them.
+            self._zips, self._tar_fds, self._tar_index, self._pid = {}, {}, {}, pid
 
     def _zip(self, container: str) -> zipfile.ZipFile:
         """The cached ZipFile for `container`, opened in this process."""
-        pid = os.getpid()
         with self._lock:
-            if pid != self._pid:
-                # Forked child: the parent's handles share a file offset; never use them.
-                self._zips, self._pid = {}, pid
+            self._own_handles()
             zf = self._zips.get(container)
             if zf is None:
                 zf = zipfile.ZipFile(self.root / container)
                 self._zips[container] = zf
             return zf
 
-    def _is_zip(self, container: str) -> bool:
-        """True when `container` names a zip file (a folder named 'x.zip' is a folder)."""
-        return container.lower().endswith(".zip") and not (self.root / container).is_dir()
+    def _tar_fd(self, container: str) -> int:
+        """The cached read-only file descriptor of tar `container` in this process."""
+        with self._lock:
+            self._own_handles()
+            fd = self._tar_fds.get(container)
+            if fd is None:
+                fd = os.open(self.root / container, os.O_RDONLY)
+                self._tar_fds[container] = fd
+            return fd
 
-    def read_bytes(self, container: str, member: str) -> bytes:
-        """The raw bytes of one image. Raises KeyError/FileNotFoundError naming both parts."""
+    def _tar_member(self, container: str, member: str) -> tuple[int, int]:
+        """(data offset, size) of `member` in tar `container`, from a per-process header index."""
+        with self._lock:
+            self._own_handles()
+            index = self._tar_index.get(container)
+        if index is None:
+            index = {
+                info.name: (info.offset_data, info.size, tar_refusal(info))
+                for info in iter_tar_members(self.root / container)
+            }
+            with self._lock:
+                self._tar_index[container] = index
+        if member not in index:
+            raise KeyError(f"{self.root / container}: no member {member!r}; re-run the image index")
+        offset, size, refused = index[member]
+        if refused is not None:
+            raise UnsafeMemberError(f"{self.root / container}: member {member!r}: {refused}")
+        return offset, size
+
+    def _read_tar(self, container: str, member: str, offset: int | None, size: int | None) -> bytes:
+        """Bytes of a regular tar member, read at its data offset (checked against its header)."""
+        fd = self._tar_fd(container)
+        if offset is None or size is None:
+            offset, size = self._tar_member(container, member)
+        else:
+            # The 512-byte header right before the data must describe a regular file of this
+            # size: a wrong or stale offset fails here instead of returning unrelated bytes.
+            block = os.pread(fd, tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE) if offset >= tarfile.BLOCKSIZE else b""
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise KeyError(
+                    f"{self.root / container}: no tar header before offset {offset} for {member!r} "
+                    f"({exc}); re-run the ingest to refresh the image index"
+                ) from None
+            if tar_refusal(info) is not None or info.size != size:
+                raise KeyError(
+                    f"{self.root / container}: offset {offset} holds {info.name!r} "
+                    f"({info.size} bytes, type {info.type!r}), not {member!r} ({size} bytes); "
+                    "re-run the ingest to refresh the image index"
+                )
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ImageDecodeError(f"{self.root / container}: {member!r} cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def _kind(self, container: str) -> str:
+        """'zip', 'tar' or 'dir' (a folder named 'x.zip' is a folder)."""
+        lower = container.lower()
+        if lower.endswith((".zip", ".tar")) and not (self.root / container).is_dir():
+            return lower[-3:]
+        return "dir"
+
+    def read_bytes(self, container: str, member: str, *, offset: int | None = None, size: int | None = None) -> bytes:
+        """The raw bytes of one image. Raises KeyError/FileNotFoundError naming both parts,
+        UnsafeMemberError for escaping names and for link/device archive members.
+
+        offset/size: where a tar member's data lies (from the image index); ignored otherwise.
+        """
         _check_safe(container, f"store {self.root}")
         _check_safe(member, f"container {container}")
-        if self._is_zip(container):
+        kind = self._kind(container)
+        if kind == "tar":
+            return self._read_tar(container, member, offset, size)
+        if kind == "zip":
+            zf = self._zip(container)
             try:
-                return self._zip(container).read(member)
+                info = zf.getinfo(member)
             except KeyError:
                 raise KeyError(
                     f"{self.root / container}: no member {member!r}; re-run the image index"
                 ) from None
+            refused = _zip_refusal(info)
+            if refused is not None:
+                raise UnsafeMemberError(f"{self.root / container}: member {member!r}: {refused}")
+            return zf.read(info)
         path = self.root / container / member
         try:
             return path.read_bytes()
@@ -321,14 +556,15 @@ class ImageStore:
                 f"{path}: image file not found; re-run the image index"
             ) from None
 
-    def open(self, container: str, member: str) -> Image.Image:
+    def open(self, container: str, member: str, *, offset: int | None = None, size: int | None = None) -> Image.Image:
         """Decode one image fully and return it as RGB with EXIF orientation applied.
 
         Raises PIL.Image.DecompressionBombError when it has more than max_image_pixels,
         ImageDecodeError (an OSError) when it is truncated, corrupt or not an image; the
         message names the container and member.
         """
-        return decode_image(self.read_bytes(container, member), f"{container}:{member}", self.max_image_pixels)
+        data = self.read_bytes(container, member, offset=offset, size=size)
+        return decode_image(data, f"{container}:{member}", self.max_image_pixels)
 
 
 def decode_image(data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:

@@ -1,23 +1,39 @@
-"""Ingest an OSV-5M release folder into typed Parquet manifests, quarantining bad rows.
+"""Ingest an OSV-5M release into typed Parquet manifests, quarantining bad rows; incremental.
 
-Input (DATA.md): `root/{split}.csv` (32 columns, `OSV5M_COLUMNS` order) and the photos
-under `root/images/{split}/` (zip shards or unzipped folders, any depth).
+Inputs (DATA.md), detected per root (`layout="auto"`):
 
-Outputs, each written atomically (temp file in the same folder, then os.replace):
+- "csv": `root/{split}.csv` (32 columns, `OSV5M_COLUMNS` order) and the photos under
+  `root/images/{split}/` (zip or tar shards, or unzipped folders, any depth);
+- "webdataset": tar shards `root/{split}/**/*.tar` of jpg + json + *.npy samples
+  (geodata.webdataset); the .npy features go to `out_dir/features/<name>/`.
 
-- `out_dir/manifest/{split}.parquet`: the kept rows; id int64, latitude/longitude float64,
-  the other 29 columns as strings exactly as in the CSV (Namibia's "NA" and empty fields
-  stay strings), plus `split`, `line` (physical CSV line, header = 1), `image_container`,
-  `image_member` (null when verify_images="none").
-- `out_dir/quarantine.parquet`: one row per rejected CSV row (`QUARANTINE_COLUMNS`), with
-  the first reason that applies, in `REASONS` order.
-- `out_dir/ingest_report.json`: `IngestReport` (counts per split and reason, examples, paths).
+Outputs:
 
-How it works: each CSV is streamed once with pyarrow; per-row checks (column count, id,
-latitude, longitude) run per batch and the passing rows go to a staging Parquet file.
-Then, over all splits at once, duplicate ids are dropped (first occurrence in split order,
-then file order, is kept) and images are looked up (and decoded). A second streaming pass
-writes the manifests. Memory stays at a few int64 arrays per row plus one batch.
+- `out_dir/manifest/{split}.parquet/part-*.parquet`: the kept rows, one part per run
+  (`pd.read_parquet(out_dir / "manifest" / f"{split}.parquet")` reads them all);
+  `MANIFEST_SCHEMA`: id int64, latitude/longitude float64, the other 29 columns as strings
+  exactly as in the input (Namibia's "NA" and empty fields stay strings), plus split,
+  line, image_container, image_member, image_offset, image_size.
+- `out_dir/quarantine.parquet`: every rejected row of every run (`QUARANTINE_COLUMNS`),
+  with the first reason that applies, in `REASONS` order.
+- `out_dir/image_index/{split}.parquet`: every listed image (id, container, member,
+  size_bytes, offset, refused), from zip central directories / tar headers.
+- `out_dir/ingest_report.json`: `IngestReport`; `out_dir/ingest_state.json`: what is
+  ingested (geodata.incremental).
+
+One streaming pass per CSV: each pyarrow batch is judged (geodata.validate: row checks,
+duplicate ids against all earlier rows as numpy, image lookup and decoding) and its kept
+rows go straight to the manifest part. Memory: one batch, the image index and a few int64
+arrays per row; never a Python object per row.
+
+Incremental: a re-run parses only the CSV bytes appended since the last run (when the
+earlier bytes still hash the same), lists only new or changed image shards, and re-checks
+rows quarantined earlier as image_missing (kept aside in a pending table) against new
+shards: found ones join the manifest. A CSV whose ingested bytes changed, a removed or
+rewritten shard, or other settings make a full re-ingest of every split (the report says
+why). A run with no new input is a no-op. Order guarantee: parts in run order, rows in
+file order within a part, rows admitted late (their image came later) in the part of the
+run that admitted them; sort by (split, line) for file order.
 """
 
 from __future__ import annotations
@@ -25,7 +41,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,99 +50,76 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from geodata.atomic import atomic_write_path, write_parquet_atomic, write_text_atomic
-from geodata.images import ImageStore, list_images, split_duplicate_ids
-from geodata.osv5m import OSV5M_COLUMNS
+from geodata.images import (
+    LISTING_SCHEMA,
+    ImageStore,
+    find_containers,
+    list_container,
+)
+from geodata.incremental import (
+    CsvState,
+    IngestState,
+    PartState,
+    SplitState,
+    container_fingerprint,
+    csv_plan,
+    drop_state,
+    file_sha256,
+    load_state,
+    manifest_digest,
+    orphan_parts,
+    save_state,
+    scan_range,
+)
+from geodata.ingest_csv import (
+    CsvStream,
+    OSV5MFormatError,
+    apply_line_map,
+    check_header,
+    count_lines,
+    read_header,
+    record_numbers,
+    record_start_lines,
+)
+from geodata.quarantine import (
+    AFTER_DUPLICATE_REASONS,
+    QUARANTINE_COLUMNS,
+    QUARANTINE_SCHEMA,
+    REASON_CODE,
+    REASON_FIELD,
+    REASONS,
+    empty_quarantine,
+    quarantine_table,
+    sort_quarantine,
+    summarise,
+)
+from geodata.validate import (
+    ID_REGEX,
+    IMAGE_REF_SCHEMA,
+    MANIFEST_SCHEMA,
+    IdSet,
+    image_checks,
+    judge_batch,
+    row_reasons,
+)
+
+__all__ = [
+    "MANIFEST_SCHEMA", "QUARANTINE_COLUMNS", "QUARANTINE_SCHEMA", "REASONS", "REASON_CODE", "REASON_FIELD",
+    "IngestError", "IngestReport", "OSV5MFormatError", "SplitReport", "check_header", "ingest_osv5m",
+    "record_numbers", "record_start_lines", "row_reasons",
+]
 
 log = logging.getLogger(__name__)
 
 VerifyImages = Literal["none", "exists", "decode"]
-
-#: Quarantine reasons, in priority order: a row with several problems gets the first.
-REASONS: tuple[str, ...] = (
-    "column_count",
-    "id_not_integer",
-    "latitude_not_numeric",
-    "latitude_out_of_range",
-    "longitude_not_numeric",
-    "longitude_out_of_range",
-    "duplicate_id",
-    "image_missing",
-    "image_corrupt",
-)
-
-#: Reason code used internally: 0 = row ok, else 1 + index in REASONS.
-REASON_CODE: dict[str, int] = {r: i + 1 for i, r in enumerate(REASONS)}
-
-#: The CSV field each reason is about ("" for a malformed row as a whole).
-REASON_FIELD: dict[str, str] = {
-    "column_count": "",
-    "id_not_integer": "id",
-    "latitude_not_numeric": "latitude",
-    "latitude_out_of_range": "latitude",
-    "longitude_not_numeric": "longitude",
-    "longitude_out_of_range": "longitude",
-    "duplicate_id": "id",
-    "image_missing": "id",
-    "image_corrupt": "image",
-}
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("split", pa.string()),
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("id", pa.string()),
-        ("field", pa.string()),
-        ("reason", pa.string()),
-        ("value", pa.string()),
-    ]
-)
-QUARANTINE_COLUMNS: tuple[str, ...] = tuple(QUARANTINE_SCHEMA.names)
-
-#: Manifest schema: the 32 release columns typed, then the ingest columns.
-MANIFEST_SCHEMA = pa.schema(
-    [
-        (
-            name,
-            pa.int64()
-            if name == "id"
-            else pa.float64()
-            if name in ("latitude", "longitude")
-            else pa.string(),
-        )
-        for name in OSV5M_COLUMNS
-    ]
-    + [
-        ("split", pa.string()),
-        ("line", pa.int64()),
-        ("image_container", pa.string()),
-        ("image_member", pa.string()),
-    ]
-)
-
-# Ids are Mapillary ids (up to 16 digits): digits only, at most 18 so that every match
-# fits int64 and is parsed exactly (never through float).
-ID_REGEX = r"^[0-9]{1,18}$"
-# Plain decimal or scientific notation; rejects "", "nan", "inf", " 1", "0x1".
-FLOAT_REGEX = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-LAT_RANGE_DEG = (-90.0, 90.0)
-LON_RANGE_DEG = (-180.0, 180.0)
-
-MAX_VALUE_CHARS = 120
+Layout = Literal["auto", "csv", "webdataset"]
 MAX_EXAMPLES = 5
-CSV_BLOCK_BYTES = 16 << 20
-_STAGE_ORDINAL = "__ordinal"
-
-
-class OSV5MFormatError(ValueError):
-    """A CSV that is not an OSV-5M table (wrong header, unreadable text)."""
+_RUNS_DIR = ".runs"  # per-run pending / quarantine / image index; the state names the current one
 
 
 class IngestError(RuntimeError):
@@ -134,21 +128,42 @@ class IngestError(RuntimeError):
 
 @dataclass
 class SplitReport:
-    """Counts and outputs of one split. n_in = n_kept + n_quarantined."""
+    """Counts and outputs of one split.
+
+    This run: n_in = n_kept + n_quarantined (rows read this run); n_recovered rows
+    quarantined earlier as image_missing were admitted because their image arrived.
+    All runs: kept_total + quarantined_total = n_in_total; bad_fraction =
+    quarantined_total / n_in_total (what max_bad_fraction is checked against, as for a
+    one-shot ingest of the whole input). mode: "full", "append" or "unchanged".
+    """
 
     split: str
     csv_path: str
+    mode: str = "full"
+    full_reason: str = ""
     n_in: int = 0
     n_kept: int = 0
     n_quarantined: int = 0
+    n_recovered: int = 0
+    n_in_total: int = 0
+    kept_total: int = 0
+    quarantined_total: int = 0
     bad_fraction: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    reasons_total: dict[str, int] = field(default_factory=dict)
     manifest_path: str | None = None
+    manifest_digest: str = ""
+    n_parts: int = 0
+    bytes_parsed: int = 0
     line_numbers: Literal["physical", "record"] = "physical"
     n_images_indexed: int = 0
+    n_containers_listed: int = 0
+    n_containers_reused: int = 0
     n_duplicate_images: int = 0
     duplicate_image_examples: list[str] = field(default_factory=list)
+    n_pending: int = 0
+    features: dict[str, int] = field(default_factory=dict)  # WebDataset: name -> D
 
 
 @dataclass
@@ -159,11 +174,16 @@ class IngestReport:
     out_dir: str
     verify_images: str
     max_bad_fraction: float
+    layout: str = "csv"
     ok: bool = True
     error: str | None = None
+    noop: bool = False
     splits: dict[str, SplitReport] = field(default_factory=dict)
     quarantine_path: str = ""
     report_path: str = ""
+    state_path: str = ""
+    image_index_dir: str = ""
+    feature_dir: str = ""
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,568 +195,351 @@ class IngestReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
-# --------------------------------------------------------------------------- writing
-
-
-def _scratch_path(path: Path) -> Path:
-    """A fresh temp path next to ``path`` for a staging file (removed by the caller)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def check_header(names: list[str], csv_path: Path) -> None:
-    """Raise OSV5MFormatError unless `names` equals OSV5M_COLUMNS exactly.
-
-    The message names the file, the first differing column position (0-based and
-    1-based), and the expected vs found name.
-    """
-    expected = list(OSV5M_COLUMNS)
-    if names == expected:
-        return
-    pos = next(
-        (i for i, (e, f) in enumerate(zip(expected, names, strict=False)) if e != f),
-        min(len(expected), len(names)),
-    )
-    want = expected[pos] if pos < len(expected) else "(no more columns)"
-    got = names[pos] if pos < len(names) else "(missing)"
-    raise OSV5MFormatError(
-        f"{csv_path}: header differs from the OSV-5M release at column {pos} "
-        f"(position {pos + 1}): expected {want!r}, found {got!r} "
-        f"({len(names)} columns found, {len(expected)} expected). "
-        "Use the unmodified train.csv/test.csv of the release."
-    )
-
-
-def _truncate(value: str, max_chars: int = MAX_VALUE_CHARS) -> str:
-    """`value` cut to max_chars, marked with '...' when cut."""
-    return value if len(value) <= max_chars else value[: max_chars - 3] + "..."
-
-
-def _parse_float(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(is_numeric bool, value float64 with NaN where not numeric) for a string column."""
-    ok = pc.match_substring_regex(col, FLOAT_REGEX)
-    # Non-matching strings are replaced before the cast, which fails on any bad string.
-    values = pc.cast(pc.if_else(ok, col, "nan"), pa.float64())
-    return _to_bool(ok), values.to_numpy(zero_copy_only=False)
-
-
-def _to_bool(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Arrow boolean (no nulls) to a numpy bool array."""
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def row_reasons(id_raw: pa.Array, lat_raw: pa.Array, lon_raw: pa.Array) -> dict[str, np.ndarray]:
-    """Per-row checks on raw string columns, vectorised.
-
-    Returns 'code' (int8: 0 = ok, else 1 + index of the first failing reason in REASONS),
-    'id' (int64, 0 where invalid), 'latitude', 'longitude' (float64, NaN where invalid).
-    """
-    id_ok = _to_bool(pc.match_substring_regex(id_raw, ID_REGEX))
-    ids = pc.cast(pc.if_else(id_ok, id_raw, "0"), pa.int64()).to_numpy(zero_copy_only=False)
-    lat_ok, lat = _parse_float(lat_raw)
-    lon_ok, lon = _parse_float(lon_raw)
-    with np.errstate(invalid="ignore"):
-        lat_in = (lat >= LAT_RANGE_DEG[0]) & (lat <= LAT_RANGE_DEG[1])
-        lon_in = (lon >= LON_RANGE_DEG[0]) & (lon <= LON_RANGE_DEG[1])
-    conditions = [~id_ok, ~lat_ok, ~lat_in, ~lon_ok, ~lon_in]
-    codes = [REASON_CODE[r] for r in REASONS[1:6]]
-    code = np.select(conditions, codes, default=0).astype(np.int8)  # first true wins
-    return {"code": code, "id": ids.astype(np.int64), "latitude": lat, "longitude": lon}
-
-
-# --------------------------------------------------------------------------- line numbers
-
-
-def record_numbers(n_valid: int, invalid_records: np.ndarray) -> np.ndarray:
-    """CSV record number (header = 1) of each valid row, given the invalid rows' numbers.
-
-    Valid rows fill the record numbers 2, 3, ... that the invalid rows leave free:
-    valid row k lands at k + 2 + (number of invalid records before it).
-    """
-    bad = np.sort(np.asarray(invalid_records, dtype=np.int64))
-    valid_before_bad = bad - 2 - np.arange(len(bad))  # valid rows preceding each bad one
-    k = np.arange(n_valid, dtype=np.int64)
-    return k + 2 + np.searchsorted(valid_before_bad, k, side="right")
-
-
-def _count_physical_lines(path: Path, chunk_bytes: int = 1 << 24) -> int:
-    """Number of physical lines ('\\n'-terminated; a last line without '\\n' counts)."""
-    n, last = 0, b""
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (1 if last not in (b"", b"\n") else 0)
-
-
-def record_start_lines(path: Path, chunk_bytes: int = 1 << 24) -> np.ndarray:
-    """Physical line number (1-based) where each non-blank CSV record starts.
-
-    Quote-aware: a newline ends a record only after an even number of '"' (standard
-    CSV escaping keeps the parity right). Blank lines are skipped, as pyarrow does.
-    Quirk: a '"' inside an unquoted field would flip the parity; the caller checks the
-    record count against pyarrow's and falls back to record numbers when they differ.
-    """
-    empty = path.stat().st_size == 0  # np.memmap refuses empty files
-    data = np.zeros(0, np.uint8) if empty else np.memmap(path, dtype=np.uint8, mode="r")
-    n = data.size
-    newlines, terminators, parity = [], [], 0
-    for start in range(0, n, chunk_bytes):
-        chunk = np.asarray(data[start : start + chunk_bytes])
-        quotes = (np.cumsum(chunk == 34, dtype=np.int64) + parity) & 1  # 34 = '"'
-        nl = np.flatnonzero(chunk == 10)  # 10 = '\n'
-        newlines.append(nl + start)
-        terminators.append(nl[quotes[nl] == 0] + start)
-        parity = int(quotes[-1])
-    all_nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
-    ends = np.concatenate(terminators) if terminators else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], ends + 1]).astype(np.int64)
-    starts = starts[starts < n]
-    first = np.asarray(data[starts]) if n else np.zeros(0, np.uint8)
-    second = np.asarray(data[np.minimum(starts + 1, max(n - 1, 0))]) if n else first
-    blank = (first == 10) | ((first == 13) & (second == 10))  # '\n' or '\r\n'
-    starts = starts[~blank]
-    return 1 + np.searchsorted(all_nl, starts, side="left")
-
-
-def physical_lines(path: Path, records: np.ndarray, n_records: int) -> tuple[np.ndarray, str]:
-    """Map CSV record numbers (header = 1) to physical line numbers.
-
-    Returns (lines, kind) with kind "physical", or "record" when the file could not be
-    mapped (then lines == records). The common case (one record per line, no blank
-    lines) costs one newline count over the file.
-    """
-    records = np.asarray(records, dtype=np.int64)
-    if _count_physical_lines(path) == n_records:
-        return records, "physical"
-    starts = record_start_lines(path)
-    if len(starts) != n_records:
-        log.warning(
-            "%s: could not map CSV records to physical lines (%d records, %d found by "
-            "scanning); quarantine 'line' holds record numbers (header = 1) instead",
-            path, n_records, len(starts),
-        )
-        return records, "record"
-    return starts[records - 1], "physical"
-
-
-# --------------------------------------------------------------------------- pass 1
-
-
-@dataclass
-class _Scan:
-    """What the first pass over one split's CSV found."""
-
-    split: str
-    csv_path: Path
-    stage_path: Path
-    n_valid: int = 0  # rows with the right column count
-    bad_records: list[int] = field(default_factory=list)  # record numbers, column_count
-    bad_texts: list[str] = field(default_factory=list)
-    # Per-row rejects: ordinal among valid rows, reason code, raw id, raw value.
-    rej_ordinal: list[np.ndarray] = field(default_factory=list)
-    rej_code: list[np.ndarray] = field(default_factory=list)
-    rej_id: list[pa.Array] = field(default_factory=list)
-    rej_value: list[pa.Array] = field(default_factory=list)
-    # Rows that passed, in file order.
-    kept_ordinal: list[np.ndarray] = field(default_factory=list)
-    kept_id: list[np.ndarray] = field(default_factory=list)
-    kept_raw_id: list[pa.Array] = field(default_factory=list)
-
-
-def _stage_schema() -> pa.Schema:
-    """Schema of the staging file: the typed 32 columns plus the valid-row ordinal."""
-    typed = list(MANIFEST_SCHEMA)[: len(OSV5M_COLUMNS)]
-    return pa.schema([pa.field(_STAGE_ORDINAL, pa.int64()), *typed])
-
-
-def _open_csv(csv_path: Path, on_invalid: Any) -> pcsv.CSVStreamingReader:
-    """Open a release CSV as a stream of all-string batches and check its header."""
-    if not csv_path.is_file():
-        raise FileNotFoundError(
-            f"{csv_path} not found; point root at the OSV-5M release folder "
-            "(the one holding train.csv, test.csv and images/)"
-        )
-    try:
-        reader = pcsv.open_csv(
-            csv_path,
-            # use_threads=False: with threads the invalid-row handler gets number=None.
-            read_options=pcsv.ReadOptions(
-                block_size=CSV_BLOCK_BYTES, encoding="utf8", use_threads=False
-            ),
-            parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-            convert_options=pcsv.ConvertOptions(
-                column_types={name: pa.string() for name in OSV5M_COLUMNS},
-                # Keep "NA" (Namibia) and empty fields as strings, never nulls.
-                null_values=[],
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-    except pa.ArrowInvalid as exc:
-        raise OSV5MFormatError(
-            f"{csv_path}: cannot read as CSV ({exc}); expected the release's UTF-8 CSV "
-            "with a header line"
-        ) from exc
-    check_header(reader.schema.names, csv_path)
-    return reader
-
-
-def _truncate_array(values: pa.Array, max_chars: int = MAX_VALUE_CHARS) -> pa.Array:
-    """Vectorised `_truncate` over a string array."""
-    cut = pc.binary_join_element_wise(pc.utf8_slice_codeunits(values, 0, max_chars - 3), "...", "")
-    return pc.if_else(pc.greater(pc.utf8_length(values), max_chars), cut, values)
-
-
-def _offending_values(batch: pa.RecordBatch, code: np.ndarray, idx: np.ndarray) -> pa.Array:
-    """Raw value of the field each rejected row failed on (rows `idx`, reason `code`)."""
-    lat_codes = [REASON_CODE["latitude_not_numeric"], REASON_CODE["latitude_out_of_range"]]
-    lon_codes = [REASON_CODE["longitude_not_numeric"], REASON_CODE["longitude_out_of_range"]]
-    on_lat, on_lon = pa.array(np.isin(code, lat_codes)), pa.array(np.isin(code, lon_codes))
-    values = pc.if_else(
-        on_lat,
-        batch.column("latitude").take(idx),
-        pc.if_else(on_lon, batch.column("longitude").take(idx), batch.column("id").take(idx)),
-    )
-    return _truncate_array(values)
-
-
-def _scan_split(split: str, csv_path: Path, stage_path: Path) -> _Scan:
-    """Stream one CSV: per-row checks, passing rows to `stage_path`, rejects recorded."""
-    scan = _Scan(split=split, csv_path=csv_path, stage_path=stage_path)
-
-    def on_invalid(row: Any) -> str:
-        # row.number counts CSV records (header = 1, blank lines skipped); it becomes a
-        # physical line number in `physical_lines`. None would mean "unknown" (not seen
-        # with the serial streaming reader); -1 keeps it out of the line arithmetic.
-        scan.bad_records.append(row.number if row.number is not None else -1)
-        scan.bad_texts.append(_truncate(row.text))
-        return "skip"
-
-    reader = _open_csv(csv_path, on_invalid)
-    schema = _stage_schema()
-    with pq.ParquetWriter(stage_path, schema, compression="zstd") as writer:
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as exc:
-                raise OSV5MFormatError(
-                    f"{csv_path}: cannot parse after {scan.n_valid} valid rows ({exc}); "
-                    "check the file's encoding (UTF-8) and that it is not cut short"
-                ) from exc
-            n = batch.num_rows
-            ordinal = np.arange(scan.n_valid, scan.n_valid + n, dtype=np.int64)
-            scan.n_valid += n
-            id_raw = batch.column("id")
-            parsed = row_reasons(id_raw, batch.column("latitude"), batch.column("longitude"))
-            code = parsed["code"]
-            bad = code != 0
-            if bad.any():
-                idx = np.flatnonzero(bad)
-                scan.rej_ordinal.append(ordinal[idx])
-                scan.rej_code.append(code[idx])
-                scan.rej_id.append(id_raw.take(idx))
-                scan.rej_value.append(_offending_values(batch, code[idx], idx))
-            good = np.flatnonzero(~bad)
-            columns = {name: batch.column(name).take(good) for name in OSV5M_COLUMNS}
-            columns["id"] = pa.array(parsed["id"][good], pa.int64())
-            columns["latitude"] = pa.array(parsed["latitude"][good], pa.float64())
-            columns["longitude"] = pa.array(parsed["longitude"][good], pa.float64())
-            columns = {_STAGE_ORDINAL: pa.array(ordinal[good], pa.int64()), **columns}
-            writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
-            scan.kept_ordinal.append(ordinal[good])
-            scan.kept_id.append(parsed["id"][good])
-            scan.kept_raw_id.append(id_raw.take(good))
-    return scan
-
-
 # --------------------------------------------------------------------------- images
 
 
 @dataclass
-class _ImageIndex:
-    """Images of one split keyed by int64 id (first occurrence per id)."""
+class _Images:
+    """One split's image index: all listed rows, and a lookup by int64 id (first row per id)."""
 
-    ids: pd.Index
-    container: np.ndarray
-    member: np.ndarray
-    n_listed: int
-    duplicates: pd.DataFrame
+    table: pa.Table  # LISTING_SCHEMA, old rows first then new, each in walk order
+    fingerprints: dict[str, str]
+    n_listed: int  # containers listed this run
+    n_reused: int
+    new_containers: bool
+    full_reason: str = ""
+    sorted_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row in table per sorted id
+    duplicates: pa.Table | None = None
 
+    def build_lookup(self) -> None:
+        """Numeric ids only, first occurrence per id (readable members before refused ones)."""
+        numeric = pc.match_substring_regex(self.table["id"], ID_REGEX)
+        idx = np.flatnonzero(np.asarray(numeric.to_numpy(zero_copy_only=False), dtype=bool))
+        ids = pc.cast(self.table["id"].take(pa.array(idx, pa.int64())), pa.int64()).to_numpy()
+        refused = np.asarray(self.table["refused"].is_valid().to_numpy(zero_copy_only=False), dtype=bool)[idx]
+        order = np.lexsort((np.arange(len(ids)), refused, ids))  # by id, then readable first, then order
+        sorted_ids = ids[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        self.sorted_ids = sorted_ids[first]
+        self.rows = idx[order[first]]
+        self.duplicates = self.table.take(pa.array(np.sort(idx[order[~first]]), pa.int64()))
 
-def _image_examples(images: pd.DataFrame) -> list[str]:
-    """Up to MAX_EXAMPLES 'id in container:member' strings from an image listing."""
-    return [f"{r.id} in {r.container}:{r.member}" for r in images.head(MAX_EXAMPLES).itertuples()]
-
-
-def _index_split_images(root: Path, split: str) -> _ImageIndex:
-    """List root/images/{split}, keep the first image per numeric id."""
-    listing = list_images(root / "images" / split, relative_to=root)
-    numeric = listing["id"].str.fullmatch(ID_REGEX[1:-1]).to_numpy(dtype=bool)
-    listing = listing.loc[numeric].assign(key=listing.loc[numeric, "id"].astype("int64"))
-    # Dedupe on the int value so "0123.jpg" and "123.jpg" count as the same id.
-    kept, dups = split_duplicate_ids(listing.assign(id=listing["key"]))
-    if len(dups):
-        log.warning(
-            "images/%s: %d duplicate image ids ignored (first occurrence kept), e.g. %s",
-            split, len(dups),
-            "; ".join(_image_examples(dups)),
+    def lookup(self, ids: np.ndarray) -> pa.Table:
+        """(n,) int64 ids -> IMAGE_REF_SCHEMA rows (container null where no image)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self.sorted_ids):
+            pos = np.zeros(len(ids), np.int64)
+            found = np.zeros(len(ids), bool)
+        else:
+            pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+            found = self.sorted_ids[pos] == ids
+        take = pa.array(np.where(found, self.rows[pos] if len(self.rows) else 0, 0), pa.int64(), mask=~found)
+        rows = self.table.take(take)
+        return pa.table(
+            {
+                "container": rows["container"], "member": rows["member"], "offset": rows["offset"],
+                "size": rows["size_bytes"], "refused": rows["refused"],
+            },
+            schema=IMAGE_REF_SCHEMA,
         )
-    return _ImageIndex(
-        ids=pd.Index(kept["key"].to_numpy(dtype=np.int64)),
-        container=kept["container"].to_numpy(dtype=object),
-        member=kept["member"].to_numpy(dtype=object),
-        n_listed=len(listing),
-        duplicates=dups,
+
+
+def _update_images(
+    root: Path, split: str, previous: pa.Table | None, prev_fp: dict[str, str]
+) -> _Images:
+    """List the image containers of a split that are new or changed since `prev_fp`.
+
+    Unchanged containers (same fingerprint) reuse their rows of `previous`. A container
+    that disappeared, or changed other than by adding members, sets full_reason.
+    """
+    containers = find_containers(root / "images" / split, root)
+    fingerprints = {c.rel: container_fingerprint(c.kind, c.path) for c in containers}
+    reason = ""
+    gone = sorted(set(prev_fp) - set(fingerprints))
+    if gone:
+        reason = f"images/{split}: {len(gone)} image container(s) gone since the last ingest, e.g. {gone[0]}"
+    old_parts: list[pa.Table] = []
+    new_parts: list[pa.Table] = []
+    n_listed = 0
+    for c in containers:
+        unchanged = prev_fp.get(c.rel) == fingerprints[c.rel] and previous is not None
+        if unchanged:
+            old_parts.append(previous.filter(pc.equal(previous["container"], c.rel)))
+            continue
+        listing = list_container(c)
+        n_listed += 1
+        if c.rel in prev_fp and previous is not None and not reason:
+            before = previous.filter(pc.equal(previous["container"], c.rel))
+            kept = pa.Table.from_pydict({"m": listing["member"], "s": listing["size_bytes"]})
+            was = pa.Table.from_pydict({"m": before["member"], "s": before["size_bytes"]})
+            if was.join(kept, ["m", "s"], join_type="left anti").num_rows:
+                reason = f"{c.rel}: members changed or removed since the last ingest"
+            else:  # only members added: keep the old rows first, the new ones after
+                old_parts.append(before)
+                listing = listing.join(was.rename_columns(["member", "size_bytes"]), ["member", "size_bytes"],
+                                       join_type="left anti")
+        new_parts.append(listing)
+    table = pa.concat_tables([*old_parts, *new_parts]) if old_parts or new_parts else LISTING_SCHEMA.empty_table()
+    images = _Images(
+        table=table.cast(LISTING_SCHEMA), fingerprints=fingerprints, n_listed=n_listed,
+        n_reused=len(containers) - n_listed, new_containers=n_listed > 0, full_reason=reason,
     )
+    images.build_lookup()
+    return images
 
 
-def _decode_failures(
-    store: ImageStore, containers: np.ndarray, members: np.ndarray, workers: int
-) -> list[str | None]:
-    """Decode each image fully; None where it decodes, else the error message."""
+def _decode_checker(store: ImageStore, workers: int, jpg: list[bytes | None] | None = None) -> Any:
+    """An ImageChecker decoding images through `store` (or from in-memory `jpg` bytes) in threads."""
+    from geodata.images import decode_image
 
-    def check(pair: tuple[str, str]) -> str | None:
+    def check(args: tuple[int, str, str, int | None, int | None]) -> str | None:
+        row, container, member, offset, size = args
         try:
-            store.open(*pair)
-        except Exception as exc:  # any failure to decode is a quarantine reason
+            if jpg is not None and jpg[row] is not None:
+                decode_image(jpg[row], f"{container}:{member}", store.max_image_pixels)
+            else:
+                store.open(container, member, offset=offset, size=size)
+        except Exception as exc:  # any failure to read or decode is a quarantine reason
             cause = exc.__cause__ or exc  # ImageStore wraps PIL's error; report PIL's
-            return f"{pair[0]}:{pair[1]}: {type(cause).__name__}: {cause}"
+            return f"{container}:{member}: {type(cause).__name__}: {cause}"
         return None
 
-    # PIL releases the GIL while decoding, so threads scale with cores.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(check, zip(containers, members), chunksize=64))
+    def checker(rows: np.ndarray, refs: pa.Table) -> list[str | None]:
+        args = zip(rows.tolist(), refs["container"].to_pylist(), refs["member"].to_pylist(),
+                   refs["offset"].to_pylist(), refs["size"].to_pylist(), strict=True)
+        # PIL releases the GIL while decoding, so threads scale with cores.
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(check, args, chunksize=16))
+
+    return checker
 
 
-# --------------------------------------------------------------------------- assembling
+# --------------------------------------------------------------------------- parts
 
 
-def _example(file: str, line: int | None, fieldname: str, reason: str, value: str) -> str:
-    """One human line: `train.csv line 17, field latitude: latitude_out_of_range ('123.4')`."""
-    where = f"{file} line {line if line is not None else '?'}"
-    where += f", field {fieldname}" if fieldname else ""
-    return f"{where}: {reason} ({value!r})"
+class _PartWriter:
+    """Writes one split's new manifest rows of this run to a temp part; moved into place at commit."""
+
+    def __init__(self, part_dir: Path, name: str) -> None:
+        self.final = part_dir / name
+        self.tmp = part_dir / f".{name}.tmp"
+        self._writer: pq.ParquetWriter | None = None
+        self.n_rows = 0
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.tmp, MANIFEST_SCHEMA, compression="zstd")
+        if isinstance(batch, pa.Table):
+            self._writer.write_table(batch)
+        else:
+            self._writer.write_batch(batch)
+        self.n_rows += batch.num_rows
+
+    def close(self) -> PartState | None:
+        """Finish the temp file; its PartState (None when no rows were written)."""
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        return PartState(name=self.final.name, n_rows=self.n_rows, sha256=file_sha256(self.tmp))
+
+    def remap_lines(self, line_map: Any) -> None:
+        """Rewrite the temp part's line column through a LineMap (rare: blank lines, quoted newlines)."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        table = pq.read_table(self.tmp)
+        table = table.set_column(table.schema.get_field_index("line"), "line",
+                                 pa.array(apply_line_map(table["line"].to_numpy(), line_map), pa.int64()))
+        self._writer = pq.ParquetWriter(self.tmp, MANIFEST_SCHEMA, compression="zstd")
+        self._writer.write_table(table)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+        if self.tmp.parent.is_dir() and not any(self.tmp.parent.iterdir()):
+            self.tmp.parent.rmdir()  # a folder this run created for nothing
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.final)
 
 
-def _quarantine_table(
-    split: str,
-    file: str,
-    lines: np.ndarray,
-    ids: pa.Array,
-    reason_index: np.ndarray,
-    values: pa.Array,
-) -> pa.Table:
-    """Quarantine rows (aligned arrays; reason_index into REASONS) in QUARANTINE_SCHEMA."""
-    n = len(lines)
-    reason_names = np.asarray(REASONS, dtype=object)[np.asarray(reason_index, dtype=np.int64)]
-    fields = np.asarray([REASON_FIELD[r] for r in reason_names], dtype=object)
-    lines = np.asarray(lines, dtype=np.int64)
-    line_arr = pa.array(lines, pa.int64(), mask=lines < 0)  # -1 = line unknown -> null
-    return pa.table(
-        {
-            "split": pa.array([split] * n, pa.string()),
-            "file": pa.array([file] * n, pa.string()),
-            "line": line_arr,
-            "id": pa.array(ids, pa.string()),
-            "field": pa.array(fields, pa.string()),
-            "reason": pa.array(reason_names, pa.string()),
-            "value": pa.array(values, pa.string()),
-        },
-        schema=QUARANTINE_SCHEMA,
-    )
+def _remap_table_lines(table: pa.Table, line_map: Any) -> pa.Table:
+    """`table` with its line column mapped through a LineMap (nulls stay null)."""
+    if table.num_rows == 0:
+        return table
+    lines = table["line"].fill_null(-1).to_numpy()
+    mapped = apply_line_map(lines, line_map)
+    return table.set_column(table.schema.get_field_index("line"), "line", pa.array(mapped, pa.int64(), mask=mapped < 0))
 
 
-def _concat_arrays(parts: list[pa.Array], typ: pa.DataType) -> pa.Array:
-    """Concatenate arrow arrays (or chunked arrays) into one array of `typ`."""
-    chunks: list[pa.Array] = []
-    for p in parts:
-        chunks.extend(p.chunks if isinstance(p, pa.ChunkedArray) else [p])
-    return pa.concat_arrays(chunks) if chunks else pa.array([], typ)
+# --------------------------------------------------------------------------- per split
 
 
-def _concat_np(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
-    """np.concatenate that returns an empty `dtype` array for no parts."""
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+@dataclass
+class _SplitRun:
+    """What one split produced in this run (before commit)."""
+
+    report: SplitReport
+    writer: _PartWriter
+    quarantine: list[pa.Table] = field(default_factory=list)
+    pending: list[pa.Table] = field(default_factory=list)
+    csv: CsvState | None = None
+    shards: dict[str, str] = field(default_factory=dict)
+    resolved: pa.Table | None = None  # lines of earlier image_missing rows judged again this run
+    rejudged: pa.Table | None = None  # their new quarantine rows (image found but unsafe / corrupt)
 
 
-def _write_manifest(
-    scan: _Scan,
-    path: Path,
-    drop: np.ndarray,
-    lines: np.ndarray,
-    container: np.ndarray,
-    member: np.ndarray,
+def _ingest_csv_split(
+    run: _SplitRun, root: Path, plan: Any, seen: IdSet, images: _Images | None, checker: Any,
 ) -> None:
-    """Second pass: copy staged rows not in `drop` (by ordinal) to the manifest, atomically.
+    """Stream the new bytes of one CSV through the checks into the run's part."""
+    split = run.report.split
+    csv_path = root / f"{split}.csv"
+    stream = CsvStream(csv_path, plan.start, plan.line_base)
+    scanned: dict[str, Any] = {}
 
-    `drop`, `lines`, `container`, `member` are indexed by valid-row ordinal.
-    """
-    with atomic_write_path(path) as tmp:
-        with pq.ParquetWriter(tmp, MANIFEST_SCHEMA, compression="zstd") as writer:
-            for batch in pq.ParquetFile(scan.stage_path).iter_batches(batch_size=1 << 16):
-                ordinal = batch.column(_STAGE_ORDINAL).to_numpy()
-                keep = np.flatnonzero(~drop[ordinal])
-                ordinal = ordinal[keep]
-                cols = {name: batch.column(name).take(keep) for name in OSV5M_COLUMNS}
-                cols["split"] = pa.array([scan.split] * len(keep), pa.string())
-                cols["line"] = pa.array(lines[ordinal], pa.int64())
-                cols["image_container"] = pa.array(container[ordinal], pa.string())
-                cols["image_member"] = pa.array(member[ordinal], pa.string())
-                writer.write_batch(pa.RecordBatch.from_pydict(cols, schema=MANIFEST_SCHEMA))
+    def scan() -> None:  # hash + newline count, overlapping with parsing (hashlib releases the GIL)
+        try:
+            scanned["range"] = scan_range(csv_path, plan.hasher, plan.start, plan.end)
+        except BaseException as exc:  # re-raised in the caller
+            scanned["error"] = exc
+
+    thread = threading.Thread(target=scan, name=f"hash-{split}", daemon=True)
+    thread.start()
+    try:
+        for raw, lines in stream:
+            judged = judge_batch(split, csv_path.name, raw, lines, seen,
+                                 images.lookup if images is not None else None, checker)
+            run.writer.write(judged.kept)
+            if judged.quarantine.num_rows:
+                run.quarantine.append(judged.quarantine)
+            if judged.pending.num_rows:
+                run.pending.append(pa.Table.from_batches([judged.pending]))
+    finally:
+        thread.join()
+    if "error" in scanned:
+        raise scanned["error"]
+    if csv_path.stat().st_size != plan.end:
+        raise OSV5MFormatError(f"{csv_path}: the file changed while it was ingested; re-run when it is complete")
+    texts = stream.bad_texts
+    if texts:  # malformed rows: raw id = text up to the first comma
+        run.quarantine.append(quarantine_table(
+            split, csv_path.name, stream.bad_lines(), pa.array([t.split(",", 1)[0] for t in texts], pa.string()),
+            np.full(len(texts), REASON_CODE["column_count"]), pa.array(texts, pa.string()),
+        ))
+    rng = scanned["range"]
+    line_map = stream.finish(count_lines(rng.n_newlines, rng.last_byte), plan.end)
+    if line_map is not None:
+        run.writer.remap_lines(line_map)
+        run.quarantine = [_remap_table_lines(t, line_map) for t in run.quarantine]
+        run.pending = [_remap_table_lines(t, line_map) for t in run.pending]
+    run.report.line_numbers = stream.line_kind  # type: ignore[assignment]
+    run.report.bytes_parsed = plan.end - plan.start
+    run.report.n_in = stream.n_valid + len(texts)
+    run.csv = plan.new_state(csv_path.name, rng)
 
 
-def _summarise(report: SplitReport, table: pa.Table) -> None:
-    """Fill per-reason counts and up to MAX_EXAMPLES example lines from quarantine rows."""
-    frame = table.to_pandas()
-    for reason in REASONS:
-        rows = frame.loc[frame["reason"] == reason].sort_values("line", kind="stable")
-        if not len(rows):
-            continue
-        report.reasons[reason] = int(len(rows))
-        report.examples[reason] = [
-            _example(r.file, None if pd.isna(r.line) else int(r.line), r.field, r.reason, r.value)
-            for r in rows.head(MAX_EXAMPLES).itertuples()
-        ]
+def _recheck_pending(
+    run: _SplitRun, file: str, pending: pa.Table, images: _Images, checker: Any
+) -> pa.Table:
+    """Rows waiting for their image: admit the found ones, re-judge refused/corrupt; return still-missing ones."""
+    n = pending.num_rows
+    if n == 0:
+        return pending
+    refs = images.lookup(pending["id"].to_numpy())
+    code = np.zeros(n, np.int8)
+    errors = np.full(n, None, dtype=object)
+    image_checks(code, errors, refs, checker)
+    ok = np.flatnonzero(code == 0)
+    if len(ok):
+        admitted = pending.take(pa.array(ok, pa.int64()))
+        sub = refs.take(pa.array(ok, pa.int64()))
+        for name, col in (("image_container", "container"), ("image_member", "member"),
+                          ("image_offset", "offset"), ("image_size", "size")):
+            admitted = admitted.set_column(admitted.schema.get_field_index(name), name, sub[col])
+        run.writer.write(admitted.cast(MANIFEST_SCHEMA))
+        run.report.n_recovered = len(ok)
+    changed = np.flatnonzero((code != 0) & (code != REASON_CODE["image_missing"]))
+    run.resolved = pending.take(pa.array(np.concatenate([ok, changed]), pa.int64())).select(["line"])
+    t = pending.take(pa.array(changed, pa.int64()))
+    run.rejudged = quarantine_table(
+        run.report.split, file, t["line"].to_numpy(), pc.cast(t["id"], pa.string()), code[changed],
+        pa.array(errors[changed].tolist(), pa.string()),
+    )
+    still = np.flatnonzero(code == REASON_CODE["image_missing"])
+    return pending.take(pa.array(still, pa.int64()))
+
+
+def _write_features(out_dir: Path, split: str, shard_rel: str, ids: list[np.ndarray],
+                    feats: dict[str, list[np.ndarray]]) -> None:
+    """One npz per feature name for one tar shard: ids int64 (n,), feats float32 (n, D); atomic."""
+    from geodata.webdataset import feature_shard_path
+
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    for name, parts in feats.items():
+        path = feature_shard_path(out_dir, name, split, shard_rel)
+        matrix = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        with atomic_write_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez would append .npz
+            np.savez(fh, ids=all_ids.astype(np.int64), feats=matrix.astype(np.float32))
+
+
+def _ingest_wds_split(
+    run: _SplitRun, root: Path, out_dir: Path, shards: list[Path], seen: IdSet, verify_images: str,
+    store: ImageStore, workers: int, features: tuple[str, ...] | None, dims: dict[str, int],
+    listings: list[pa.Table],
+) -> None:
+    """Read new tar shards of one split: rows judged into the part, features into npz shards."""
+    from geodata.webdataset import discover_features, read_shard
+
+    split = run.report.split
+    for shard in shards:
+        rel = shard.relative_to(root).as_posix()
+        names = features if features is not None else discover_features(shard)
+        if features is None:
+            features = names
+        ids: list[np.ndarray] = []
+        feats: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for batch in read_shard(shard, rel, names, dims, read_images=verify_images == "decode"):
+            checker = _decode_checker(store, workers, batch.jpg) if verify_images == "decode" else None
+            lookup = (lambda _ids, refs=batch.refs: refs) if verify_images != "none" else None
+            judged = judge_batch(split, rel, batch.raw, batch.lines, seen, lookup, checker,
+                                 pre_code=batch.pre_code, pre_value=batch.pre_value,
+                                 late_code=batch.late_code, late_value=batch.late_value)
+            if verify_images == "none":  # still record where the image is
+                kept = judged.kept
+                refs = batch.refs.take(pa.array(judged.kept_rows, pa.int64()))
+                cols = {n: kept.column(n) for n in MANIFEST_SCHEMA.names}
+                cols.update(image_container=refs["container"].combine_chunks(), image_member=refs["member"].combine_chunks(),
+                            image_offset=refs["offset"].combine_chunks(), image_size=refs["size"].combine_chunks())
+                judged.kept = pa.RecordBatch.from_pydict(cols, schema=MANIFEST_SCHEMA)
+            run.writer.write(judged.kept)
+            if judged.quarantine.num_rows:
+                run.quarantine.append(judged.quarantine)
+            run.report.n_in += len(batch.lines)
+            ids.append(judged.kept.column("id").to_numpy())
+            for name in names:
+                feats[name].append(batch.feats[name][judged.kept_rows])
+            refs_all = batch.refs
+            listings.append(pa.table({
+                "id": batch.raw["id"], "container": refs_all["container"], "member": refs_all["member"],
+                "size_bytes": refs_all["size"], "offset": refs_all["offset"], "refused": refs_all["refused"],
+            }, schema=LISTING_SCHEMA).filter(pc.is_valid(refs_all["container"])))
+        _write_features(out_dir, split, shard.relative_to(root / split).as_posix(), ids, feats)
+    run.report.features = dict(dims)
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-@dataclass
-class _Judged:
-    """One split after all checks: which valid rows to drop, and what the manifest adds.
-
-    drop, lines, container, member are indexed by valid-row ordinal.
-    """
-
-    scan: _Scan
-    report: SplitReport
-    quarantine: pa.Table
-    drop: np.ndarray
-    lines: np.ndarray
-    container: np.ndarray
-    member: np.ndarray
-
-
-def _late_checks(
-    scan: _Scan,
-    is_dup: np.ndarray,
-    root: Path,
-    verify_images: VerifyImages,
-    store: ImageStore,
-    workers: int,
-    split_report: SplitReport,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Duplicate and image checks on the rows that passed the per-row checks.
-
-    Returns (code, value) per kept row (0 = ok, else REASON_CODE) and (container,
-    member) per valid-row ordinal (None where no image was looked up or found).
-    """
-    kept_ord = _concat_np(scan.kept_ordinal, np.int64)
-    code = np.where(is_dup, REASON_CODE["duplicate_id"], 0).astype(np.int8)
-    value = np.asarray(
-        _concat_arrays(scan.kept_raw_id, pa.string()).to_numpy(zero_copy_only=False), dtype=object
-    ).copy()
-    container = np.full(scan.n_valid, None, dtype=object)
-    member = np.full(scan.n_valid, None, dtype=object)
-    if verify_images == "none":
-        return code, value, container, member
-
-    images = _index_split_images(root, scan.split)
-    split_report.n_images_indexed = images.n_listed
-    split_report.n_duplicate_images = len(images.duplicates)
-    split_report.duplicate_image_examples = _image_examples(images.duplicates)
-    pos = images.ids.get_indexer(_concat_np(scan.kept_id, np.int64))
-    code[(pos < 0) & (code == 0)] = REASON_CODE["image_missing"]
-    found = np.flatnonzero(code == 0)
-    container[kept_ord[found]] = images.container[pos[found]]
-    member[kept_ord[found]] = images.member[pos[found]]
-    if verify_images == "decode" and len(found):
-        t0 = time.perf_counter()
-        at = kept_ord[found]
-        errors = _decode_failures(store, container[at], member[at], workers)
-        dt_s = time.perf_counter() - t0
-        log.info("%s: decoded %d images in %.1f s", scan.split, len(found), dt_s)
-        failed = np.asarray([e is not None for e in errors], dtype=bool)
-        code[found[failed]] = REASON_CODE["image_corrupt"]
-        value[found[failed]] = [_truncate(e) for e in errors if e is not None]
-        container[kept_ord[found[failed]]] = None
-        member[kept_ord[found[failed]]] = None
-    return code, value, container, member
-
-
-def _row_lines(scan: _Scan, split_report: SplitReport) -> tuple[np.ndarray, np.ndarray]:
-    """Physical lines of (valid rows by ordinal, malformed rows in handler order); -1 = unknown."""
-    bad_rec = np.asarray(scan.bad_records, dtype=np.int64)
-    known = bad_rec > 0
-    valid_rec = record_numbers(scan.n_valid, bad_rec[known])
-    all_rec = np.concatenate([valid_rec, np.where(known, bad_rec, 1)])
-    n_records = 1 + scan.n_valid + len(bad_rec)
-    lines, split_report.line_numbers = physical_lines(scan.csv_path, all_rec, n_records)
-    return lines[: scan.n_valid], np.where(known, lines[scan.n_valid :], -1)
-
-
-def _judge_split(
-    scan: _Scan,
-    is_dup: np.ndarray,
-    root: Path,
-    verify_images: VerifyImages,
-    store: ImageStore,
-    workers: int,
-) -> _Judged:
-    """Run the late checks, assign lines, and build the split's quarantine and counts."""
-    split_report = SplitReport(split=scan.split, csv_path=str(scan.csv_path))
-    late_code, late_value, container, member = _late_checks(
-        scan, is_dup, root, verify_images, store, workers, split_report
-    )
-    lines, bad_lines = _row_lines(scan, split_report)
-    kept_ord = _concat_np(scan.kept_ordinal, np.int64)
-    rej_ord = _concat_np(scan.rej_ordinal, np.int64)
-    late_bad = np.flatnonzero(late_code != 0)
-    drop = np.zeros(scan.n_valid, dtype=bool)
-    drop[rej_ord] = True
-    drop[kept_ord[late_bad]] = True
-
-    file = scan.csv_path.name
-    n_bad = len(scan.bad_texts)
-    table = pa.concat_tables(
-        [
-            _quarantine_table(  # malformed rows: raw id = text up to the first comma
-                scan.split, file, bad_lines,
-                pa.array([t.split(",", 1)[0] for t in scan.bad_texts], pa.string()),
-                np.zeros(n_bad, dtype=np.int64), pa.array(scan.bad_texts, pa.string()),
-            ),
-            _quarantine_table(
-                scan.split, file, lines[rej_ord], _concat_arrays(scan.rej_id, pa.string()),
-                _concat_np(scan.rej_code, np.int64) - 1,
-                _concat_arrays(scan.rej_value, pa.string()),
-            ),
-            _quarantine_table(
-                scan.split, file, lines[kept_ord[late_bad]],
-                _concat_arrays(scan.kept_raw_id, pa.string()).take(late_bad),
-                late_code[late_bad].astype(np.int64) - 1,
-                pa.array(late_value[late_bad].tolist(), pa.string()),
-            ),
-        ]
-    )
-    table = table.take(pc.sort_indices(table, [("line", "ascending")]))
-    _summarise(split_report, table)
-    split_report.n_in = scan.n_valid + n_bad
-    split_report.n_quarantined = table.num_rows
-    split_report.n_kept = split_report.n_in - table.num_rows
-    split_report.bad_fraction = table.num_rows / max(split_report.n_in, 1)
-    return _Judged(scan, split_report, table, drop, lines, container, member)
-
-
-def _check_args(verify_images: str, max_bad_fraction: float, splits: tuple[str, ...]) -> None:
+def _check_args(verify_images: str, max_bad_fraction: float, splits: tuple[str, ...], layout: str) -> None:
     """Raise ValueError for arguments out of their domain."""
     if verify_images not in ("none", "exists", "decode"):
         raise ValueError(f"verify_images={verify_images!r}; use 'none', 'exists' or 'decode'")
@@ -744,6 +547,17 @@ def _check_args(verify_images: str, max_bad_fraction: float, splits: tuple[str, 
         raise ValueError(f"max_bad_fraction={max_bad_fraction}; use a fraction in [0, 1]")
     if not splits or len(set(splits)) != len(splits):
         raise ValueError(f"splits={splits!r}; give each split name once")
+    if layout not in ("auto", "csv", "webdataset"):
+        raise ValueError(f"layout={layout!r}; use 'auto', 'csv' or 'webdataset'")
+
+
+def detect_layout(root: Path, splits: tuple[str, ...]) -> str:
+    """'csv' when root/{split}.csv exists for the first split, 'webdataset' when root/{split}/ holds tars."""
+    if (root / f"{splits[0]}.csv").exists():
+        return "csv"
+    if (root / splits[0]).is_dir() and any((root / splits[0]).rglob("*.tar")):
+        return "webdataset"
+    return "csv"  # the CSV path names the missing file
 
 
 def _check_image_folders(root: Path, splits: tuple[str, ...]) -> None:
@@ -762,11 +576,63 @@ def _too_bad_message(report: IngestReport) -> str | None:
     if not too_bad:
         return None
     return "; ".join(
-        f"{s.split}: {s.n_quarantined} of {s.n_in} rows quarantined "
+        f"{s.split}: {s.quarantined_total} of {s.n_in_total} rows quarantined "
         f"({s.bad_fraction:.2%} > max_bad_fraction {report.max_bad_fraction:.2%}), "
-        f"reasons {s.reasons}"
+        f"reasons {s.reasons_total}"
         for s in too_bad
     ) + f". See {report.quarantine_path}."
+
+
+def _usable_state(state: IngestState | None, layout: str, verify_images: str, splits: tuple[str, ...],
+                  out_dir: Path) -> tuple[IngestState | None, str]:
+    """The previous state when this run can build on it, else (None, why not)."""
+    if state is None:
+        return None, "first ingest into this folder"
+    if state.layout != layout:
+        return None, f"layout changed ({state.layout} -> {layout})"
+    if state.verify_images != verify_images:
+        return None, f"verify_images changed ({state.verify_images} -> {verify_images})"
+    if tuple(state.splits_order) != splits:
+        return None, f"splits changed ({state.splits_order} -> {list(splits)})"
+    for split, s in state.splits.items():
+        part_dir = out_dir / "manifest" / f"{split}.parquet"
+        missing = [p.name for p in s.parts if not (part_dir / p.name).is_file()]
+        if missing:
+            return None, f"manifest part {part_dir / missing[0]} is missing"
+    if not (out_dir / _RUNS_DIR / f"run-{state.run:05d}").is_dir():
+        return None, "the previous run's pending/quarantine tables are missing"
+    return state, ""
+
+
+def _run_dir(out_dir: Path, run: int) -> Path:
+    return out_dir / _RUNS_DIR / f"run-{run:05d}"
+
+
+def _read_or_empty(path: Path, schema: pa.Schema) -> pa.Table:
+    return pq.read_table(path).cast(schema) if path.is_file() else schema.empty_table()
+
+
+def _seen_ids(out_dir: Path, state: IngestState, quarantine: pa.Table, pending: dict[str, pa.Table]) -> IdSet:
+    """Every id that a new row would duplicate: kept, pending, and rejected after the duplicate check."""
+    parts = [np.zeros(0, np.int64)]
+    for split, s in state.splits.items():
+        part_dir = out_dir / "manifest" / f"{split}.parquet"
+        for p in s.parts:
+            parts.append(pq.read_table(part_dir / p.name, columns=["id"])["id"].to_numpy())
+        parts.append(pending[split]["id"].to_numpy())
+    late = quarantine.filter(pc.is_in(quarantine["reason"], pa.array(list(AFTER_DUPLICATE_REASONS))))
+    late_ids = late["id"].filter(pc.match_substring_regex(late["id"], ID_REGEX))
+    parts.append(pc.cast(late_ids, pa.int64()).to_numpy())
+    return IdSet(np.concatenate(parts))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Publish `src` at `dst` atomically (a hard link when possible)."""
+    with atomic_write_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def ingest_osv5m(
@@ -777,92 +643,314 @@ def ingest_osv5m(
     max_bad_fraction: float = 0.05,
     *,
     decode_workers: int | None = None,
+    layout: Layout = "auto",
+    incremental: bool = True,
+    features: tuple[str, ...] | None = None,
 ) -> IngestReport:
-    """Read `root/{split}.csv` for each split, validate, and write manifests + quarantine.
+    """Validate an OSV-5M release (or only what was added since the last run) into `out_dir`.
 
-    verify_images: "none" skips images entirely (image_* columns null, no images/
-    folder needed); "exists" quarantines rows without `<id>.jpg` under
-    root/images/{split} (zips or folders, any depth); "decode" also decodes each image
-    fully (threads: `decode_workers`, default the CPU count) and quarantines failures.
+    verify_images: "none" skips image lookup (CSV: image_* columns null, no images/ folder
+    needed); "exists" quarantines rows without an image (`<id>.jpg` under
+    root/images/{split}, zips/tars/folders at any depth; WebDataset: the sample's jpg);
+    "decode" also decodes each image fully (threads: `decode_workers`, default the CPU
+    count) and quarantines failures.
 
-    Duplicate ids: within and across splits, the first occurrence in `splits` order,
-    then file order, is kept. Duplicates are looked for among rows that passed the
-    id/latitude/longitude checks, so a malformed first row does not hide a good second;
-    image checks run after, so a kept first occurrence with a missing image still
-    makes later copies duplicates.
+    Duplicate ids: within and across splits and runs, the first occurrence in `splits`
+    order, then file order, is kept. Duplicates are looked for among rows that passed the
+    id/latitude/longitude checks; image checks run after, so a first occurrence with a
+    missing image still makes later copies duplicates.
+
+    layout: "auto" (CSV when root/{split}.csv exists, else WebDataset tars), "csv" or
+    "webdataset". incremental=False ignores what out_dir holds. features (WebDataset):
+    the .npy feature names every sample must have; None = those of the first sample.
 
     Raises OSV5MFormatError (bad header / unreadable CSV), FileNotFoundError (missing
-    CSV or image folder), IngestError when a split's quarantined fraction exceeds
-    `max_bad_fraction`: then quarantine.parquet and ingest_report.json (ok = false) are
-    written, but no manifest (and stale manifests of these splits are removed).
+    input), UnsafeMemberError (an archive with escaping member names), IngestError when a
+    split's quarantined fraction (over all runs) exceeds `max_bad_fraction`: then
+    quarantine.parquet and ingest_report.json (ok = false) are written, but no manifest
+    (manifests and state of all splits are removed: the next run starts from scratch).
     """
     t0 = time.perf_counter()
     root, out_dir, splits = Path(root), Path(out_dir), tuple(splits)
-    _check_args(verify_images, max_bad_fraction, splits)
-    if verify_images != "none":
-        _check_image_folders(root, splits)
-    manifest_dir = out_dir / "manifest"
-    manifest_dir.mkdir(parents=True, exist_ok=True)
+    _check_args(verify_images, max_bad_fraction, splits, layout)
+    layout = detect_layout(root, splits) if layout == "auto" else layout
+    if layout == "csv":
+        for split in splits:
+            if not (root / f"{split}.csv").is_file():
+                raise FileNotFoundError(
+                    f"{root / f'{split}.csv'} not found; point root at the OSV-5M release folder "
+                    "(the one holding train.csv, test.csv and images/), or at the WebDataset copy"
+                )
+        if verify_images != "none":
+            _check_image_folders(root, splits)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = IngestReport(
-        root=str(root), out_dir=str(out_dir), verify_images=verify_images,
-        max_bad_fraction=max_bad_fraction,
-        quarantine_path=str(out_dir / "quarantine.parquet"),
-        report_path=str(out_dir / "ingest_report.json"),
+        root=str(root), out_dir=str(out_dir), verify_images=verify_images, max_bad_fraction=max_bad_fraction,
+        layout=layout, quarantine_path=str(out_dir / "quarantine.parquet"),
+        report_path=str(out_dir / "ingest_report.json"), state_path=str(out_dir / "ingest_state.json"),
+        image_index_dir=str(out_dir / "image_index"), feature_dir=str(out_dir / "features"),
     )
+    loaded = load_state(out_dir) if incremental else None
+    state, why_full = _usable_state(loaded, layout, verify_images, splits, out_dir)
+    if not incremental:
+        why_full = "incremental=False"
+
+    # Plan: what is new per split; anything but appends makes every split start over.
+    plans: dict[str, Any] = {}
+    wds_shards: dict[str, tuple[list[Path], dict[str, str]]] = {}
+    images: dict[str, _Images] = {}
+    for attempt in range(2):
+        plans, wds_shards, images = {}, {}, {}
+        for split in splits:
+            prev = state.splits.get(split) if state is not None else None
+            if layout == "csv":
+                csv_path = root / f"{split}.csv"
+                if attempt == 0:  # fail early on a wrong header, before streaming any CSV
+                    check_header(read_header(csv_path), csv_path)
+                plan = csv_plan(csv_path, prev.csv if prev else None)
+                if state is not None and plan.reason:
+                    why_full = plan.reason
+                plans[split] = plan
+                if verify_images != "none":
+                    previous = _read_or_empty(_run_dir(out_dir, state.run) / f"image_index_{split}.parquet",
+                                              LISTING_SCHEMA) if state is not None else None
+                    images[split] = _update_images(root, split, previous, prev.containers if prev else {})
+                    if state is not None and images[split].full_reason:
+                        why_full = images[split].full_reason
+            else:
+                from geodata.webdataset import find_shards
+
+                shards = find_shards(root / split)
+                if not shards:
+                    raise FileNotFoundError(f"{root / split}: no .tar shards; expected the WebDataset copy's {split}/*.tar")
+                fps = {s.relative_to(root).as_posix(): container_fingerprint("tar", s) for s in shards}
+                prev_fps = prev.shards if prev else {}
+                changed = [k for k, v in prev_fps.items() if fps.get(k) != v]
+                if state is not None and changed:
+                    why_full = f"{split}: tar shard {changed[0]} changed or is gone since the last ingest"
+                new = [s for s in shards if s.relative_to(root).as_posix() not in prev_fps]
+                wds_shards[split] = (new, fps)
+        if state is not None and why_full:
+            log.info("full re-ingest: %s", why_full)
+            state = None
+            continue
+        break
+
+    run_no = (state.run if state is not None else (loaded.run if loaded is not None else 0)) + 1
+    prev_run_dir = _run_dir(out_dir, state.run) if state is not None else None
+    old_quarantine = _read_or_empty(prev_run_dir / "quarantine.parquet", QUARANTINE_SCHEMA) if prev_run_dir else empty_quarantine()
+    old_pending = {
+        split: _read_or_empty(prev_run_dir / f"pending_{split}.parquet", MANIFEST_SCHEMA) if prev_run_dir
+        else MANIFEST_SCHEMA.empty_table()
+        for split in splits
+    }
+
+    nothing_new = state is not None and all(
+        (plans[s].start == plans[s].end if layout == "csv" else not wds_shards[s][0]) for s in splits
+    ) and not any(i.new_containers for i in images.values())
+    if nothing_new:
+        return _finish_noop(report, state, out_dir, old_quarantine, old_pending, t0)
+
     store = ImageStore(root)
-    stages: list[Path] = []
+    workers = decode_workers or os.cpu_count() or 1
+    seen = _seen_ids(out_dir, state, old_quarantine, old_pending) if state is not None else IdSet()
+    runs: dict[str, _SplitRun] = {}
+    dims: dict[str, int] = {}
+    new_pending: dict[str, pa.Table] = {}
+    listings: dict[str, list[pa.Table]] = {s: [] for s in splits}
     try:
-        scans: list[_Scan] = []
         for split in splits:
             t_split = time.perf_counter()
-            stages.append(_scratch_path(manifest_dir / f"{split}.stage.parquet"))
-            scans.append(_scan_split(split, root / f"{split}.csv", stages[-1]))
-            n_read = scans[-1].n_valid + len(scans[-1].bad_records)
-            log.info("%s.csv: read %d rows in %.1f s", split, n_read, time.perf_counter() - t_split)
-
-        # Duplicate ids over all splits at once: first in (split order, file order) wins.
-        kept_ids = [_concat_np(s.kept_id, np.int64) for s in scans]
-        is_dup = pd.Series(_concat_np(kept_ids, np.int64)).duplicated(keep="first").to_numpy()
-        offsets = np.cumsum([0] + [len(k) for k in kept_ids])
-        workers = decode_workers or os.cpu_count() or 1
-        judged = [
-            _judge_split(scan, is_dup[lo:hi], root, verify_images, store, workers)
-            for scan, lo, hi in zip(scans, offsets[:-1], offsets[1:], strict=True)
-        ]
-        report.splits = {j.scan.split: j.report for j in judged}
-        write_parquet_atomic(
-            pa.concat_tables([j.quarantine for j in judged]), Path(report.quarantine_path)
-        )
-        _log_summary(report)
-
-        report.error = _too_bad_message(report)
-        if report.error is not None:
-            report.ok = False
-            for split in splits:  # never leave a stale manifest next to a failed report
-                (manifest_dir / f"{split}.parquet").unlink(missing_ok=True)
-        else:
-            for j in judged:
-                path = manifest_dir / f"{j.scan.split}.parquet"
-                _write_manifest(j.scan, path, j.drop, j.lines, j.container, j.member)
-                j.report.manifest_path = str(path)
-        report.elapsed_s = time.perf_counter() - t0
-        write_text_atomic(report.to_json(), Path(report.report_path))
-        if report.error is not None:
-            raise IngestError(report.error)
-        log.info("ingest done in %.1f s; report %s", report.elapsed_s, report.report_path)
-        return report
+            prev = state.splits.get(split) if state is not None else None
+            part_name = f"part-{run_no:05d}.parquet"
+            srep = SplitReport(split=split, csv_path=str(root / f"{split}.csv") if layout == "csv" else str(root / split))
+            srep.mode = "full" if state is None else "append"
+            srep.full_reason = why_full if state is None else ""
+            run = _SplitRun(report=srep, writer=_PartWriter(out_dir / "manifest" / f"{split}.parquet", part_name))
+            runs[split] = run
+            if state is None:
+                path = out_dir / "manifest" / f"{split}.parquet"
+                if path.is_file():  # an older single-file manifest: replaced by a folder of parts
+                    path.unlink()
+            if layout == "csv":
+                img = images.get(split)
+                checker = _decode_checker(store, workers) if verify_images == "decode" else None
+                _ingest_csv_split(run, root, plans[split], seen, img, checker)
+                pending = pa.concat_tables([old_pending[split], *run.pending]).cast(MANIFEST_SCHEMA)
+                if img is not None and img.new_containers and old_pending[split].num_rows:
+                    still = _recheck_pending(run, f"{split}.csv", old_pending[split], img, checker)
+                    pending = pa.concat_tables([still, *run.pending]).cast(MANIFEST_SCHEMA)
+                new_pending[split] = pending
+                if img is not None:
+                    srep.n_images_indexed = img.table.num_rows
+                    srep.n_containers_listed, srep.n_containers_reused = img.n_listed, img.n_reused
+                    srep.n_duplicate_images = img.duplicates.num_rows if img.duplicates is not None else 0
+                    srep.duplicate_image_examples = [
+                        f"{r['id']} in {r['container']}:{r['member']}"
+                        for r in (img.duplicates.slice(0, MAX_EXAMPLES).to_pylist() if img.duplicates is not None else [])
+                    ]
+            else:
+                new, fps = wds_shards[split]
+                run.shards = fps
+                _ingest_wds_split(run, root, out_dir, new, seen, verify_images, store, workers, features, dims,
+                                  listings[split])
+                new_pending[split] = MANIFEST_SCHEMA.empty_table()
+            log.info("%s: %d rows read in %.1f s", split, run.report.n_in, time.perf_counter() - t_split)
+    except BaseException:
+        for r in runs.values():
+            r.writer.discard()
+        raise
     finally:
         store.close()
-        for stage in stages:
-            stage.unlink(missing_ok=True)
+    return _commit(report, state, runs, splits, out_dir, run_no, layout, verify_images, old_quarantine,
+                   new_pending, images, listings, t0)
+
+
+def _split_quarantine(old: pa.Table, run: _SplitRun, split: str) -> pa.Table:
+    """All quarantine rows of a split after this run: earlier ones (less re-judged rows) + new ones."""
+    mine = old.filter(pc.equal(old["split"], split))
+    if run.resolved is not None and run.resolved.num_rows:
+        gone = pa.table({"line": run.resolved["line"], "reason": pa.array(["image_missing"] * run.resolved.num_rows)})
+        mine = mine.join(gone, ["line", "reason"], join_type="left anti")
+    new = [t for t in [*run.quarantine, run.rejudged] if t is not None and t.num_rows]
+    return sort_quarantine(pa.concat_tables([mine, *new]).cast(QUARANTINE_SCHEMA))
+
+
+def _commit(
+    report: IngestReport, state: IngestState | None, runs: dict[str, _SplitRun], splits: tuple[str, ...],
+    out_dir: Path, run_no: int, layout: str, verify_images: str, old_quarantine: pa.Table,
+    pending: dict[str, pa.Table], images: dict[str, _Images], listings: dict[str, list[pa.Table]], t0: float,
+) -> IngestReport:
+    """Counts, the bad-fraction check, then publish: run tables, parts, state (the commit point), views."""
+    quarantine_by_split = {s: _split_quarantine(old_quarantine, runs[s], s) for s in splits}
+    new_state = IngestState(layout=layout, verify_images=verify_images, splits_order=list(splits), run=run_no)
+    parts_new: dict[str, PartState | None] = {}
+    for split in splits:
+        run, srep = runs[split], runs[split].report
+        prev = state.splits.get(split) if state is not None else None
+        parts_new[split] = run.writer.close()
+        new_q = pa.concat_tables([*run.quarantine, empty_quarantine()]).cast(QUARANTINE_SCHEMA)
+        srep.n_quarantined = new_q.num_rows
+        srep.n_kept = (parts_new[split].n_rows if parts_new[split] else 0) - srep.n_recovered
+        srep.reasons, srep.examples = summarise(new_q)
+        if srep.n_in != srep.n_kept + srep.n_quarantined:
+            raise AssertionError(
+                f"{split}: counts do not add up: {srep.n_in} in != {srep.n_kept} kept + {srep.n_quarantined} quarantined"
+            )
+        srep.n_in_total = (prev.n_in_total if prev else 0) + srep.n_in
+        srep.kept_total = (prev.kept_total if prev else 0) + srep.n_kept + srep.n_recovered
+        srep.quarantined_total = quarantine_by_split[split].num_rows
+        srep.reasons_total, _ = summarise(quarantine_by_split[split])
+        srep.bad_fraction = srep.quarantined_total / max(srep.n_in_total, 1)
+        srep.n_pending = pending[split].num_rows
+        parts = list(prev.parts) if prev else []
+        if parts_new[split] is not None:
+            parts.append(parts_new[split])  # type: ignore[arg-type]
+        srep.n_parts = len(parts)
+        srep.manifest_digest = manifest_digest(split, parts)
+        containers = images[split].fingerprints if split in images else {}
+        new_state.splits[split] = SplitState(
+            csv=run.csv, shards=run.shards, containers=containers, parts=parts, n_in_total=srep.n_in_total,
+            kept_total=srep.kept_total, quarantined_total=srep.quarantined_total, line_numbers=srep.line_numbers,
+        )
+        report.splits[split] = srep
+    quarantine = pa.concat_tables([quarantine_by_split[s] for s in splits]).cast(QUARANTINE_SCHEMA)
+    _log_summary(report)
+    report.error = _too_bad_message(report)
+    if report.error is not None:
+        report.ok = False
+        for r in runs.values():
+            r.writer.discard()
+        _remove_outputs(out_dir, splits)
+        write_parquet_atomic(quarantine, Path(report.quarantine_path))
+        report.elapsed_s = time.perf_counter() - t0
+        write_text_atomic(report.to_json(), Path(report.report_path))
+        raise IngestError(report.error)
+
+    run_dir = _run_dir(out_dir, run_no)
+    write_parquet_atomic(quarantine, run_dir / "quarantine.parquet")
+    for split in splits:
+        write_parquet_atomic(pending[split], run_dir / f"pending_{split}.parquet")
+        if split in images:
+            index = images[split].table
+        else:
+            old = (_read_or_empty(_run_dir(out_dir, state.run) / f"image_index_{split}.parquet", LISTING_SCHEMA)
+                   if state is not None else LISTING_SCHEMA.empty_table())
+            index = pa.concat_tables([old, *listings[split]]).cast(LISTING_SCHEMA)
+        write_parquet_atomic(index, run_dir / f"image_index_{split}.parquet")
+        if parts_new[split] is not None:
+            runs[split].writer.commit()
+    report.state_path = str(save_state(new_state, out_dir))  # the commit point
+    _publish(report, new_state, out_dir, run_dir, splits)
+    report.elapsed_s = time.perf_counter() - t0
+    write_text_atomic(report.to_json(), Path(report.report_path))
+    log.info("ingest done in %.1f s; report %s", report.elapsed_s, report.report_path)
+    return report
+
+
+def _publish(report: IngestReport, state: IngestState, out_dir: Path, run_dir: Path, splits: tuple[str, ...]) -> None:
+    """After the commit: public quarantine / image index, and removal of what the state no longer lists."""
+    _link_or_copy(run_dir / "quarantine.parquet", Path(report.quarantine_path))
+    for split in splits:
+        _link_or_copy(run_dir / f"image_index_{split}.parquet", out_dir / "image_index" / f"{split}.parquet")
+        part_dir = out_dir / "manifest" / f"{split}.parquet"
+        part_dir.mkdir(parents=True, exist_ok=True)
+        for orphan in orphan_parts(part_dir, state.splits[split].parts):
+            orphan.unlink(missing_ok=True)
+        report.splits[split].manifest_path = str(part_dir)
+    for old in (out_dir / _RUNS_DIR).iterdir():
+        if old != run_dir:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_outputs(out_dir: Path, splits: tuple[str, ...]) -> None:
+    """Remove manifests, run tables and state: a failed validation leaves no manifest to trust."""
+    drop_state(out_dir)
+    shutil.rmtree(out_dir / _RUNS_DIR, ignore_errors=True)
+    shutil.rmtree(out_dir / "image_index", ignore_errors=True)
+    for split in splits:
+        path = out_dir / "manifest" / f"{split}.parquet"
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _finish_noop(report: IngestReport, state: IngestState, out_dir: Path, quarantine: pa.Table,
+                 pending: dict[str, pa.Table], t0: float) -> IngestReport:
+    """A re-run with nothing new: report the totals (and re-check max_bad_fraction)."""
+    report.noop = True
+    for split, s in state.splits.items():
+        mine = quarantine.filter(pc.equal(quarantine["split"], split))
+        srep = SplitReport(
+            split=split, csv_path=str(Path(report.root) / (f"{split}.csv" if state.layout == "csv" else split)),
+            mode="unchanged", n_in_total=s.n_in_total, kept_total=s.kept_total,
+            quarantined_total=s.quarantined_total, bad_fraction=s.quarantined_total / max(s.n_in_total, 1),
+            manifest_path=str(out_dir / "manifest" / f"{split}.parquet"), manifest_digest=manifest_digest(split, s.parts),
+            n_parts=len(s.parts), line_numbers=s.line_numbers,  # type: ignore[arg-type]
+            n_pending=pending[split].num_rows,
+        )
+        srep.reasons_total, _ = summarise(mine)
+        report.splits[split] = srep
+    report.error = _too_bad_message(report)
+    report.elapsed_s = time.perf_counter() - t0
+    if report.error is not None:
+        report.ok = False
+        _remove_outputs(out_dir, tuple(state.splits_order))
+        write_text_atomic(report.to_json(), Path(report.report_path))
+        raise IngestError(report.error)
+    log.info("ingest: nothing new in %s since run %d (%.1f s)", report.root, state.run, report.elapsed_s)
+    write_text_atomic(report.to_json(), Path(report.report_path))
+    return report
 
 
 def _log_summary(report: IngestReport) -> None:
     """Log counts per split and each reason with its count and examples."""
     for s in report.splits.values():
         log.info(
-            "%s: %d rows in, %d kept, %d quarantined (%.2f%%)",
-            s.split, s.n_in, s.n_kept, s.n_quarantined, 100 * s.bad_fraction,
+            "%s (%s): %d rows in, %d kept, %d quarantined this run; %d kept, %d quarantined (%.2f%%) in all",
+            s.split, s.mode, s.n_in, s.n_kept, s.n_quarantined, s.kept_total, s.quarantined_total,
+            100 * s.bad_fraction,
         )
         for reason, count in s.reasons.items():
             log.warning(

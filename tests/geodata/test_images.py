@@ -8,6 +8,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import shutil
+import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -237,3 +238,86 @@ def test_store_pickles_and_reopens_zips_per_process(tmp_path: Path) -> None:
     assert all(reopened for _, _, reopened in out[:1])
     store.close()
     assert store._zips == {}
+
+
+def _zip_with_symlink(path: Path, link_name: str, target: str, regular: dict[str, bytes]) -> Path:
+    """A zip holding `regular` files and one unix symlink member (mode S_IFLNK, data = target)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in regular.items():
+            zf.writestr(name, data)
+        info = zipfile.ZipInfo(link_name)
+        info.create_system = 3
+        info.external_attr = (0o120777 << 16)  # S_IFLNK | 0777
+        zf.writestr(info, target)
+    return path
+
+
+def test_zip_symlink_member_listed_as_refused_and_never_read(tmp_path: Path) -> None:
+    from geodata.images import list_images_table
+
+    _zip_with_symlink(tmp_path / "00.zip", "2.jpg", "/etc/passwd", {"1.jpg": jpeg_bytes()})
+    table = list_images_table(tmp_path).to_pylist()
+    assert [(r["id"], r["refused"] is None) for r in table] == [("1", True), ("2", False)]
+    assert "symlink" in table[1]["refused"]
+    assert list_images(tmp_path)["id"].tolist() == ["1"]  # the pandas listing holds readable images only
+    with pytest.raises(UnsafeMemberError, match="symlink"):
+        ImageStore(tmp_path).read_bytes("00.zip", "2.jpg")
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def test_tar_shard_listed_with_offsets_and_store_reads_by_offset(tmp_path: Path) -> None:
+    from geodata.images import list_images_table
+
+    photos = {i: (SAMPLE_IMAGES / f"{i}.jpg").read_bytes() for i in SAMPLE_IDS}
+    _tar(tmp_path / "images/train/00.tar", [(tarfile.TarInfo(f"x/{i}.jpg"), d) for i, d in photos.items()])
+    table = list_images_table(tmp_path / "images/train", relative_to=tmp_path).to_pylist()
+    assert [r["id"] for r in table] == list(SAMPLE_IDS)
+    store = ImageStore(tmp_path)
+    raw = (tmp_path / "images/train/00.tar").read_bytes()
+    for r in table:
+        assert raw[r["offset"] : r["offset"] + r["size_bytes"]] == photos[r["id"]]
+        assert store.read_bytes(r["container"], r["member"], offset=r["offset"], size=r["size_bytes"]) == photos[r["id"]]
+        assert store.read_bytes(r["container"], r["member"]) == photos[r["id"]]  # header index, built lazily
+    assert store.open("images/train/00.tar", f"x/{SAMPLE_IDS[0]}.jpg").height == 512
+    clone = pickle.loads(pickle.dumps(store))  # picklable: handles and the tar index stay behind
+    assert clone._tar_fds == {} and clone._tar_index == {}
+    with pytest.raises(KeyError, match="not 'x/9.jpg'"):
+        store.read_bytes("images/train/00.tar", "x/9.jpg", offset=table[0]["offset"], size=1)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "expect"),
+    [(tarfile.SYMTYPE, "symlink"), (tarfile.LNKTYPE, "hardlink"), (tarfile.CHRTYPE, "device"),
+     (tarfile.FIFOTYPE, "device or fifo")],
+)
+def test_tar_link_and_device_members_refused(tmp_path: Path, kind: bytes, expect: str) -> None:
+    from geodata.images import list_images_table
+
+    bad = tarfile.TarInfo("2.jpg")
+    bad.type, bad.linkname = kind, "1.jpg"
+    _tar(tmp_path / "00.tar", [(tarfile.TarInfo("1.jpg"), jpeg_bytes()), (bad, None)])
+    table = list_images_table(tmp_path).to_pylist()
+    assert table[0]["refused"] is None and expect in table[1]["refused"]
+    with pytest.raises(UnsafeMemberError, match=expect):
+        ImageStore(tmp_path).read_bytes("00.tar", "2.jpg")
+
+
+@pytest.mark.parametrize("bad_name", ["../evil.jpg", "/abs/evil.jpg", "C:/evil.jpg", "a/../../evil.jpg"])
+def test_tar_with_escaping_name_refused_whole(tmp_path: Path, bad_name: str) -> None:
+    _tar(tmp_path / "00.tar", [(tarfile.TarInfo("1.jpg"), jpeg_bytes()), (tarfile.TarInfo(bad_name), jpeg_bytes())])
+    with pytest.raises(UnsafeMemberError, match=r"00\.tar.*member name"):
+        list_images(tmp_path)
+    with pytest.raises(UnsafeMemberError):
+        ImageStore(tmp_path).read_bytes("00.tar", "1.jpg")  # the lazy index walks every header
+    assert not any(tmp_path.parent.glob("evil.jpg")) and not Path("/abs/evil.jpg").exists()

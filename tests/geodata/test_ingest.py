@@ -33,7 +33,7 @@ from geodata.ingest import (
 from geodata.osv5m import OSV5M_COLUMNS
 
 SAMPLE = Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
-MANIFEST_EXTRA = ("split", "line", "image_container", "image_member")
+MANIFEST_EXTRA = ("split", "line", "image_container", "image_member", "image_offset", "image_size")
 
 
 def sample_rows() -> list[dict[str, str]]:
@@ -156,7 +156,7 @@ def test_clean_release_ingests_fully_with_typed_columns(tmp_path: Path) -> None:
         assert (s.n_in, s.n_kept, s.n_quarantined) == (n, n, 0)
     train = pd.read_parquet(out / "manifest/train.parquet")
     assert list(train.columns) == [*OSV5M_COLUMNS, *MANIFEST_EXTRA]
-    schema = pq.read_schema(out / "manifest/train.parquet")
+    schema = pq.read_table(out / "manifest/train.parquet").schema
     assert str(schema.field("id").type) == "int64"
     assert str(schema.field("latitude").type) == str(schema.field("longitude").type) == "double"
     text_columns = [c for c in OSV5M_COLUMNS if c not in ("id", "latitude", "longitude")]
@@ -182,6 +182,8 @@ def test_clean_release_ingests_fully_with_typed_columns(tmp_path: Path) -> None:
     on_disk = json.loads((out / "ingest_report.json").read_text())
     assert on_disk["splits"]["train"]["n_kept"] == 6 and on_disk["ok"] is True
     assert sorted(p.name for p in (out / "manifest").iterdir()) == ["test.parquet", "train.parquet"]
+    assert [p.name for p in (out / "manifest/train.parquet").iterdir()] == ["part-00001.parquet"]
+    assert (train["image_size"] > 1000).all() and train["image_offset"].isna().all()  # zips: no offset
 
 
 def test_sixteen_digit_ids_keep_exact_value(tmp_path: Path) -> None:
@@ -249,7 +251,8 @@ def test_each_quarantine_reason_with_line_and_field(tmp_path: Path) -> None:
         "latitude_out_of_range": 1, "longitude_not_numeric": 1, "longitude_out_of_range": 1,
         "duplicate_id": 1, "image_missing": 1, "image_corrupt": 1,
     }
-    assert set(s.reasons) == set(REASONS)
+    webdataset_only = {"metadata_invalid", "feature_invalid"}
+    assert set(s.reasons) == set(REASONS) - webdataset_only - {"image_unsafe"}  # unsafe: test_archives
     assert s.examples["latitude_out_of_range"] == [
         "train.csv line 8, field latitude: latitude_out_of_range ('90.5')"
     ]
@@ -307,8 +310,7 @@ def test_wrong_header_raises_format_error(
         fh.write(",".join(header) + "\n")
     with pytest.raises(OSV5MFormatError, match=pattern):
         ingest_osv5m(root, tmp_path / "out", verify_images="none")
-    assert not (tmp_path / "out/manifest/train.parquet").exists()
-    assert list((tmp_path / "out/manifest").iterdir()) == []  # staging cleaned up
+    assert not (tmp_path / "out/manifest/train.parquet").exists()  # headers are checked before any row
 
 
 def test_bad_fraction_threshold_raises_after_writing_quarantine(tmp_path: Path) -> None:
@@ -324,7 +326,7 @@ def test_bad_fraction_threshold_raises_after_writing_quarantine(tmp_path: Path) 
     assert report["ok"] is False and "max_bad_fraction" in report["error"]
     assert not (out / "manifest/train.parquet").exists()  # no stale manifest left
     left = sorted(p.name for p in out.rglob("*"))
-    assert left == ["ingest_report.json", "manifest", "quarantine.parquet"]
+    assert left == ["ingest_report.json", "manifest", "quarantine.parquet"]  # no state: the next run starts over
 
 
 def test_unzipped_folder_layout_at_depth_two(tmp_path: Path) -> None:
@@ -377,14 +379,22 @@ def test_record_start_lines_chunk_boundaries(tmp_path: Path) -> None:
         np.testing.assert_array_equal(record_start_lines(path, chunk), [1, 2, 5, 6, 8])
 
 
-def test_no_temp_files_left_and_reruns_overwrite(tmp_path: Path) -> None:
+def test_no_temp_files_left_and_rerun_is_a_noop(tmp_path: Path) -> None:
     root = make_release(tmp_path / "osv", [osv_row(1)], [osv_row(2)])
-    for _ in range(2):
-        ingest_osv5m(root, tmp_path / "out", verify_images="exists")
+    first = ingest_osv5m(root, tmp_path / "out", verify_images="exists")
+    again = ingest_osv5m(root, tmp_path / "out", verify_images="exists")
+    assert not first.noop and again.noop
+    assert again.splits["train"].mode == "unchanged" and again.splits["train"].n_in == 0
+    for split in ("train", "test"):
+        assert again.splits[split].manifest_digest == first.splits[split].manifest_digest
+        assert again.splits[split].kept_total == 1
     names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
-    assert names == [
-        "ingest_report.json", "manifest", "manifest/test.parquet", "manifest/train.parquet",
-        "quarantine.parquet",
+    assert not [n for n in names if n.endswith(".tmp")]
+    public = [n for n in names if not n.startswith(".runs")]
+    assert public == [
+        "image_index", "image_index/test.parquet", "image_index/train.parquet", "ingest_report.json",
+        "ingest_state.json", "manifest", "manifest/test.parquet", "manifest/test.parquet/part-00001.parquet",
+        "manifest/train.parquet", "manifest/train.parquet/part-00001.parquet", "quarantine.parquet",
     ]
 
 
@@ -400,3 +410,37 @@ def test_empty_and_undecodable_csvs(tmp_path: Path) -> None:
     (root / "train.csv").write_bytes(bad)
     with pytest.raises(OSV5MFormatError, match=r"train\.csv.*UTF8"):
         ingest_osv5m(root, tmp_path / "out", splits=("train",), verify_images="none")
+
+
+def test_unsafe_archive_members_quarantine_their_rows(tmp_path: Path) -> None:
+    import tarfile
+
+    root = make_release(tmp_path / "osv", [osv_row(1), osv_row(2), osv_row(3)], images={"train": {"1": jpeg_bytes()}})
+    with zipfile.ZipFile(root / "images/train/02.zip", "w") as zf:  # 2.jpg: a symlink to a file outside
+        info = zipfile.ZipInfo("2.jpg")
+        info.create_system, info.external_attr = 3, 0o120777 << 16
+        zf.writestr(info, "/etc/passwd")
+    with tarfile.open(root / "images/train/03.tar", "w") as tf:  # 3.jpg: a hardlink member
+        link = tarfile.TarInfo("3.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "/etc/passwd"
+        tf.addfile(link)
+    report = ingest_osv5m(root, tmp_path / "out", splits=("train",), max_bad_fraction=1.0)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["id", "field", "reason"]].values.tolist() == [["2", "image", "image_unsafe"], ["3", "image", "image_unsafe"]]
+    assert "symlink" in q["value"].iloc[0] and "hardlink" in q["value"].iloc[1]
+    assert report.splits["train"].n_kept == 1
+    index = pd.read_parquet(tmp_path / "out/image_index/train.parquet")
+    assert index["refused"].notna().sum() == 2
+
+
+def test_images_in_tar_shards_are_found_and_decoded(tmp_path: Path) -> None:
+    import tarfile
+
+    rows = sample_rows()[:2]
+    root = make_release(tmp_path / "osv", rows, images={"train": {}})
+    with tarfile.open(root / "images/train/00.tar", "w") as tf:
+        for r in rows:
+            tf.add(SAMPLE / "images" / f"{r['id']}.jpg", arcname=f"train/{r['id']}.jpg")
+    ingest_osv5m(root, tmp_path / "out", splits=("train",))  # decode through ImageStore's tar reader
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert (m["image_container"] == "images/train/00.tar").all() and m["image_offset"].notna().all()
