@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean-state
+.PHONY: demo test test-all venv clean-state up down status
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## Forget pipeline state (data/, mlflow.db, .prefect/, mlartifacts/); keeps .venv.
+## Start the local Prefect server (:4200) and MLflow server (:5000) on 127.0.0.1, create the process
+## work pool, deploy prefect.yaml and start a worker. PREFECT_PORT / MLFLOW_PORT change the ports.
+up: $(STAMP)
+	$(BIN)/python -m flows.services up
+
+## Stop exactly the processes `make up` started.
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m flows.services down; else echo "nothing to stop (no $(VENV))"; fi
+
+status: $(STAMP)
+	$(BIN)/python -m flows.services status
+
+## Forget pipeline state (data/, mlflow.db, .prefect/, mlartifacts/, .run/); keeps .venv. Run `make down` first.
 clean-state:
-	rm -rf data mlflow.db .prefect mlartifacts
+	rm -rf data mlflow.db .prefect mlartifacts .run

@@ -1,0 +1,305 @@
+"""Local Prefect and MLflow servers, a process work pool, the deployments and a worker: `make up` / `make down`.
+
+    python -m flows.services up       # start (or find running) everything, deploy prefect.yaml
+    python -m flows.services down     # stop exactly the processes `up` started
+    python -m flows.services status
+
+Both servers bind to 127.0.0.1 only; their state lives in the project folder:
+``.prefect/`` (Prefect's database and results), ``mlflow.db`` + ``mlartifacts/`` (the same
+store `make demo` writes, so its runs show up in the UI), ``.run/`` (pid files, logs, and
+``.run/env``, which a shell sources to talk to these servers).
+
+Every process is started in its own session; its pid is recorded with the command line
+it was started with, and `down` signals a pid only while that pid still runs that
+command (a recycled pid is never killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flows.settings import OFFLINE_DEFAULTS, PROJECT_DIR
+
+POOL = "hierloc-process"
+#: start order; `down` stops in reverse
+SERVICES = ("prefect-server", "mlflow-server", "worker")
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Services:
+    """Where the servers listen and keep their state. Tests use their own ports and folders."""
+
+    project_dir: Path = PROJECT_DIR
+    state_dir: Path | None = None  # pids, logs, env (default project_dir/.run)
+    prefect_home: Path | None = None  # default project_dir/.prefect
+    mlflow_db: Path | None = None  # default project_dir/mlflow.db
+    artifacts_dir: Path | None = None  # default project_dir/mlartifacts
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    pool: str = POOL
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p = Path(self.project_dir).resolve()
+        self.project_dir = p
+        self.state_dir = Path(self.state_dir or p / ".run")
+        self.prefect_home = Path(self.prefect_home or p / ".prefect")
+        self.mlflow_db = Path(self.mlflow_db or p / "mlflow.db")
+        self.artifacts_dir = Path(self.artifacts_dir or p / "mlartifacts")
+
+    # --- addresses -----------------------------------------------------------
+    @property
+    def prefect_api(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment of every process started here (and of `.run/env`)."""
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, **OFFLINE_DEFAULTS}
+        env.update({
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # mlflow starts uvicorn by name
+            "HIERLOC_HOME": str(self.project_dir),
+            "PREFECT_HOME": str(self.prefect_home),
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(self.prefect_port),
+            "PREFECT_UI_API_URL": self.prefect_api,
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            **self.extra_env,
+        })
+        return env
+
+    # --- process bookkeeping ---------------------------------------------------
+    def _pid_file(self, name: str) -> Path:
+        return self.state_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.state_dir / f"{name}.log"
+
+    def running(self, name: str) -> int | None:
+        """The pid of service ``name`` if the process `up` started still runs, else None."""
+        f = self._pid_file(name)
+        if not f.exists():
+            return None
+        try:
+            rec = json.loads(f.read_text())
+            cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError, KeyError):
+            return None
+        return rec["pid"] if cmdline[: len(rec["argv"])] == rec["argv"] else None
+
+    def _start(self, name: str, argv: list[str]) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file(name), "ab")
+        proc = subprocess.Popen(argv, cwd=self.project_dir, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        # /proc shows the interpreter's argv: record what the kernel reports, to recognise the process later.
+        time.sleep(0.2)
+        try:
+            argv_seen = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            argv_seen = argv
+        self._pid_file(name).write_text(json.dumps({"pid": proc.pid, "argv": argv_seen}))
+        return proc.pid
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> bool:
+        """Stop service ``name`` (its whole process group: a worker's flow runs go with it)."""
+        pid = self.running(name)
+        self._pid_file(name).unlink(missing_ok=True)
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _reap(pid)
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.2)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return True
+
+    # --- readiness ---------------------------------------------------------------
+    def _wait_http(self, name: str, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.running(name) is None:
+                raise ServiceError(f"{name} exited while starting; see {self.log_file(name)}:\n{_tail(self.log_file(name))}")
+            if http_ok(url):
+                return
+            time.sleep(0.5)
+        raise ServiceError(f"{name} did not answer {url} within {timeout_s:.0f} s; see {self.log_file(name)}")
+
+    def _check_port_free(self, name: str, port: int) -> None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                raise ServiceError(f"port {port} on 127.0.0.1 is taken by a process `up` did not start, so {name} "
+                                   "cannot listen there: stop it, or choose other ports (PREFECT_PORT=... "
+                                   "MLFLOW_PORT=... make up)")
+
+    # --- the three services ------------------------------------------------------
+    def start_prefect(self, timeout_s: float = 180.0) -> None:
+        if self.running("prefect-server") is None:
+            self._check_port_free("the Prefect server", self.prefect_port)
+            self.prefect_home.mkdir(parents=True, exist_ok=True)
+            self._start("prefect-server", [_exe("prefect"), "server", "start", "--host", "127.0.0.1",
+                                           "--port", str(self.prefect_port)])
+        self._wait_http("prefect-server", self.prefect_api + "/health", timeout_s)
+
+    def start_mlflow(self, timeout_s: float = 120.0) -> None:
+        if self.running("mlflow-server") is None:
+            self._check_port_free("the MLflow server", self.mlflow_port)
+            self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+            self._start("mlflow-server", [
+                _exe("mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+                "--backend-store-uri", f"sqlite:///{self.mlflow_db}", "--artifacts-destination", str(self.artifacts_dir),
+                "--workers", "1"])
+        self._wait_http("mlflow-server", self.mlflow_uri + "/health", timeout_s)
+
+    def prefect(self, *args: str, timeout_s: float = 300.0) -> str:
+        """Run the prefect CLI against this server; raise with its output if it fails."""
+        res = subprocess.run([_exe("prefect"), "--no-prompt", *args], cwd=self.project_dir, env=self.env(),
+                             capture_output=True, text=True, timeout=timeout_s)
+        if res.returncode != 0:
+            raise ServiceError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res.stdout
+
+    def deploy(self) -> None:
+        """Create the process work pool (if missing) and register every deployment of prefect.yaml."""
+        self.prefect("work-pool", "create", self.pool, "--type", "process", "--overwrite")
+        self.prefect("deploy", "--all", "--prefect-file", str(self.project_dir / "prefect.yaml"))
+
+    def start_worker(self) -> int:
+        pid = self.running("worker")
+        if pid is None:
+            pid = self._start("worker", [_exe("prefect"), "worker", "start", "--pool", self.pool, "--type", "process"])
+        return pid
+
+    def up(self) -> None:
+        self.start_prefect()
+        self.start_mlflow()
+        self.deploy()
+        self.start_worker()
+        self.write_env_file()
+
+    def down(self, timeout_s: float = 15.0) -> list[str]:
+        """SIGTERM to every service at once, SIGKILL to any still running after ``timeout_s``."""
+        pids = {name: self.running(name) for name in SERVICES}
+        for name, pid in pids.items():
+            if pid is not None:
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        stopped = [name for name in reversed(SERVICES) if pids[name] is not None]
+        for name in stopped:
+            self.stop(name, timeout_s=timeout_s)
+        (self.state_dir / "env").unlink(missing_ok=True)
+        return stopped
+
+    def write_env_file(self) -> Path:
+        env = self.env()
+        keys = ("HIERLOC_HOME", "PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DO_NOT_TRACK",
+                "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_OFFLINE")
+        venv = Path(sys.executable).parent / "activate"
+        lines = ["# source me: the venv and the addresses of the servers `make up` started"]
+        if venv.exists():
+            lines.append(f". {venv}")
+        lines += [f"export {k}={env[k]}" for k in keys]
+        path = self.state_dir / "env"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def status(self) -> dict[str, dict]:
+        urls = {"prefect-server": self.prefect_api + "/health", "mlflow-server": self.mlflow_uri + "/health"}
+        return {name: {"pid": self.running(name), "healthy": http_ok(urls[name]) if name in urls else None}
+                for name in SERVICES}
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is our own exited child (tests start the servers in-process);
+    otherwise a zombie would look alive to killpg(pid, 0)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _exe(name: str) -> str:
+    """A console script of this interpreter's environment (the venv), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.services", description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("up", "down", "status"))
+    ap.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
+    ap.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
+    args = ap.parse_args(argv)
+    s = Services(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    if args.command == "up":
+        try:
+            s.up()
+        except ServiceError as exc:
+            print(f"make up failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"Prefect UI  {s.prefect_ui}\nMLflow UI   {s.mlflow_uri}\nworker      pool {s.pool} (log {s.log_file('worker')})\n"
+              f"then:       . {s.state_dir / 'env'} && prefect deployment run 'hierloc-pipeline/demo'")
+    elif args.command == "down":
+        stopped = s.down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        print(json.dumps(s.status(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

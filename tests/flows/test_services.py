@@ -1,0 +1,51 @@
+"""Process bookkeeping of `make up` / `make down`, without the servers (tests/flows/test_services_e2e.py runs them)."""
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+
+from flows.services import Services, ServiceError
+
+
+@pytest.fixture
+def svc(tmp_path):
+    return Services(project_dir=tmp_path, state_dir=tmp_path / "run", prefect_port=1, mlflow_port=2)
+
+
+def test_stop_kills_what_it_started_and_only_that(svc):
+    pid = svc._start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert svc.running("sleeper") == pid
+    rec = json.loads(svc._pid_file("sleeper").read_text())
+    svc._pid_file("sleeper").write_text(json.dumps({"pid": pid, "argv": ["something", "else"]}))
+    assert svc.running("sleeper") is None  # a pid that runs another command is not ours: never signalled
+    assert not svc.stop("sleeper")
+    os.kill(pid, 0)  # still alive
+    svc._pid_file("sleeper").write_text(json.dumps(rec))
+    assert svc.stop("sleeper", timeout_s=5)
+    assert svc.running("sleeper") is None and not svc._pid_file("sleeper").exists()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(pid, 0)
+            os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_port_taken_by_someone_else_is_a_clear_error(svc):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        svc.prefect_port = s.getsockname()[1]
+        with pytest.raises(ServiceError, match=f"port {svc.prefect_port} on 127.0.0.1 is taken"):
+            svc.start_prefect(timeout_s=5)
+
+
+def test_env_points_every_tool_at_the_loopback_servers(svc):
+    env = svc.env()
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api" and env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:2"
+    assert env["PREFECT_HOME"] == str(svc.prefect_home) and env["DO_NOT_TRACK"] == "true"
+    svc.state_dir.mkdir(parents=True)
+    text = svc.write_env_file().read_text()
+    assert "export PREFECT_API_URL=http://127.0.0.1:1/api" in text
+    assert svc.down() == [] and not (svc.state_dir / "env").exists()
