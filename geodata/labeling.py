@@ -97,12 +97,13 @@ def label_points(
     n_workers: int = 2,
     labeler=None,
     work_dir=None,
+    runner=None,
 ) -> LabelResult:
     """Label ``points`` (id, latitude, longitude[, OSV-5M label columns for "osv5m"]).
 
     ``labeler`` reuses a prepared PolygonLabeler (e.g. the one that labelled the train split).
     ``work_dir``: where the Parquet partitions go (a folder the Dask workers can read: required
-    for a remote cluster; default a temporary folder).
+    for a remote cluster; default a temporary folder). ``runner``: geodata.parallel.map_partitions'.
     """
     if method == "osv5m":
         missing = [c for c in LABEL_COLUMNS if c not in points]
@@ -116,7 +117,7 @@ def label_points(
     frame = points[["id", "latitude", "longitude"]].reset_index(drop=True)
     if method == "geonames":
         labels = map_partitions(frame, geonames_partition, default_labeler(), scheduler=scheduler, n_workers=n_workers,
-                                work_dir=work_dir)
+                                work_dir=work_dir, runner=runner)
         return LabelResult(labels, {"method": "geonames", "unassigned_country": 0})
     if method != "polygons":
         raise ValueError(f"unknown labeler {method!r}: use 'osv5m', 'geonames' or 'polygons'")
@@ -128,7 +129,7 @@ def label_points(
         labeler = PolygonLabeler(disambiguate_names(admin), grid_deg=grid_deg, max_snap_km=max_snap_km,
                                  check_all_levels=check_all_levels)
     labels = map_partitions(frame, polygons_partition, (labeler, default_labeler().places),
-                            scheduler=scheduler, n_workers=n_workers, work_dir=work_dir)
+                            scheduler=scheduler, n_workers=n_workers, work_dir=work_dir, runner=runner)
     return LabelResult(labels, polygon_report(labels, labeler.level_names))
 
 

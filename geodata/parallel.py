@@ -16,6 +16,11 @@ partition order, so the output rows line up with the input rows.
 - ``"tcp://host:8786"`` (any address): an existing cluster (Kubernetes, HPC, ...). Its
   workers must see ``work_dir`` (a shared filesystem) and have hierloc installed.
 The environment variable ``HIERLOC_DASK_SCHEDULER`` sets the default.
+
+``runner``: hand the partitions to someone else's executor instead (flows/pipeline.py
+passes one that runs each partition as a Prefect task on the flow's DaskTaskRunner):
+``runner(call, arglist)`` must run ``call(*args)`` for every args tuple and return when
+all are done. The partition files and the payload file are the same as above.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ MIN_ROWS_FOR_CLUSTER = 200_000
 ROWS_PER_PARTITION = 1_000_000
 
 PartitionFn = Callable[[pd.DataFrame, Any], pd.DataFrame]
+PartitionRunner = Callable[[Callable[..., int], list[tuple]], None]
 
 
 #: Shared state loaded by this worker process, by file: read once, reused by every task.
@@ -84,20 +90,23 @@ def map_partitions(
     n_workers: int = 2,
     work_dir: Path | None = None,
     min_rows_for_cluster: int = MIN_ROWS_FOR_CLUSTER,
+    runner: PartitionRunner | None = None,
 ) -> pd.DataFrame:
     """``fn(partition, payload)`` over row partitions of ``frame``; the results concatenated
     in the input's row order (RangeIndex). ``fn`` must return one row per input row and be
     importable by the workers (a module-level function); ``payload`` must pickle.
     """
     scheduler = scheduler if scheduler is not None else default_scheduler()
-    if scheduler is None and len(frame) < min_rows_for_cluster:
+    if runner is not None:
+        scheduler = "runner"
+    elif scheduler is None and len(frame) < min_rows_for_cluster:
         scheduler = "sync"
     if n_partitions is None and scheduler != "sync":  # a multiple of the workers: no lone last round
         rounds = max(2, -(-len(frame) // (ROWS_PER_PARTITION * n_workers)))
         n_partitions = rounds * n_workers
     n_parts = n_partitions or 1
     n_parts = max(1, min(n_parts, len(frame) or 1))
-    if work_dir is None and scheduler not in ("sync", "local", None):
+    if work_dir is None and scheduler not in ("sync", "local", "runner", None):
         raise ValueError(f"scheduler {scheduler!r} is a remote cluster: pass work_dir, a folder its workers can read")
     root = Path(tempfile.mkdtemp(prefix="hierloc-parts-")) if work_dir is None else Path(work_dir) / f"run-{uuid.uuid4().hex[:12]}"
     root.mkdir(parents=True, exist_ok=True)
@@ -114,6 +123,9 @@ def map_partitions(
         if scheduler == "sync":
             for a, b in zip(ins, outs):
                 _run_partition(fn, a, b, payload)
+        elif runner is not None:
+            payload_file = _write_payload(payload, ins[0])
+            runner(_run_partition, [(fn, a, b, None, payload_file) for a, b in zip(ins, outs)])
         else:
             _run_on_dask(fn, ins, outs, payload, scheduler, n_workers)
         # One Arrow table, converted once (pyarrow reads the files on its threads): no pandas concat copy.
@@ -123,6 +135,16 @@ def map_partitions(
         return result
     finally:  # this run's own folder (a unique name, also under a given work_dir): nothing left behind
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _write_payload(payload: Any, first_partition: str) -> str | None:
+    """The shared state as a file beside the partitions (the run folder's name is unique)."""
+    if payload is None:
+        return None
+    payload_file = str(Path(first_partition).with_name("payload.pkl"))
+    with atomic_write_path(payload_file) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return payload_file
 
 
 def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any, scheduler: str | None,
@@ -140,11 +162,7 @@ def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any,
         # The shared state travels once, as a file beside the partitions: each worker process
         # unpickles it on its first task and keeps it (client.scatter of a 170 MB labeler took
         # 9 s on 2 local workers; the file costs 0.5 s to write and 0.6 s to read).
-        payload_file = None
-        if payload is not None:
-            payload_file = str(Path(ins[0]).with_name("payload.pkl"))  # the run folder's name is unique
-            with atomic_write_path(payload_file) as tmp, open(tmp, "wb") as fh:
-                pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        payload_file = _write_payload(payload, ins[0])
         n = len(ins)
         futures = client.map(_run_partition, [fn] * n, ins, outs, [None] * n, [payload_file] * n, pure=False)
         client.gather(futures)
