@@ -73,10 +73,15 @@ def path_probabilities(paths: np.ndarray, probs: np.ndarray, picks: np.ndarray) 
 @torch.no_grad()
 def encode_queries(model: HierLocModel, features: torch.Tensor | np.ndarray, *, batch_size: int = 4096,
                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """Backbone features (B, D_img) -> points of the model's space (B, d+1), on the CPU."""
+    """Backbone features (B, D_img) -> points of the model's space (B, d+1), on the CPU.
+
+    With cross-modal attention the entity tangents (the keys) are computed once for
+    all batches (the model caches them across calls until its weights change).
+    """
     model = model.eval().to(device)
     feats = torch.as_tensor(features)
-    out = [model.encode_images(feats[s : s + batch_size].to(device)).float().cpu()
+    ent_tangent = model.cached_entity_tangent() if model.attn is not None and len(feats) else None
+    out = [model.encode_images(feats[s : s + batch_size].to(device), ent_tangent=ent_tangent).float().cpu()
            for s in range(0, len(feats), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.cfg.dim + (model.cfg.geometry == "lorentz"))
 

@@ -143,3 +143,28 @@ def to_poincare(x: torch.Tensor, *, k: torch.Tensor | float) -> torch.Tensor:
     x = _upcast(x)
     r = torch.sqrt(_k(k, x))
     return r * x[..., 1:] / (x[..., :1] + r)
+
+
+def check_finite(name: str, tensor: torch.Tensor, *, step: int | None = None, context: str = "") -> None:
+    """Raise FloatingPointError if ``tensor`` holds NaN or +-inf; return None otherwise.
+
+    The message names the tensor, the step (when given), its shape, how many values
+    are NaN / +inf / -inf, the first bad index and the range of the finite values, and
+    ``context`` (e.g. the model's scalars). One ``isfinite().all()`` (one device sync)
+    when everything is finite; the diagnostic is only computed on failure.
+    """
+    t = tensor.detach()
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    t = t.float()
+    bad = ~torch.isfinite(t)
+    first = tuple(int(i) for i in torch.nonzero(bad)[0]) if t.ndim else ()
+    finite = t[~bad]
+    rng = f"[{finite.min().item():.4g}, {finite.max().item():.4g}]" if finite.numel() else "none"
+    where = f" at step {step}" if step is not None else ""
+    raise FloatingPointError(
+        f"{name}{where} is not finite: shape {tuple(t.shape)}, {int(torch.isnan(t).sum())} NaN, "
+        f"{int(torch.isposinf(t).sum())} +inf, {int(torch.isneginf(t).sum())} -inf of {t.numel()} values; "
+        f"first bad index {first}; finite values in {rng}. {context + ' ' if context else ''}"
+        "Lower the learning rate, check the input features, or train in float64 to find the first bad operation."
+    )

@@ -155,7 +155,7 @@ class EntityIndex:
         with torch.no_grad():
             h = model.eval().encode_entities()
         return cls(h, model.level_sizes, model.parent_index, geometry=model.cfg.geometry,
-                   curvature=float(model.curvature), device=device)
+                   curvature=float(model.curvature.detach()), device=device)
 
     # --- properties -------------------------------------------------------
     @property

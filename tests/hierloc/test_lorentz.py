@@ -95,3 +95,17 @@ def test_poincare_image_inside_ball():
     x = lorentz.expmap0(torch.randn(100, 3) * 3, k=2.0)
     p = lorentz.to_poincare(x, k=2.0)
     assert (p.norm(dim=-1) < 2.0**0.5).all()
+
+
+def test_check_finite_passes_finite_and_names_the_bad_tensor():
+    lorentz.check_finite("ok", torch.randn(3, 4))
+    lorentz.check_finite("ints are never NaN", torch.arange(3))
+    t = torch.tensor([[1.0, -2.5, float("nan")], [float("inf"), 3.0, float("-inf")]])
+    with pytest.raises(FloatingPointError) as err:
+        lorentz.check_finite("image points z", t, step=17, context="curvature=1.0")
+    msg = str(err.value)
+    for part in ("image points z at step 17", "shape (2, 3)", "1 NaN", "1 +inf", "1 -inf", "first bad index (0, 2)",
+                 "[-2.5, 3]", "curvature=1.0"):
+        assert part in msg, (part, msg)
+    with pytest.raises(FloatingPointError, match=r"loss is not finite: shape \(\).*finite values in none"):
+        lorentz.check_finite("loss", torch.tensor(float("nan")))
