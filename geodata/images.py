@@ -25,6 +25,7 @@ import stat
 import tarfile
 import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -390,6 +391,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+#: Zip shards an ImageStore keeps open per process (least recently used closed first).
+MAX_OPEN_ZIPS = 8
+
+
 class ImageStore:
     """Open images by (container, member) under a dataset root; picklable across workers.
 
@@ -411,7 +416,7 @@ class ImageStore:
     def __init__(self, root: Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.root = Path(root)
         self.max_image_pixels = int(max_image_pixels)
-        self._zips: dict[str, zipfile.ZipFile] = {}
+        self._zips: OrderedDict[str, zipfile.ZipFile] = OrderedDict()
         self._tar_fds: dict[str, int] = {}
         self._tar_index: dict[str, dict[str, tuple[int, int, str | None]]] = {}
         self._pid = os.getpid()
@@ -443,23 +448,30 @@ class ImageStore:
                     zf.close()
                 for fd in self._tar_fds.values():
                     os.close(fd)
-            self._zips, self._tar_fds, self._tar_index = {}, {}, {}
+            self._zips, self._tar_fds, self._tar_index = OrderedDict(), {}, {}
 
     def _own_handles(self) -> None:
         """Drop handles inherited through a fork (call with the lock held)."""
         pid = os.getpid()
         if pid != self._pid:
             # Forked child: the parent's zip handles share a file offset; never use them.
-            self._zips, self._tar_fds, self._tar_index, self._pid = {}, {}, {}, pid
+            self._zips, self._tar_fds, self._tar_index, self._pid = OrderedDict(), {}, {}, pid
 
     def _zip(self, container: str) -> zipfile.ZipFile:
-        """The cached ZipFile for `container`, opened in this process."""
+        """The cached ZipFile for `container`, opened in this process. At most MAX_OPEN_ZIPS stay
+        open (least recently used closed first): an OSV-5M shard's central directory costs ~25 MB
+        of ZipInfo, so keeping all ~100 open would cost GBs per DataLoader worker."""
         with self._lock:
             self._own_handles()
             zf = self._zips.get(container)
             if zf is None:
                 zf = zipfile.ZipFile(self.root / container)
                 self._zips[container] = zf
+                while len(self._zips) > MAX_OPEN_ZIPS:
+                    # A reader that already holds the evicted one keeps its file open until done
+                    # (ZipFile counts open members); one that has not started yet retries (read_bytes).
+                    self._zips.popitem(last=False)[1].close()
+            self._zips.move_to_end(container)
             return zf
 
     def _tar_fd(self, container: str) -> int:
@@ -547,6 +559,13 @@ class ImageStore:
             refused = _zip_refusal(info)
             if refused is not None:
                 raise UnsafeMemberError(f"{self.root / container}: member {member!r}: {refused}")
+            for _ in range(3):
+                try:
+                    return zf.read(info)
+                except ValueError:  # closed by another thread's LRU eviction in between: reopen
+                    if zf.fp is not None:
+                        raise
+                    zf = self._zip(container)
             return zf.read(info)
         path = self.root / container / member
         try:

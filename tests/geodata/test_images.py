@@ -321,3 +321,21 @@ def test_tar_with_escaping_name_refused_whole(tmp_path: Path, bad_name: str) -> 
     with pytest.raises(UnsafeMemberError):
         ImageStore(tmp_path).read_bytes("00.tar", "1.jpg")  # the lazy index walks every header
     assert not any(tmp_path.parent.glob("evil.jpg")) and not Path("/abs/evil.jpg").exists()
+
+
+def test_image_store_keeps_a_bounded_number_of_zips_open(tmp_path, monkeypatch):
+    """Reading from more shards than MAX_OPEN_ZIPS closes the least recently used; reads still work."""
+    import geodata.images as images
+
+    monkeypatch.setattr(images, "MAX_OPEN_ZIPS", 2)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    for i in range(4):
+        with zipfile.ZipFile(tmp_path / f"{i:02d}.zip", "w") as zf:
+            zf.writestr(f"{i}.jpg", buf.getvalue())
+    store = images.ImageStore(tmp_path)
+    for _ in range(2):
+        for i in range(4):
+            assert store.read_bytes(f"{i:02d}.zip", f"{i}.jpg") == buf.getvalue()
+            assert len(store._zips) <= 2
+    assert list(store._zips) == ["02.zip", "03.zip"]
