@@ -144,6 +144,10 @@ def _run_and_report(cfg) -> None:
             typer.echo(f"  {lvl:<10} {100 * m[f'mean_prob_{lvl}']:5.1f} %  / {100 * m[f'ece_{lvl}']:.1f} %")
     what = "exact retrieval over the training features" if retrieval else "beam k=10"
     typer.echo(f"search: {m['search_queries_per_s']:,.0f} queries/s ({what}, backbone excluded)")
+    gate = result.get("registry")
+    if gate:
+        typer.echo(f"registry: {gate['name']} v{gate['version']} {'promoted to' if gate['promoted'] else 'not'} "
+                   f"'champion' ({gate['reason']})")
     uri = mlflow.get_tracking_uri()
     typer.echo(f"\nMLflow parent run {result['parent_run_id']} in {uri}")
     typer.echo(f"open the UI with:  mlflow ui --backend-store-uri {uri}")

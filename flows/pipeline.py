@@ -1,107 +1,83 @@
-"""The hierloc pipeline as one Prefect flow: ingest -> hierarchy -> features -> train -> evaluate.
+"""The hierloc flows: the whole pipeline, each stage alone, and scheduled retraining.
 
-Each task calls one stage function (flows/stages.py) inside its own MLflow run,
-nested under the pipeline's parent run. Parameters are pydantic models, validated
-by Prefect and rendered as forms in its UI, and logged to MLflow whole.
+    hierloc-pipeline   demo data -> ingest -> hierarchy -> features -> train -> evaluate -> register + gate
+    hierloc-<stage>    one stage, its inputs named by the run ids of earlier stages (UpstreamRuns)
+    hierloc-retrain    incremental ingest -> hierarchy with stable ids -> new features -> fine-tune
+                       from the champion -> evaluate -> gate (the 'champion' alias moves by rule)
+
+Each task calls one stage function (flows/stages.py) inside its own MLflow run, nested
+under the flow's parent run, and logs what it read (mlflow.log_input, with digests) and
+what it wrote (artifacts, and outputs.json: the folders and digests a later stage reads
+by run id; flows/lineage.py).
+
+Ingest, hierarchy and features are cached by Prefect on the content digests of their
+inputs and their parameters (result persistence on): a re-run after a crash skips the
+finished stages, a changed input re-runs what depends on it. Training is never cached;
+it resumes from its checkpoint. Parameters are pydantic models (flows/params.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Literal
 
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-from flows import stages
-from flows.serving import log_pyfunc
-from flows.settings import DEMO_DATA_DIR, WORK_DIR
+from flows import registry, stages
+from flows.lineage import OUTPUTS, check_tracking, digest_of, files_digest, latest_stage_run, load_outputs, \
+    log_dataset, source_digest
+from flows.params import (DemoDataParams, EvalParams, FeatureParams, HierarchyParams, IngestParams,  # noqa: F401
+                          PipelineConfig, RegistryParams, RetrainParams, UpstreamRuns)
+from flows.serving import log_pyfunc, resolve_bundle
 from flows.tracking import Run, tracked_run
-from hierloc.model import ModelConfig
-from hierloc.train import TrainConfig
+
+#: ingest / hierarchy / features: keyed on their inputs (digests, parameters) and their code;
+#: the MLflow parent run id is not part of the key.
+STAGE_CACHE = (INPUTS + TASK_SOURCE) - "parent"
+
+log = logging.getLogger(__name__)
 
 
-class DemoDataParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    build_if_missing: bool = Field(True, description="build the embedded 'Earth tiles' data when data_dir has no train.csv")
-    n_train: int = Field(20_000, ge=10, le=2_000_000)
-    n_test: int = Field(2_000, ge=10, le=500_000)
-    seed: int = Field(0, ge=0)
+def _stage_tags(stage: str, upstream: dict[str, dict] | None = None) -> dict[str, str]:
+    tags = {"stage": stage, "outputs": OUTPUTS}
+    for name, out in (upstream or {}).items():
+        if out:
+            tags[f"upstream.{name}_run_id"] = out["run_id"]
+    return tags
 
 
-class IngestParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    verify_images: Literal["none", "exists", "decode"] = Field("decode", description="how far to check each image")
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail the run above this quarantined share")
+def _finish(run: Run, stage: str, outputs: dict) -> dict:
+    """Log ``outputs`` as the run's outputs.json (what later stages read by run id)."""
+    outputs = {"stage": stage, "run_id": run.run_id, **outputs}
+    run.json(outputs, OUTPUTS)
+    run.tags({"digest": outputs.get("digest", "")})
+    return outputs
 
 
-class HierarchyParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    labeler: Literal["osv5m", "geonames", "polygons"] = Field(
-        "osv5m", description="osv5m: the dataset's labels; geonames: nearest GeoNames place (= reverse_geocoder); "
-                             "polygons: admin polygons (point in polygon, Dask-parallel)")
-    coords: Literal["geonames", "mean", "medoid", "representative"] = Field(
-        "geonames", description="entity coordinates: GeoNames place for cities (upper levels: image mean), image mean, "
-                                "image medoid, or polygon representative point (polygons only)")
-    admin_source: Literal["gazetteer", "gadm", "geoboundaries", "natural_earth", "parquet"] = Field(
-        "gazetteer", description="polygons: embedded geoBoundaries units (gazetteer), or your GADM / geoBoundaries / "
-                                 "Natural Earth files, or a prepared GeoParquet table, at admin_path")
-    admin_path: str | None = Field(None, description="polygon file or folder for gadm / geoboundaries / natural_earth")
-    grid_deg: float = Field(5.0, ge=0.0, le=360.0, description="cut polygons on this grid (0 = no cut): faster joins")
-    max_snap_km: float = Field(25.0, ge=0.0, le=500.0, description="points in no polygon go to the nearest within this")
-    check_all_levels: bool = Field(False, description="look every point up at every level, to count every "
-                                                      "disagreement between levels (slower; same labels)")
-    @field_validator("grid_deg")
-    @classmethod
-    def _grid(cls, v: float) -> float:
-        if 0 < v < 0.1:
-            raise ValueError("grid_deg: 0 (no cut) or at least 0.1 degree")
-        return v
-
-    dask_scheduler: str | None = Field(None, description="Dask scheduler address (tcp://...) for a real cluster; "
-                                                         "None: a LocalCluster for big inputs, in-process for small ones; 'sync'")
+def _cached(task_fn, still_valid, **kwargs) -> tuple[dict, bool]:
+    """Run a cached stage task. A cache hit whose outputs are gone (work folder deleted,
+    MLflow store reset) is refreshed. Returns (outputs, was_cached)."""
+    state = task_fn(**kwargs, return_state=True)
+    out = state.result()
+    cached = state.name == "Cached"
+    if cached and not still_valid(out):
+        get_run_logger().warning("cached %s outputs are gone (%s): running it again", task_fn.name, out.get("dir"))
+        out, cached = task_fn.with_options(refresh_cache=True)(**kwargs), False
+    return out, cached
 
 
-class FeatureParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    backbone: str = Field("fixed:pixelstats", pattern=r"^(fixed:pixelstats|open_clip:[\w\-/.@]+)$")
-    pretrained: str | None = Field(None, description="local weights file (or open_clip tag with network); None = random init")
-    batch_size: int = Field(256, ge=1, le=65_536)
-    num_workers: int = Field(2, ge=0, le=64)
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+def _run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except Exception:  # MlflowException: deleted or another store
+        return False
 
 
-class EvalParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["hierloc", "retrieval"] = Field(
-        "hierloc", description="hierloc: train the model and beam-search it; retrieval: the paper's baseline, the "
-                               "location of the nearest training image by backbone feature (no training)")
-    beam_k: int = Field(10, ge=1, le=10_000, description="beam width (paper: 10)")
-    variant: Literal["official", "corrected"] = Field("official", description="OSV-5M metric variant (see README)")
-
-
-class PipelineConfig(BaseModel):
-    """Everything one pipeline run needs; the defaults run the embedded demo."""
-
-    model_config = ConfigDict(extra="forbid")
-    data_dir: str = Field(str(DEMO_DATA_DIR), description="an OSV-5M release folder (train.csv, test.csv, images/)")
-    work_dir: str = Field(str(WORK_DIR), description="where the stages write their outputs")
-    experiment: str = Field("hierloc", min_length=1, description="MLflow experiment name")
-    demo_data: DemoDataParams = DemoDataParams()
-    ingest: IngestParams = IngestParams()
-    hierarchy: HierarchyParams = HierarchyParams()
-    features: FeatureParams = FeatureParams()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvalParams = EvalParams()
-
-
-def _work(cfg: PipelineConfig, stage: str) -> Path:
-    return Path(cfg.work_dir) / stage
-
-
+# --- tasks ----------------------------------------------------------------------
 @task(name="demo-data", retries=1, cache_policy=NO_CACHE)
 def demo_data_task(cfg: PipelineConfig) -> str:
     from geodata.demo_data import build_demo_dataset
@@ -114,17 +90,23 @@ def demo_data_task(cfg: PipelineConfig) -> str:
     return str(data_dir)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def ingest_task(cfg: PipelineConfig, parent: str) -> dict:
-    with tracked_run(cfg.experiment, "ingest", parent, tags={"stage": "ingest"}) as run:
-        run.params({"data_dir": cfg.data_dir, **cfg.ingest.model_dump()})
-        out = _work(cfg, "ingest")
-        report = stages.run_ingest(Path(cfg.data_dir), out, cfg.ingest.verify_images, cfg.ingest.max_bad_fraction)
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], cache_policy=STAGE_CACHE, persist_result=True)
+def ingest_task(data_dir: str, work_dir: str, params: IngestParams, source: str, experiment: str,
+                parent: str | None) -> dict:
+    out = Path(work_dir) / "ingest"
+    with tracked_run(experiment, "ingest", parent, tags=_stage_tags("ingest")) as run:
+        run.params({"data_dir": data_dir, **params.model_dump()})
+        log_dataset(run.client, run.run_id, "osv5m-source", source, data_dir, "source")
+        report = stages.run_ingest(Path(data_dir), out, params.verify_images, params.max_bad_fraction,
+                                   layout=params.layout, incremental=params.incremental)
         _log_ingest(run, report)
         for name in ("ingest_report.json", "quarantine.parquet"):
             if (out / name).exists():
                 run.artifact(out / name)
-    return report
+        # the manifests' content digests (geodata.incremental): no need to re-read gigabytes of Parquet
+        digests = {split: rep["manifest_digest"] for split, rep in report["splits"].items()}
+        return _finish(run, "ingest", {"dir": str(out), "data_dir": data_dir, "source_digest": source,
+                                       "digest": digest_of(digests), "manifest_digests": digests})
 
 
 def _log_ingest(run: Run, report: dict) -> None:
@@ -135,98 +117,339 @@ def _log_ingest(run: Run, report: dict) -> None:
             run.metrics({f"{split}_quarantined_{reason}": n})
 
 
-@task(name="hierarchy", retries=1, cache_policy=NO_CACHE)
-def hierarchy_task(cfg: PipelineConfig, parent: str) -> dict:
-    with tracked_run(cfg.experiment, "hierarchy", parent, tags={"stage": "hierarchy"}) as run:
-        run.params(cfg.hierarchy.model_dump())
-        out = _work(cfg, "hierarchy")
-        h = cfg.hierarchy
-        report = stages.run_hierarchy(_work(cfg, "ingest"), out, h.coords, labeler=h.labeler, admin_source=h.admin_source,
-                                      admin_path=h.admin_path, grid_deg=h.grid_deg, max_snap_km=h.max_snap_km,
-                                      check_all_levels=h.check_all_levels, scheduler=h.dask_scheduler)
+@task(name="label-partition", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def partition_task(call, args: tuple) -> int:
+    """One Parquet partition through the labeler, on a worker of the flow's Dask task runner."""
+    return call(*args)
+
+
+def prefect_partition_runner(call, arglist: list[tuple]) -> None:
+    """geodata.parallel's partition runner as Prefect tasks: each partition is a task run
+    (visible in the UI, retried on failure) on the flow's DaskTaskRunner."""
+    futures = [partition_task.submit(call, args) for args in arglist]
+    for f in futures:
+        f.result()
+
+
+@task(name="hierarchy", retries=1, cache_policy=STAGE_CACHE, persist_result=True)
+def hierarchy_task(ingest: dict, work_dir: str, params: HierarchyParams, previous: str | None, previous_digest: str | None,
+                   on_dask: bool, experiment: str, parent: str | None) -> dict:
+    out = Path(work_dir) / "hierarchy"
+    with tracked_run(experiment, "hierarchy", parent, tags=_stage_tags("hierarchy", {"ingest": ingest})) as run:
+        run.params({**params.model_dump(), "previous_entities": previous, "dask_task_runner": on_dask})
+        log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "train")
+        if previous:
+            log_dataset(run.client, run.run_id, "previous-entities", previous_digest, previous, "previous")
+        h = params
+        report = stages.run_hierarchy(Path(ingest["dir"]), out, h.coords, Path(previous) if previous else None,
+                                      labeler=h.labeler, admin_source=h.admin_source, admin_path=h.admin_path,
+                                      grid_deg=h.grid_deg, max_snap_km=h.max_snap_km,
+                                      check_all_levels=h.check_all_levels, scheduler=h.dask_scheduler,
+                                      runner=prefect_partition_runner if on_dask else None)
         run.metrics({f"n_{lvl}": n for lvl, n in report["entities"].items()})
         run.metrics({"n_placeholder_subregions": report["placeholder_subregions"], "n_orphans": report["orphans"],
-                     "train_points_without_country": report["train_points_without_country"]})
+                     "train_points_without_country": report["train_points_without_country"],
+                     "n_new_entities": report.get("new_entities", 0)})
         for split in stages.SPLITS:
             run.metrics({f"unassigned_{split}_{lvl}": n for lvl, n in report[f"unassigned_{split}"].items()})
             run.metrics({f"labels_{split}_{k}": v for k, v in report[f"labels_{split}"].items()})
-        run.artifact(out / "entities.parquet")
-        run.artifact(out / "hierarchy_report.json")
-        run.artifact(out / "entity_map.png")
-    return report
+        for name in ("entities.parquet", "hierarchy_report.json", "entity_map.png"):
+            run.artifact(out / name)
+        files = [out / "entities.parquet", *(out / f"assignments_{s}.parquet" for s in stages.SPLITS)]
+        return _finish(run, "hierarchy", {"dir": str(out), "digest": files_digest(files)})
 
 
-@task(name="features", retries=1, cache_policy=NO_CACHE)
-def features_task(cfg: PipelineConfig, parent: str) -> dict:
+@flow(name="hierloc-hierarchy-dask")
+def hierarchy_on_dask(**kwargs) -> tuple[dict, bool]:
+    """The hierarchy task with its labelling partitions on this subflow's DaskTaskRunner."""
+    return _cached(hierarchy_task, _outputs_exist("entities.parquet"), **kwargs)
+
+
+def _dask_task_runner(params: HierarchyParams, n_rows: int):
+    """A DaskTaskRunner when the labelling is worth a cluster and Dask workers can report
+    task runs to a Prefect server; None: label in-process (or on geodata's own Dask path)."""
+    from geodata.parallel import MIN_ROWS_FOR_CLUSTER, default_scheduler
+
+    address = params.dask_scheduler or default_scheduler()
+    # Dask worker processes inherit the environment, not this process's Prefect settings: without
+    # PREFECT_API_URL in it each would start its own temporary server. Then geodata's own Dask path runs.
+    if params.labeler == "osv5m" or address == "sync" or not os.environ.get("PREFECT_API_URL"):
+        return None
+    if address in (None, "local"):
+        if n_rows < MIN_ROWS_FOR_CLUSTER and address is None:
+            return None
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None, "host": "127.0.0.1"})
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)
+
+
+def _outputs_exist(*names: str):
+    return lambda out: all((Path(out["dir"]) / n).exists() for n in names) and _run_exists(out["run_id"])
+
+
+def _features_exist(out: dict) -> bool:
+    """The split views and the cache they point at (a view outlives a deleted cache)."""
+    from hierloc.features import resolve_feature_dir
+
+    try:
+        return all(resolve_feature_dir(Path(d)).exists() for d in out["dirs"].values()) and _run_exists(out["run_id"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_hierarchy_stage(cfg: PipelineConfig, ingest: dict, parent: str | None,
+                        previous: Path | None = None) -> tuple[dict, bool]:
+    import pyarrow.parquet as pq
+
+    n_rows = sum(pq.ParquetDataset(Path(ingest["dir"]) / "manifest" / f"{s}.parquet").read(columns=["id"]).num_rows
+                 for s in stages.SPLITS)
+    runner = _dask_task_runner(cfg.hierarchy, n_rows)
+    kwargs = dict(ingest=ingest, work_dir=cfg.work_dir, params=cfg.hierarchy,
+                  previous=str(previous) if previous else None,
+                  previous_digest=files_digest([previous]) if previous else None,
+                  on_dask=runner is not None, experiment=cfg.experiment, parent=parent)
+    if runner is None:
+        return _cached(hierarchy_task, _outputs_exist("entities.parquet"), **kwargs)
+    return hierarchy_on_dask.with_options(task_runner=runner)(**kwargs)
+
+
+@task(name="features", retries=1, cache_policy=STAGE_CACHE, persist_result=True)
+def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeatureParams, experiment: str,
+                  parent: str | None) -> dict:
     logger = get_run_logger()
-    with tracked_run(cfg.experiment, "features", parent, tags={"stage": "features"}) as run:
-        run.params(cfg.features.model_dump())
-        f = cfg.features
+    with tracked_run(experiment, "features", parent, tags=_stage_tags("features", {"ingest": ingest})) as run:
+        run.params(params.model_dump())
+        log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "extract")
+        f = params
 
         def progress(done: int, total: int, secs: float) -> None:
             if done == total or done % (f.batch_size * 20) == 0:
                 rate = done / max(secs, 1e-9)
                 logger.info("features %d/%d (%.0f images/s, ETA %.0f s)", done, total, rate, (total - done) / max(rate, 1e-9))
 
-        out = stages.run_features(Path(cfg.data_dir), _work(cfg, "ingest"), _work(cfg, "features"), f.backbone,
-                                  f.pretrained, f.batch_size, f.num_workers, f.device, progress)
+        out = stages.run_features(Path(data_dir), Path(ingest["dir"]), Path(work_dir) / "features", f.backbone,
+                                  f.pretrained, f.batch_size, f.num_workers, f.device, progress,
+                                  precision=f.precision, shard_size=f.shard_size, retry_failed=f.retry_failed)
         for split in stages.SPLITS:
-            run.metrics({f"{split}_images_per_s": out[split]["images_per_s"], f"{split}_failures": out[split]["failures"]})
+            run.metrics({f"{split}_{k}": out[split][k] for k in ("n", "encoded", "cached", "failures", "images_per_s")})
         run.metrics({"dim": out["dim"]})
         run.json(out, "features.json")
-    return out
+        # digest: backbone spec + weights content + each split's ids (hierloc.features.features_digest)
+        return _finish(run, "features", {"dirs": out["dirs"], "backbone": f.backbone, "pretrained": f.pretrained,
+                                         "dim": out["dim"], "digests": out["digests"],
+                                         "digest": digest_of([out["digests"][s] for s in stages.SPLITS])})
 
 
 @task(name="train", cache_policy=NO_CACHE)  # no cache, no retries: it resumes from its checkpoint
-def train_task(cfg: PipelineConfig, feats: dict, parent: str) -> dict:
-    with tracked_run(cfg.experiment, "train", parent, tags={"stage": "train"}) as run:
-        run.params({"model": cfg.model.to_dict(), "train": cfg.train.to_dict()})
-        out = stages.run_train(_work(cfg, "ingest"), _work(cfg, "hierarchy"), feats["dirs"], _work(cfg, "train"),
-                               cfg.model, cfg.train, log_fn=lambda m, step: run.metrics(m, step=step))
+def train_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dict, init: dict | None,
+               parent: str | None) -> dict:
+    upstream = {"ingest": ingest, "hierarchy": hierarchy, "features": feats}
+    with tracked_run(cfg.experiment, "train", parent, tags=_stage_tags("train", upstream)) as run:
+        run.params({"model": cfg.model.to_dict(), "train": cfg.train.to_dict(), "text": cfg.text.model_dump(),
+                    "init_from": (init or {}).get("model_uri", "scratch")})
+        log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "train")
+        log_dataset(run.client, run.run_id, "entities", hierarchy["digest"], hierarchy["dir"], "train")
+        log_dataset(run.client, run.run_id, "features", feats["digest"], feats["dirs"]["train"], "train")
+        out = stages.run_train(Path(ingest["dir"]), Path(hierarchy["dir"]), feats["dirs"], Path(cfg.work_dir) / "train",
+                               cfg.model, cfg.train, log_fn=lambda m, step: run.metrics(m, step=step),
+                               init_from=Path(init["model_path"]) if init else None,
+                               init_entities=Path(init["entities"]) if init else None,
+                               data_key={s: o["digest"] for s, o in upstream.items()},
+                               text={k: v for k, v in cfg.text.model_dump().items() if k != "enabled"}
+                               if cfg.text.enabled else None)
         run.metrics({k: v for k, v in out.items() if k not in ("model_path", "checkpoint", "run_dir")})
-        bundle = stages.run_export(out["model_path"], _work(cfg, "hierarchy"), cfg.features.backbone,
-                                   cfg.features.pretrained, _work(cfg, "export") / Path(out["run_dir"]).name,
+        bundle = stages.run_export(out["model_path"], Path(hierarchy["dir"]), feats["backbone"], feats["pretrained"],
+                                   Path(cfg.work_dir) / "export" / Path(out["run_dir"]).name,
                                    source={"train_run_id": run.run_id, "parent_run_id": parent})
-        out["bundle"] = str(bundle)
-        out["model_uri"] = log_pyfunc(run.client, run.run_id, bundle)
-        run.tags({"model_path": out["model_path"], "bundle_path": str(bundle), "model_uri": out["model_uri"]})
-    return out
+        model_uri = log_pyfunc(run.client, run.run_id, bundle)
+        run.tags({"model_path": out["model_path"], "bundle_path": str(bundle), "model_uri": model_uri})
+        return _finish(run, "train", {"model_path": out["model_path"], "bundle": str(bundle), "model_uri": model_uri,
+                                      "run_dir": out["run_dir"]})
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, feats: dict, trained: dict, parent: str) -> dict:
+def evaluate_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dict, trained: dict | None,
+                  parent: str | None) -> dict:
     """The trained model's beam search, or (evaluate.method=retrieval) the retrieval baseline."""
     e = cfg.evaluate
-    with tracked_run(cfg.experiment, "evaluate", parent, tags={"stage": "evaluate", "method": e.method}) as run:
+    upstream = {"ingest": ingest, "hierarchy": hierarchy, "features": feats, "train": trained}
+    with tracked_run(cfg.experiment, "evaluate", parent, tags={**_stage_tags("evaluate", upstream), "method": e.method}) as run:
         run.params(e.model_dump())
-        out = _work(cfg, "evaluate")
+        log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "test")
+        log_dataset(run.client, run.run_id, "features", feats["digest"], feats["dirs"]["test"], "test")
+        out = Path(cfg.work_dir) / "evaluate"
         if e.method == "retrieval":
-            metrics = stages.run_retrieval(_work(cfg, "ingest"), _work(cfg, "hierarchy"), feats["dirs"], out, e.variant)
+            metrics = stages.run_retrieval(Path(ingest["dir"]), Path(hierarchy["dir"]), feats["dirs"], out, e.variant)
         else:
-            metrics = stages.run_evaluate(Path(trained["model_path"]), _work(cfg, "ingest"), _work(cfg, "hierarchy"),
+            metrics = stages.run_evaluate(Path(trained["model_path"]), Path(ingest["dir"]), Path(hierarchy["dir"]),
                                           feats["dirs"], out, e.beam_k, e.variant)
         run.metrics(metrics)
         run.artifact(out / "metrics.json")
         run.artifact(out / "predictions.parquet")
         run.artifact_dir(out / "figures", "figures")
+        _finish(run, "evaluate", {"dir": str(out), "metrics": metrics})
     return metrics
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dict, trained: dict, metrics: dict,
+                  parent: str | None) -> dict:
+    """Register the candidate; score it and the champion on the same test split with the same
+    function; move the 'champion' alias if the rule says so; tag both versions."""
+    r = cfg.registry
+    client = MlflowClient()
+    tags = {"geoscore": f"{metrics.get('geoscore', float('nan')):.6g}", "train_run_id": trained["run_id"],
+            "parent_run_id": parent or "", "ingest_run_id": ingest["run_id"], "hierarchy_run_id": hierarchy["run_id"],
+            "features_run_id": feats["run_id"], "manifest_digest": ingest["digest"],
+            "entities_digest": hierarchy["digest"], "features_digest": feats["digest"], "backbone": feats["backbone"]}
+    version = registry.register(client, r.name, trained["model_uri"], trained["run_id"], tags)
+    champion = registry.champion_version(client, r.name)
+    test = dict(ingest_dir=Path(ingest["dir"]), feature_dir=Path(feats["dirs"]["test"]),
+                beam_k=cfg.evaluate.beam_k, variant=cfg.evaluate.variant)
+    candidate_score = stages.score_bundle(Path(trained["bundle"]), **test)[r.rule.metric]
+    champion_score, comparable = None, True
+    if champion is not None:
+        champ_bundle = resolve_bundle(f"models:/{r.name}/{champion.version}", Path(cfg.work_dir))
+        if not stages.same_backbone(champ_bundle, feats["backbone"], feats["pretrained"]):
+            comparable = False
+        else:
+            champion_score = stages.score_bundle(champ_bundle, **test)[r.rule.metric]
+    if comparable:
+        decision = registry.decide(r.rule, candidate_score, champion_score)
+    else:
+        decision = registry.Decision(False, f"champion v{champion.version} uses another backbone than {feats['backbone']}: "
+                                            "not comparable on these features; move the alias by hand if intended",
+                                     candidate_score, None)
+    registry.apply_decision(client, r.name, version, champion, decision)
+    get_run_logger().info("model %s v%s: %s (%s)", r.name, version, "promoted" if decision.promote else "rejected",
+                          decision.reason)
+    return {"name": r.name, "version": version, "promoted": decision.promote, "reason": decision.reason,
+            "candidate_score": candidate_score, "champion_score": champion_score,
+            "champion_version": champion.version if champion is not None else None}
+
+
+# --- flows ----------------------------------------------------------------------------
+def _stages(cfg: PipelineConfig, parent: Run, previous: Path | None = None, init: dict | None = None) -> dict:
+    """ingest -> hierarchy -> features -> train -> evaluate -> register, under ``parent``."""
+    demo_data_task(cfg)
+    ingest, c_ingest = _cached(ingest_task, _outputs_exist("manifest"), data_dir=cfg.data_dir, work_dir=cfg.work_dir,
+                               params=cfg.ingest, source=source_digest(Path(cfg.data_dir)), experiment=cfg.experiment,
+                               parent=parent.run_id)
+    hierarchy, c_hier = run_hierarchy_stage(cfg, ingest, parent.run_id, previous)
+    feats, c_feats = _cached(features_task, _features_exist, data_dir=cfg.data_dir, ingest=ingest,
+                             work_dir=cfg.work_dir, params=cfg.features, experiment=cfg.experiment, parent=parent.run_id)
+    parent.tags({f"{name}_run_id": out["run_id"] for name, out in
+                 (("ingest", ingest), ("hierarchy", hierarchy), ("features", feats))})
+    parent.tags({"cached_stages": ",".join(n for n, c in (("ingest", c_ingest), ("hierarchy", c_hier),
+                                                           ("features", c_feats)) if c) or "none"})
+    result: dict = {"parent_run_id": parent.run_id, "ingest": ingest, "hierarchy": hierarchy, "features": feats}
+    trained = None
+    if cfg.evaluate.method != "retrieval":  # the retrieval baseline needs no training
+        trained = train_task(cfg, ingest, hierarchy, feats, init, parent.run_id)
+        parent.tags({"train_run_id": trained["run_id"], "model_uri": trained["model_uri"]})
+    metrics = evaluate_task(cfg, ingest, hierarchy, feats, trained, parent.run_id)
+    parent.metrics(metrics)
+    parent.tags({"method": cfg.evaluate.method})
+    result.update(metrics=metrics, train=trained, model_path=(trained or {}).get("model_path"),
+                  bundle=(trained or {}).get("bundle"), model_uri=(trained or {}).get("model_uri"))
+    if trained is not None and cfg.registry.enabled:
+        gate = register_task(cfg, ingest, hierarchy, feats, trained, metrics, parent.run_id)
+        parent.tags({"registered_version": gate["version"], "gate": "promoted" if gate["promoted"] else "rejected"})
+        result["registry"] = gate
+    return result
+
+
+def _start(cfg: PipelineConfig) -> None:
+    logging.getLogger("hierloc").setLevel(logging.INFO)
+    check_tracking()  # before any work: a dead server must not leave half a run behind
 
 
 @flow(name="hierloc-pipeline", log_prints=True)
 def pipeline(cfg: PipelineConfig = PipelineConfig()) -> dict:
-    """The whole pipeline on one OSV-5M folder; returns the evaluation metrics and run ids."""
-    logging.getLogger("hierloc").setLevel(logging.INFO)
-    with tracked_run(cfg.experiment, "pipeline", tags={"stage": "pipeline"}) as parent:
+    """The whole pipeline on one OSV-5M folder; returns the metrics, run ids and registry decision."""
+    _start(cfg)
+    with tracked_run(cfg.experiment, "pipeline", tags={"stage": "pipeline", "flow": "pipeline"}) as parent:
         parent.params(cfg.model_dump(mode="json"))
         parent.json(cfg.model_dump(mode="json"), "pipeline_config.json")
-        demo_data_task(cfg)
-        ingest_task(cfg, parent.run_id)
-        hierarchy_task(cfg, parent.run_id)
-        feats = features_task(cfg, parent.run_id)
-        # The retrieval baseline needs no training.
-        trained = {} if cfg.evaluate.method == "retrieval" else train_task(cfg, feats, parent.run_id)
-        metrics = evaluate_task(cfg, feats, trained, parent.run_id)
-        parent.metrics(metrics)
-        parent.tags({"method": cfg.evaluate.method})
-    return {"metrics": metrics, "parent_run_id": parent.run_id, "model_path": trained.get("model_path"),
-            "bundle": trained.get("bundle"), "model_uri": trained.get("model_uri")}
+        return _stages(cfg, parent)
+
+
+@flow(name="hierloc-retrain", log_prints=True)
+def retrain(cfg: PipelineConfig = PipelineConfig(), retrain: RetrainParams = RetrainParams()) -> dict:
+    """Scheduled retraining: the new rows and photos only (incremental ingest and features),
+    the hierarchy updated with stable ids (old entities keep their ids, new ones are appended),
+    a fine-tune from the champion, evaluation on the fixed test split, and the gate."""
+    _start(cfg)
+    client = MlflowClient()
+    champion = registry.champion_version(client, cfg.registry.name) if retrain.from_champion else None
+    init, previous = None, None
+    if champion is not None:
+        bundle = resolve_bundle(f"models:/{cfg.registry.name}/{champion.version}", Path(cfg.work_dir))
+        previous = bundle / "entities.parquet"
+        init = {"model_path": str(bundle / "model.pt"), "entities": str(previous),
+                "model_uri": f"models:/{cfg.registry.name}/{champion.version}"}
+    elif retrain.from_champion:
+        get_run_logger().warning("no champion registered under %r: training from scratch", cfg.registry.name)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": retrain.epochs})})
+    with tracked_run(cfg.experiment, "retrain", tags={"stage": "pipeline", "flow": "retrain"}) as parent:
+        parent.params(cfg.model_dump(mode="json"))
+        parent.params({"retrain": retrain.model_dump()})
+        parent.tags({"init_from": init["model_uri"] if init else "scratch"})
+        return _stages(cfg, parent, previous=previous, init=init)
+
+
+def _upstream(cfg: PipelineConfig, runs: UpstreamRuns, stage: str) -> dict:
+    run_id = getattr(runs, stage) or latest_stage_run(cfg.experiment, stage)
+    return load_outputs(run_id)
+
+
+@flow(name="hierloc-ingest", log_prints=True)
+def ingest_flow(cfg: PipelineConfig = PipelineConfig()) -> dict:
+    """Ingest alone (builds the demo data first if configured)."""
+    _start(cfg)
+    demo_data_task(cfg)
+    return _cached(ingest_task, _outputs_exist("manifest"), data_dir=cfg.data_dir, work_dir=cfg.work_dir,
+                   params=cfg.ingest, source=source_digest(Path(cfg.data_dir)), experiment=cfg.experiment,
+                   parent=None)[0]
+
+
+@flow(name="hierloc-hierarchy", log_prints=True)
+def hierarchy_flow(cfg: PipelineConfig = PipelineConfig(), upstream: UpstreamRuns = UpstreamRuns()) -> dict:
+    """The entity hierarchy alone, from an ingest run (upstream.ingest, else the newest)."""
+    _start(cfg)
+    return run_hierarchy_stage(cfg, _upstream(cfg, upstream, "ingest"), None)[0]
+
+
+@flow(name="hierloc-features", log_prints=True)
+def features_flow(cfg: PipelineConfig = PipelineConfig(), upstream: UpstreamRuns = UpstreamRuns()) -> dict:
+    """Backbone features alone, from an ingest run."""
+    _start(cfg)
+    ingest = _upstream(cfg, upstream, "ingest")
+    return _cached(features_task, _features_exist, data_dir=ingest["data_dir"],
+                   ingest=ingest, work_dir=cfg.work_dir, params=cfg.features, experiment=cfg.experiment, parent=None)[0]
+
+
+@flow(name="hierloc-train", log_prints=True)
+def train_flow(cfg: PipelineConfig = PipelineConfig(), upstream: UpstreamRuns = UpstreamRuns()) -> dict:
+    """Training alone, from ingest, hierarchy and features runs; logs the model (not registered:
+    registration follows evaluation, in hierloc-evaluate)."""
+    _start(cfg)
+    ups = {s: _upstream(cfg, upstream, s) for s in ("ingest", "hierarchy", "features")}
+    return train_task(cfg, ups["ingest"], ups["hierarchy"], ups["features"], None, None)
+
+
+@flow(name="hierloc-evaluate", log_prints=True)
+def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), upstream: UpstreamRuns = UpstreamRuns()) -> dict:
+    """Evaluation alone, of a train run's model (then registration and the gate, if enabled)."""
+    _start(cfg)
+    ups = {s: _upstream(cfg, upstream, s) for s in ("ingest", "hierarchy", "features", "train")}
+    metrics = evaluate_task(cfg, ups["ingest"], ups["hierarchy"], ups["features"], ups["train"], None)
+    out = {"metrics": metrics}
+    if cfg.registry.enabled and cfg.evaluate.method == "hierloc":
+        out["registry"] = register_task(cfg, ups["ingest"], ups["hierarchy"], ups["features"], ups["train"], metrics, None)
+    return out
+

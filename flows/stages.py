@@ -4,9 +4,12 @@ No Prefect and no MLflow here: flows/pipeline.py wraps each stage in a task and 
 tracked run; the CLI can call them directly. Stages pass paths, not frames. Every
 file a stage writes lives under its own folder of the work directory:
 
-    ingest/      manifest/{split}.parquet, quarantine.parquet, ingest_report.json
+    ingest/      manifest/{split}.parquet/part-*.parquet (one part per incremental run), image_index/{split}.parquet,
+                 quarantine.parquet, ingest_report.json, ingest_state.json,
+                 features/<name>/shard-<split>-*.npz (precomputed WebDataset features)
     hierarchy/   entities.parquet, assignments_{split}.parquet, hierarchy_report.json
-    features/<backbone>-<digest>/{split}/shard-*.npz
+    features/cache/<backbone>-<weights key>/shard-*.npz   one incremental cache per backbone, by image id
+    features/<backbone>-<digest>/{split}/view.json        what train/evaluate read
     train/<digest>/  checkpoint.pt, model.pt
     export/<digest>/ the model bundle (hierloc.predictor); export/latest.json points at the newest
     evaluate/    predictions.parquet, metrics.json, figures/*.png (the retrieval baseline writes here too)
@@ -34,13 +37,15 @@ from geodata.labeling import country_disagreements, label_points, polygon_report
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.ingest import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
-from hierloc.features import extract_features, load_backbone, load_features
+from hierloc.features import (effective_precision, extract_features, features_digest, load_backbone, load_features,
+                              parse_spec, resolve_device, resolve_feature_dir, scan_cache, write_view)
 from hierloc.inference import beam_search
 from hierloc.metrics import expected_calibration_error
 from hierloc.model import ModelConfig
 from hierloc.predictor import write_bundle
 from hierloc.retrieval import RetrievalIndex
-from hierloc.train import EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, load_model, train
+from hierloc.train import (EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, entity_row_map,
+                           load_model, train)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +61,12 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 # --- 1. ingest --------------------------------------------------------------
-def run_ingest(data_dir: Path, out_dir: Path, verify_images: str = "decode", max_bad_fraction: float = 0.05) -> dict:
-    """Read an OSV-5M folder into Parquet manifests and a quarantine (geodata.ingest)."""
-    report = ingest_osv5m(Path(data_dir), Path(out_dir), SPLITS, verify_images, max_bad_fraction)
+def run_ingest(data_dir: Path, out_dir: Path, verify_images: str = "decode", max_bad_fraction: float = 0.05,
+               layout: str = "auto", incremental: bool = True) -> dict:
+    """Read an OSV-5M folder (CSV + zips, or the WebDataset copy) into Parquet manifests and a
+    quarantine (geodata.ingest); incremental: only new CSV bytes and new shards on a re-run."""
+    report = ingest_osv5m(Path(data_dir), Path(out_dir), SPLITS, verify_images, max_bad_fraction,
+                          layout=layout, incremental=incremental)
     return report.to_dict()
 
 
@@ -67,12 +75,15 @@ def run_hierarchy(
     ingest_dir: Path, out_dir: Path, coords: str = "geonames", previous: Path | None = None, *,
     labeler: str = "osv5m", admin_source: str = "gazetteer", admin_path: str | None = None,
     grid_deg: float = 5.0, max_snap_km: float = 25.0, check_all_levels: bool = False, scheduler: str | None = None,
+    runner=None,
 ) -> dict:
     """Entity table from the training labels, per-image entity ids for every split, and a QC report.
 
     labeler: "osv5m" (the dataset's own label columns), "geonames" (relabel with the GeoNames
     labeler) or "polygons" (admin polygons from ``admin_source``/``admin_path``, geodata.admin);
-    the labelers run over Parquet partitions on Dask (``scheduler``: geodata.parallel).
+    the labelers run over Parquet partitions on Dask (``scheduler``, ``runner``: geodata.parallel).
+    ``previous``: the entity table of the model being fine-tuned: its entities keep their ids,
+    new ones are appended (geodata.hierarchy.build_entities).
     coords: "geonames", "mean", "medoid" (geodata.hierarchy.build_entities) or "representative"
     (polygon representative points; polygons only).
     """
@@ -93,7 +104,7 @@ def run_hierarchy(
     manifests = {split: pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet") for split in SPLITS}
     # Both splits in one labelling run: one cluster start and one labeler shipment, not one per split.
     res = label_points(pd.concat(manifests.values(), ignore_index=True), labeler, scheduler=scheduler,
-                       labeler=polygon_labeler, work_dir=out_dir / "partitions")
+                       labeler=polygon_labeler, work_dir=out_dir / "partitions", runner=runner)
     label_sets, start = {}, 0
     for split, m in manifests.items():
         labels = res.labels.iloc[start : start + len(m)].reset_index(drop=True)
@@ -119,6 +130,7 @@ def run_hierarchy(
     _write_parquet(entities, out_dir / "entities.parquet")
     ids = set(entities["entity_id"].tolist())
     report.update({"entities": {lvl: int((entities["level"] == i).sum()) for i, lvl in enumerate(LEVELS)},
+                   "new_entities": int(len(entities) - (0 if prev is None else entities["key"].isin(prev["key"]).sum())),
                    "placeholder_subregions": int(entities["placeholder"].sum()),
                    # check_tree (in build_entities) refuses a table with orphans: recorded for the report
                    "orphans": int((entities["level"] > 0).sum() - entities["parent_id"].isin(ids).sum()),
@@ -137,32 +149,95 @@ def run_hierarchy(
 
 # --- 3. features -------------------------------------------------------------
 def _slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
+    """A spec as a folder name: 'open_clip:ViT-L-14' -> 'open_clip-ViT-L-14' (a config path keeps its file name)."""
+    kind, _, name = spec.partition(":")
+    if name.endswith(".json"):
+        name = Path(name).name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}:{name}")
 
 
-def feature_cache_dir(root: Path, backbone: str, pretrained: str | None, ids: np.ndarray) -> Path:
-    """Cache folder keyed by the backbone and the exact image list (content hash)."""
-    h = hashlib.sha256(f"{backbone}|{pretrained}".encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()[:12]
-    return Path(root) / f"{_slug(backbone)}-{h}"
+def feature_cache_dir(root: Path, backbone: str, weights: str, precision: str = "fp32") -> Path:
+    """The incremental cache of one backbone: ``root/cache/<backbone>-<weights key>[-<precision>]``.
+
+    Keyed by content (hierloc.backbones.weights_key), not by image list: every run with the
+    same weights adds to, and reads from, the same cache.
+    """
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return Path(root) / "cache" / f"{_slug(backbone)}-{weights[:16]}{suffix}"
+
+
+def _precomputed_key(cache: Path) -> str:
+    """Fingerprint of a precomputed feature folder: its shards' names, sizes and mtimes."""
+    h = hashlib.sha256()
+    for p in sorted(cache.glob("shard-*.npz")):
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 def run_features(
     data_dir: Path, ingest_dir: Path, out_root: Path, backbone: str = "fixed:pixelstats",
     pretrained: str | None = None, batch_size: int = 256, num_workers: int = 2, device: str = "cpu",
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None, *, precision: str = "fp32",
+    shard_size: int = 8192, retry_failed: bool = False,
 ) -> dict:
-    """Frozen backbone features of every manifest image, cached per split."""
-    bb = load_backbone(backbone, pretrained)
-    store = ImageStore(Path(data_dir))
-    out: dict = {"backbone": backbone, "dim": bb.dim, "dirs": {}}
+    """Frozen backbone features of every manifest image, in one incremental cache per backbone.
+
+    Only images the cache lacks are encoded (both splits in one pass). ``precomputed:<name>``
+    reads ``ingest_dir/features/<name>`` (written by the WebDataset ingest) and only checks that
+    every manifest id is there. Returns backbone, dim, weights (content key), cache, ``dirs``
+    {split: view folder} for the later stages, ``digests`` {split: sha256 of backbone, weights,
+    precision and the split's ids}, and per split n, encoded, cached, failures, seconds, images_per_s.
+    """
+    import pyarrow.dataset as pads
+
+    kind, name = parse_spec(backbone)
+    manifests = {}
     for split in SPLITS:
-        m = pd.read_parquet(Path(ingest_dir) / "manifest" / f"{split}.parquet", columns=["id", "image_container", "image_member"])
-        cache = feature_cache_dir(Path(out_root), backbone, pretrained, m["id"].to_numpy()) / split
-        items = list(zip(m["id"].tolist(), m["image_container"].tolist(), m["image_member"].tolist()))
-        stats = extract_features(items, store.open, bb, cache, batch_size=batch_size, num_workers=num_workers,
-                                 device=device, progress=progress)
-        out["dirs"][split] = str(cache)
-        out[split] = stats
+        path = Path(ingest_dir) / "manifest" / f"{split}.parquet"
+        has = set(pads.dataset(path).schema.names)  # tar rows carry where their bytes lie
+        cols = ["id", "image_container", "image_member"] + [c for c in ("image_offset", "image_size") if c in has]
+        manifests[split] = pd.read_parquet(path, columns=cols)
+    if kind == "precomputed":
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):  # a folder name, never a path out of ingest_dir
+            raise ValueError(f"backbone {backbone}: the name must be a plain folder name under {ingest_dir}/features")
+        cache = Path(ingest_dir) / "features" / name
+        if not any(cache.glob("shard-*.npz")):
+            raise FileNotFoundError(f"backbone {backbone}: no feature shards in {cache}; ingest the WebDataset copy "
+                                    f"that holds {name}.npy per sample, or pick another backbone")
+        weights, precision, summary = _precomputed_key(cache), "fp32", {"seconds": 0.0, "images_per_s": float("nan")}
+        index, encoded_ids = scan_cache(cache), np.zeros(0, np.int64)
+    else:
+        bb = load_backbone(backbone, pretrained)
+        device = resolve_device(device)
+        precision = effective_precision(device, precision)
+        weights = bb.weights_key
+        cache = feature_cache_dir(Path(out_root), backbone, weights, precision)
+        union = pd.concat(manifests.values(), ignore_index=True).drop_duplicates("id")
+        where = {f"{k}s": union[f"image_{k}"].fillna(-1).to_numpy(np.int64) for k in ("offset", "size")
+                 if f"image_{k}" in union}
+        ext = extract_features(union["id"].to_numpy(np.int64), union["image_container"].to_numpy(),
+                               union["image_member"].to_numpy(), ImageStore(Path(data_dir)).open, bb, cache,
+                               batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, device=device,
+                               precision=precision, retry_failed=retry_failed, progress=progress,
+                               **(where if len(where) == 2 else {}))
+        index, encoded_ids, summary = ext.index, ext.encoded_ids, ext.summary()
+    out: dict = {"backbone": backbone, "dim": index.dim, "weights": weights, "precision": precision,
+                 "cache": str(cache), "dirs": {}, "digests": {}}
+    for split, m in manifests.items():
+        ids = m["id"].to_numpy(np.int64)
+        missing = index.missing(ids)
+        if len(missing):  # precomputed features that the ingest did not write
+            raise ValueError(f"backbone {backbone}: {len(missing)} of {len(ids)} {split} manifest ids have no "
+                             f"features in {cache} (e.g. id {int(missing[0])}); re-run the ingest that writes them")
+        digest = features_digest(backbone, weights, precision, ids)
+        view = Path(out_root) / f"{_slug(backbone)}-{digest[:16]}" / split
+        doc = write_view(view, cache, ids, index.failures, {"split": split, "backbone": backbone, "weights": weights,
+                                                            "precision": precision, "digest": digest, "dim": index.dim})
+        n_new = int(np.isin(ids, encoded_ids).sum())
+        out["dirs"][split], out["digests"][split] = str(view), digest
+        out[split] = {"n": int(len(ids)), "encoded": n_new, "cached": int(len(ids)) - n_new, "failures": doc["failures"],
+                      "seconds": summary["seconds"], "images_per_s": summary["images_per_s"]}
     return out
 
 
@@ -175,11 +250,7 @@ def _split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, spli
     """
     m = pd.read_parquet(Path(ingest_dir) / "manifest" / f"{split}.parquet")
     a = pd.read_parquet(Path(hierarchy_dir) / f"assignments_{split}.parquet")
-    ids, feats = load_features(feature_dir)
-    row = pd.Index(ids).get_indexer(m["id"])
-    if (row < 0).any():
-        raise ValueError(f"{(row < 0).sum()} {split} images have no cached features in {feature_dir}: rerun features")
-    feats = feats[row]
+    feats = load_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))  # KeyError if missing
     ok = np.isfinite(feats).all(axis=1)
     if require_targets:  # training needs an entity at every level; evaluation keeps every row
         ok &= (a[[f"{lvl}_index" for lvl in LEVELS]].to_numpy() >= 0).all(axis=1)
@@ -195,9 +266,18 @@ def load_entities(hierarchy_dir: Path) -> pd.DataFrame:
 
 def run_train(
     ingest_dir: Path, hierarchy_dir: Path, feature_dirs: dict[str, str], out_root: Path,
-    model_cfg: ModelConfig, train_cfg: TrainConfig, log_fn=None,
+    model_cfg: ModelConfig, train_cfg: TrainConfig, log_fn=None, *,
+    init_from: Path | None = None, init_entities: Path | None = None, data_key: dict | None = None,
+    text: dict | None = None,
 ) -> dict:
-    """Train on the train split; the run folder is keyed by config + data so reruns resume."""
+    """Train on the train split; the run folder is keyed by config + data so reruns resume.
+
+    ``init_from``/``init_entities``: warm start from an earlier model.pt and its entity table
+    (a fine-tune from the champion): parameters are copied, entity rows matched by stable key,
+    new entities start fresh. ``data_key``: content digests of the inputs (the pipeline's), so a
+    folder whose content changed trains in a new run folder instead of resuming a stale one.
+    ``text``: {"spec", "pretrained", "batch_size"} to give the entities Text_i (hierloc.text), or None.
+    """
     _, feats, targets, latlon, dropped = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["train"]), "train",
                                                        require_targets=True)
     ents = load_entities(hierarchy_dir)
@@ -207,13 +287,32 @@ def run_train(
         latlon_deg=ents[["lat", "lon"]].to_numpy(np.float32),
         level_sizes=level_sizes,
         parent_index=parent_rows(ents),
+        text_feat=entity_text_features(ents, **text) if text else None,
     )
     data = TrainData(feats, targets, latlon)
-    run_dir = Path(out_root) / config_digest(model_cfg.to_dict(), train_cfg.to_dict(), {"features": feature_dirs["train"], "hierarchy": str(hierarchy_dir)})
-    res = train(data, ent_data, model_cfg, train_cfg, run_dir, log_fn=log_fn)
+    init_rows = None
+    if init_from is not None:
+        old_keys = pd.read_parquet(init_entities, columns=["key"])["key"].to_numpy() if init_entities else None
+        if old_keys is None:
+            raise ValueError(f"a warm start from {init_from} needs the entity table it was trained with (init_entities)")
+        init_rows = entity_row_map(old_keys, ents["key"].to_numpy())
+    key = data_key or {"features": feature_dirs["train"], "hierarchy": str(hierarchy_dir)}
+    run_dir = Path(out_root) / config_digest(model_cfg.to_dict(), train_cfg.to_dict(), key,
+                                             {"init_from": str(init_from) if init_from else None, "text": text})
+    res = train(data, ent_data, model_cfg, train_cfg, run_dir, log_fn=log_fn, init_from=init_from, init_rows=init_rows)
     return {"model_path": str(res.model_path), "checkpoint": str(res.checkpoint), "run_dir": str(run_dir),
             "steps": res.steps, "epochs_run": res.epochs_run, "seconds": res.seconds,
-            "n_train": int(len(feats)), "dropped_no_features_or_entity": dropped, **res.final}
+            "n_train": int(len(feats)), "dropped_no_features_or_entity": dropped,
+            "n_warm_started_entities": int((init_rows >= 0).sum()) if init_rows is not None else 0, **res.final}
+
+
+def entity_text_features(ents: pd.DataFrame, spec: str, pretrained: str | None = None, batch_size: int = 256,
+                         device: str = "cpu") -> np.ndarray:
+    """Text_i of every entity: the text tower on "name, parent, ..., country" (hierloc.text)."""
+    from hierloc.text import encode_texts, entity_texts
+
+    texts = entity_texts(ents["name"].fillna("").astype(str).tolist(), parent_rows(ents))
+    return encode_texts(texts, spec=spec, pretrained=pretrained, batch_size=batch_size, device=device)
 
 
 # --- 4b. export ----------------------------------------------------------------
@@ -316,6 +415,49 @@ def run_retrieval(
     return metrics
 
 
+def score_bundle(bundle: Path, ingest_dir: Path, feature_dir: Path, beam_k: int = 10, variant: str = "official") -> dict:
+    """A bundle's metrics on the test split, from cached features: what the registry gate compares.
+
+    The bundle's own entity table gives the predicted coordinates, so a champion trained on an
+    older hierarchy is scored exactly as the candidate is (same split, same function)."""
+    from hierloc.predictor import Predictor
+
+    m = pd.read_parquet(Path(ingest_dir) / "manifest" / "test.parquet")
+    feats = load_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))
+    ok = np.isfinite(feats).all(axis=1)
+    m, feats = m[ok].reset_index(drop=True), feats[ok]
+    pred = Predictor.load(Path(bundle), with_backbone=False)
+    res = beam_search(pred.model, pred.check_features(feats), k=beam_k, backend=pred.backend, tau=pred.tau,
+                      index=pred.index)
+    city = res.picks[:, -1]
+    metrics, _, _ = score_points(pred.entities["lat"].to_numpy(float)[city], pred.entities["lon"].to_numpy(float)[city],
+                                 m["latitude"].to_numpy(float), m["longitude"].to_numpy(float),
+                                 m[list(UNIQUE_COLUMNS)], variant=variant)
+    metrics["n_dropped_no_features"] = int((~ok).sum())
+    return metrics
+
+
+def same_backbone(bundle: Path, backbone: str, pretrained: str | None) -> bool:
+    """Whether a bundle's model reads the features of ``backbone`` (same spec, same weights)."""
+    meta = json.loads((Path(bundle) / "bundle.json").read_text())
+    if meta.get("backbone") != backbone:
+        return False
+    weights, tag = meta.get("backbone_weights"), meta.get("backbone_tag")
+    if pretrained is None:
+        return not weights and not tag
+    if Path(pretrained).is_file():  # a local weights file: the bundle holds a copy; compare contents
+        return bool(weights) and _sha256(Path(bundle) / weights) == _sha256(Path(pretrained))
+    return tag == pretrained
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_figures(fig_dir: Path, model, ents: pd.DataFrame, truth: pd.DataFrame, preds: pd.DataFrame,
                   metrics: dict) -> dict:
     """The evaluation at a glance: error map and CDF, per-level accuracy, country confusion,
@@ -333,6 +475,6 @@ def write_figures(fig_dir: Path, model, ents: pd.DataFrame, truth: pd.DataFrame,
         return {}
     with torch.no_grad():
         points = model.eval().encode_entities().cpu().numpy()
-    _, radii = plots.poincare_disk(points, ents["level"].to_numpy(np.int64), float(model.curvature),
+    _, radii = plots.poincare_disk(points, ents["level"].to_numpy(np.int64), float(model.curvature.detach()),
                                    fig_dir / "poincare_disk.png", geometry=model.cfg.geometry)
     return radii
