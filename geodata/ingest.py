@@ -21,10 +21,11 @@ Outputs:
 - `out_dir/ingest_report.json`: `IngestReport`; `out_dir/ingest_state.json`: what is
   ingested (geodata.incremental).
 
-One streaming pass per CSV: each pyarrow batch is judged (geodata.validate: row checks,
-duplicate ids against all earlier rows as numpy, image lookup and decoding) and its kept
-rows go straight to the manifest part. Memory: one batch, the image index and a few int64
-arrays per row; never a Python object per row.
+One streaming pass per CSV (geodata.ingest_split): each pyarrow batch is judged
+(geodata.validate: row checks, duplicate ids against all earlier rows as numpy, image
+lookup in geodata.image_index and decoding) and its kept rows go straight to the manifest
+part. Memory: one batch, the image index and a few int64 arrays per row; never a Python
+object per row. This module plans a run, runs each split's pass and commits the result.
 
 Incremental: a re-run parses only the CSV bytes appended since the last run (when the
 earlier bytes still hash the same), lists only new or changed image shards, and re-checks
@@ -42,9 +43,7 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,37 +54,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geodata.atomic import atomic_write_path, write_parquet_atomic, write_text_atomic
-from geodata.images import (
-    LISTING_SCHEMA,
-    ImageStore,
-    find_containers,
-    list_container,
-)
+from geodata.image_index import ImageIndex, decode_checker, update_image_index
+from geodata.images import LISTING_SCHEMA, ImageStore
 from geodata.incremental import (
-    CsvState,
     IngestState,
     PartState,
     SplitState,
-    container_fingerprint,
     csv_plan,
     drop_state,
-    file_sha256,
     load_state,
     manifest_digest,
     orphan_parts,
     save_state,
-    scan_range,
 )
 from geodata.ingest_csv import (
-    CsvStream,
     OSV5MFormatError,
-    apply_line_map,
     check_header,
-    count_lines,
     read_header,
     record_numbers,
     record_start_lines,
 )
+from geodata.ingest_split import PartWriter, SplitRun, ingest_csv_split, ingest_wds_split, wds_shard_plan
 from geodata.quarantine import (
     AFTER_DUPLICATE_REASONS,
     QUARANTINE_COLUMNS,
@@ -94,19 +83,10 @@ from geodata.quarantine import (
     REASON_FIELD,
     REASONS,
     empty_quarantine,
-    quarantine_table,
     sort_quarantine,
     summarise,
 )
-from geodata.validate import (
-    ID_REGEX,
-    IMAGE_REF_SCHEMA,
-    MANIFEST_SCHEMA,
-    IdSet,
-    image_checks,
-    judge_batch,
-    row_reasons,
-)
+from geodata.validate import ID_REGEX, MANIFEST_SCHEMA, IdSet, row_reasons
 
 __all__ = [
     "MANIFEST_SCHEMA", "QUARANTINE_COLUMNS", "QUARANTINE_SCHEMA", "REASONS", "REASON_CODE", "REASON_FIELD",
@@ -118,7 +98,6 @@ log = logging.getLogger(__name__)
 
 VerifyImages = Literal["none", "exists", "decode"]
 Layout = Literal["auto", "csv", "webdataset"]
-MAX_EXAMPLES = 5
 _RUNS_DIR = ".runs"  # per-run pending / quarantine / image index; the state names the current one
 
 
@@ -195,347 +174,6 @@ class IngestReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
-# --------------------------------------------------------------------------- images
-
-
-@dataclass
-class _Images:
-    """One split's image index: all listed rows, and a lookup by int64 id (first row per id)."""
-
-    table: pa.Table  # LISTING_SCHEMA, old rows first then new, each in walk order
-    fingerprints: dict[str, str]
-    n_listed: int  # containers listed this run
-    n_reused: int
-    new_containers: bool
-    full_reason: str = ""
-    sorted_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row in table per sorted id
-    duplicates: pa.Table | None = None
-
-    def build_lookup(self) -> None:
-        """Numeric ids only, first occurrence per id (readable members before refused ones)."""
-        numeric = pc.match_substring_regex(self.table["id"], ID_REGEX)
-        idx = np.flatnonzero(np.asarray(numeric.to_numpy(zero_copy_only=False), dtype=bool))
-        ids = pc.cast(self.table["id"].take(pa.array(idx, pa.int64())), pa.int64()).to_numpy()
-        refused = np.asarray(self.table["refused"].is_valid().to_numpy(zero_copy_only=False), dtype=bool)[idx]
-        order = np.lexsort((np.arange(len(ids)), refused, ids))  # by id, then readable first, then order
-        sorted_ids = ids[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        self.sorted_ids = sorted_ids[first]
-        self.rows = idx[order[first]]
-        self.duplicates = self.table.take(pa.array(np.sort(idx[order[~first]]), pa.int64()))
-
-    def lookup(self, ids: np.ndarray) -> pa.Table:
-        """(n,) int64 ids -> IMAGE_REF_SCHEMA rows (container null where no image)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(self.sorted_ids):
-            pos = np.zeros(len(ids), np.int64)
-            found = np.zeros(len(ids), bool)
-        else:
-            pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
-            found = self.sorted_ids[pos] == ids
-        take = pa.array(np.where(found, self.rows[pos] if len(self.rows) else 0, 0), pa.int64(), mask=~found)
-        rows = self.table.take(take)
-        return pa.table(
-            {
-                "container": rows["container"], "member": rows["member"], "offset": rows["offset"],
-                "size": rows["size_bytes"], "refused": rows["refused"],
-            },
-            schema=IMAGE_REF_SCHEMA,
-        )
-
-
-def _update_images(
-    root: Path, split: str, previous: pa.Table | None, prev_fp: dict[str, str]
-) -> _Images:
-    """List the image containers of a split that are new or changed since `prev_fp`.
-
-    Unchanged containers (same fingerprint) reuse their rows of `previous`. A container
-    that disappeared, or changed other than by adding members, sets full_reason.
-    """
-    containers = find_containers(root / "images" / split, root)
-    fingerprints = {c.rel: container_fingerprint(c.kind, c.path) for c in containers}
-    reason = ""
-    gone = sorted(set(prev_fp) - set(fingerprints))
-    if gone:
-        reason = f"images/{split}: {len(gone)} image container(s) gone since the last ingest, e.g. {gone[0]}"
-    old_parts: list[pa.Table] = []
-    new_parts: list[pa.Table] = []
-    n_listed = 0
-    for c in containers:
-        unchanged = prev_fp.get(c.rel) == fingerprints[c.rel] and previous is not None
-        if unchanged:
-            old_parts.append(previous.filter(pc.equal(previous["container"], c.rel)))
-            continue
-        listing = list_container(c)
-        n_listed += 1
-        if c.rel in prev_fp and previous is not None and not reason:
-            before = previous.filter(pc.equal(previous["container"], c.rel))
-            kept = pa.Table.from_pydict({"m": listing["member"], "s": listing["size_bytes"]})
-            was = pa.Table.from_pydict({"m": before["member"], "s": before["size_bytes"]})
-            if was.join(kept, ["m", "s"], join_type="left anti").num_rows:
-                reason = f"{c.rel}: members changed or removed since the last ingest"
-            else:  # only members added: keep the old rows first, the new ones after
-                old_parts.append(before)
-                listing = listing.join(was.rename_columns(["member", "size_bytes"]), ["member", "size_bytes"],
-                                       join_type="left anti")
-        new_parts.append(listing)
-    table = pa.concat_tables([*old_parts, *new_parts]) if old_parts or new_parts else LISTING_SCHEMA.empty_table()
-    images = _Images(
-        table=table.cast(LISTING_SCHEMA), fingerprints=fingerprints, n_listed=n_listed,
-        n_reused=len(containers) - n_listed, new_containers=n_listed > 0, full_reason=reason,
-    )
-    images.build_lookup()
-    return images
-
-
-def _decode_checker(store: ImageStore, workers: int, jpg: list[bytes | None] | None = None) -> Any:
-    """An ImageChecker decoding images through `store` (or from in-memory `jpg` bytes) in threads."""
-    from geodata.images import decode_image
-
-    def check(args: tuple[int, str, str, int | None, int | None]) -> str | None:
-        row, container, member, offset, size = args
-        try:
-            if jpg is not None and jpg[row] is not None:
-                decode_image(jpg[row], f"{container}:{member}", store.max_image_pixels)
-            else:
-                store.open(container, member, offset=offset, size=size)
-        except Exception as exc:  # any failure to read or decode is a quarantine reason
-            cause = exc.__cause__ or exc  # ImageStore wraps PIL's error; report PIL's
-            return f"{container}:{member}: {type(cause).__name__}: {cause}"
-        return None
-
-    def checker(rows: np.ndarray, refs: pa.Table) -> list[str | None]:
-        args = zip(rows.tolist(), refs["container"].to_pylist(), refs["member"].to_pylist(),
-                   refs["offset"].to_pylist(), refs["size"].to_pylist(), strict=True)
-        # PIL releases the GIL while decoding, so threads scale with cores.
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(check, args, chunksize=16))
-
-    return checker
-
-
-# --------------------------------------------------------------------------- parts
-
-
-class _PartWriter:
-    """Writes one split's new manifest rows of this run to a temp part; moved into place at commit."""
-
-    def __init__(self, part_dir: Path, name: str) -> None:
-        self.final = part_dir / name
-        self.tmp = part_dir / f".{name}.tmp"
-        self._writer: pq.ParquetWriter | None = None
-        self.n_rows = 0
-
-    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
-        if batch.num_rows == 0:
-            return
-        if self._writer is None:
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.tmp, MANIFEST_SCHEMA, compression="zstd")
-        if isinstance(batch, pa.Table):
-            self._writer.write_table(batch)
-        else:
-            self._writer.write_batch(batch)
-        self.n_rows += batch.num_rows
-
-    def close(self) -> PartState | None:
-        """Finish the temp file; its PartState (None when no rows were written)."""
-        if self._writer is None:
-            return None
-        self._writer.close()
-        self._writer = None
-        return PartState(name=self.final.name, n_rows=self.n_rows, sha256=file_sha256(self.tmp))
-
-    def remap_lines(self, line_map: Any) -> None:
-        """Rewrite the temp part's line column through a LineMap (rare: blank lines, quoted newlines)."""
-        if self._writer is None:
-            return
-        self._writer.close()
-        table = pq.read_table(self.tmp)
-        table = table.set_column(table.schema.get_field_index("line"), "line",
-                                 pa.array(apply_line_map(table["line"].to_numpy(), line_map), pa.int64()))
-        self._writer = pq.ParquetWriter(self.tmp, MANIFEST_SCHEMA, compression="zstd")
-        self._writer.write_table(table)
-
-    def discard(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.tmp.unlink(missing_ok=True)
-        if self.tmp.parent.is_dir() and not any(self.tmp.parent.iterdir()):
-            self.tmp.parent.rmdir()  # a folder this run created for nothing
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.final)
-
-
-def _remap_table_lines(table: pa.Table, line_map: Any) -> pa.Table:
-    """`table` with its line column mapped through a LineMap (nulls stay null)."""
-    if table.num_rows == 0:
-        return table
-    lines = table["line"].fill_null(-1).to_numpy()
-    mapped = apply_line_map(lines, line_map)
-    return table.set_column(table.schema.get_field_index("line"), "line", pa.array(mapped, pa.int64(), mask=mapped < 0))
-
-
-# --------------------------------------------------------------------------- per split
-
-
-@dataclass
-class _SplitRun:
-    """What one split produced in this run (before commit)."""
-
-    report: SplitReport
-    writer: _PartWriter
-    quarantine: list[pa.Table] = field(default_factory=list)
-    pending: list[pa.Table] = field(default_factory=list)
-    csv: CsvState | None = None
-    shards: dict[str, str] = field(default_factory=dict)
-    resolved: pa.Table | None = None  # lines of earlier image_missing rows judged again this run
-    rejudged: pa.Table | None = None  # their new quarantine rows (image found but unsafe / corrupt)
-
-
-def _ingest_csv_split(
-    run: _SplitRun, root: Path, plan: Any, seen: IdSet, images: _Images | None, checker: Any,
-) -> None:
-    """Stream the new bytes of one CSV through the checks into the run's part."""
-    split = run.report.split
-    csv_path = root / f"{split}.csv"
-    stream = CsvStream(csv_path, plan.start, plan.line_base)
-    scanned: dict[str, Any] = {}
-
-    def scan() -> None:  # hash + newline count, overlapping with parsing (hashlib releases the GIL)
-        try:
-            scanned["range"] = scan_range(csv_path, plan.hasher, plan.start, plan.end)
-        except BaseException as exc:  # re-raised in the caller
-            scanned["error"] = exc
-
-    thread = threading.Thread(target=scan, name=f"hash-{split}", daemon=True)
-    thread.start()
-    try:
-        for raw, lines in stream:
-            judged = judge_batch(split, csv_path.name, raw, lines, seen,
-                                 images.lookup if images is not None else None, checker)
-            run.writer.write(judged.kept)
-            if judged.quarantine.num_rows:
-                run.quarantine.append(judged.quarantine)
-            if judged.pending.num_rows:
-                run.pending.append(pa.Table.from_batches([judged.pending]))
-    finally:
-        thread.join()
-    if "error" in scanned:
-        raise scanned["error"]
-    if csv_path.stat().st_size != plan.end:
-        raise OSV5MFormatError(f"{csv_path}: the file changed while it was ingested; re-run when it is complete")
-    texts = stream.bad_texts
-    if texts:  # malformed rows: raw id = text up to the first comma
-        run.quarantine.append(quarantine_table(
-            split, csv_path.name, stream.bad_lines(), pa.array([t.split(",", 1)[0] for t in texts], pa.string()),
-            np.full(len(texts), REASON_CODE["column_count"]), pa.array(texts, pa.string()),
-        ))
-    rng = scanned["range"]
-    line_map = stream.finish(count_lines(rng.n_newlines, rng.last_byte), plan.end)
-    if line_map is not None:
-        run.writer.remap_lines(line_map)
-        run.quarantine = [_remap_table_lines(t, line_map) for t in run.quarantine]
-        run.pending = [_remap_table_lines(t, line_map) for t in run.pending]
-    run.report.line_numbers = stream.line_kind  # type: ignore[assignment]
-    run.report.bytes_parsed = plan.end - plan.start
-    run.report.n_in = stream.n_valid + len(texts)
-    run.csv = plan.new_state(csv_path.name, rng)
-
-
-def _recheck_pending(
-    run: _SplitRun, file: str, pending: pa.Table, images: _Images, checker: Any
-) -> pa.Table:
-    """Rows waiting for their image: admit the found ones, re-judge refused/corrupt; return still-missing ones."""
-    n = pending.num_rows
-    if n == 0:
-        return pending
-    refs = images.lookup(pending["id"].to_numpy())
-    code = np.zeros(n, np.int8)
-    errors = np.full(n, None, dtype=object)
-    image_checks(code, errors, refs, checker)
-    ok = np.flatnonzero(code == 0)
-    if len(ok):
-        admitted = pending.take(pa.array(ok, pa.int64()))
-        sub = refs.take(pa.array(ok, pa.int64()))
-        for name, col in (("image_container", "container"), ("image_member", "member"),
-                          ("image_offset", "offset"), ("image_size", "size")):
-            admitted = admitted.set_column(admitted.schema.get_field_index(name), name, sub[col])
-        run.writer.write(admitted.cast(MANIFEST_SCHEMA))
-        run.report.n_recovered = len(ok)
-    changed = np.flatnonzero((code != 0) & (code != REASON_CODE["image_missing"]))
-    run.resolved = pending.take(pa.array(np.concatenate([ok, changed]), pa.int64())).select(["line"])
-    t = pending.take(pa.array(changed, pa.int64()))
-    run.rejudged = quarantine_table(
-        run.report.split, file, t["line"].to_numpy(), pc.cast(t["id"], pa.string()), code[changed],
-        pa.array(errors[changed].tolist(), pa.string()),
-    )
-    still = np.flatnonzero(code == REASON_CODE["image_missing"])
-    return pending.take(pa.array(still, pa.int64()))
-
-
-def _write_features(out_dir: Path, split: str, shard_rel: str, ids: list[np.ndarray],
-                    feats: dict[str, list[np.ndarray]]) -> None:
-    """One npz per feature name for one tar shard: ids int64 (n,), feats float32 (n, D); atomic."""
-    from geodata.webdataset import feature_shard_path
-
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    for name, parts in feats.items():
-        path = feature_shard_path(out_dir, name, split, shard_rel)
-        matrix = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        with atomic_write_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez would append .npz
-            np.savez(fh, ids=all_ids.astype(np.int64), feats=matrix.astype(np.float32))
-
-
-def _ingest_wds_split(
-    run: _SplitRun, root: Path, out_dir: Path, shards: list[Path], seen: IdSet, verify_images: str,
-    store: ImageStore, workers: int, features: tuple[str, ...] | None, dims: dict[str, int],
-    listings: list[pa.Table],
-) -> None:
-    """Read new tar shards of one split: rows judged into the part, features into npz shards."""
-    from geodata.webdataset import discover_features, read_shard
-
-    split = run.report.split
-    for shard in shards:
-        rel = shard.relative_to(root).as_posix()
-        names = features if features is not None else discover_features(shard)
-        if features is None:
-            features = names
-        ids: list[np.ndarray] = []
-        feats: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for batch in read_shard(shard, rel, names, dims, read_images=verify_images == "decode"):
-            checker = _decode_checker(store, workers, batch.jpg) if verify_images == "decode" else None
-            lookup = (lambda _ids, refs=batch.refs: refs) if verify_images != "none" else None
-            judged = judge_batch(split, rel, batch.raw, batch.lines, seen, lookup, checker,
-                                 pre_code=batch.pre_code, pre_value=batch.pre_value,
-                                 late_code=batch.late_code, late_value=batch.late_value)
-            if verify_images == "none":  # still record where the image is
-                kept = judged.kept
-                refs = batch.refs.take(pa.array(judged.kept_rows, pa.int64()))
-                cols = {n: kept.column(n) for n in MANIFEST_SCHEMA.names}
-                cols.update(image_container=refs["container"].combine_chunks(), image_member=refs["member"].combine_chunks(),
-                            image_offset=refs["offset"].combine_chunks(), image_size=refs["size"].combine_chunks())
-                judged.kept = pa.RecordBatch.from_pydict(cols, schema=MANIFEST_SCHEMA)
-            run.writer.write(judged.kept)
-            if judged.quarantine.num_rows:
-                run.quarantine.append(judged.quarantine)
-            run.report.n_in += len(batch.lines)
-            ids.append(judged.kept.column("id").to_numpy())
-            for name in names:
-                feats[name].append(batch.feats[name][judged.kept_rows])
-            refs_all = batch.refs
-            listings.append(pa.table({
-                "id": batch.raw["id"], "container": refs_all["container"], "member": refs_all["member"],
-                "size_bytes": refs_all["size"], "offset": refs_all["offset"], "refused": refs_all["refused"],
-            }, schema=LISTING_SCHEMA).filter(pc.is_valid(refs_all["container"])))
-        _write_features(out_dir, split, shard.relative_to(root / split).as_posix(), ids, feats)
-    run.report.features = dict(dims)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -610,6 +248,11 @@ def _run_dir(out_dir: Path, run: int) -> Path:
 
 def _read_or_empty(path: Path, schema: pa.Schema) -> pa.Table:
     return pq.read_table(path).cast(schema) if path.is_file() else schema.empty_table()
+
+
+def _previous_index(out_dir: Path, state: IngestState, split: str) -> pa.Table:
+    """The image index (LISTING_SCHEMA) of `split` as the last committed run left it."""
+    return _read_or_empty(_run_dir(out_dir, state.run) / f"image_index_{split}.parquet", LISTING_SCHEMA)
 
 
 def _seen_ids(out_dir: Path, state: IngestState, quarantine: pa.Table, pending: dict[str, pa.Table]) -> IdSet:
@@ -698,7 +341,7 @@ def ingest_osv5m(
     # Plan: what is new per split; anything but appends makes every split start over.
     plans: dict[str, Any] = {}
     wds_shards: dict[str, tuple[list[Path], dict[str, str]]] = {}
-    images: dict[str, _Images] = {}
+    images: dict[str, ImageIndex] = {}
     for attempt in range(2):
         plans, wds_shards, images = {}, {}, {}
         for split in splits:
@@ -712,23 +355,14 @@ def ingest_osv5m(
                     why_full = plan.reason
                 plans[split] = plan
                 if verify_images != "none":
-                    previous = _read_or_empty(_run_dir(out_dir, state.run) / f"image_index_{split}.parquet",
-                                              LISTING_SCHEMA) if state is not None else None
-                    images[split] = _update_images(root, split, previous, prev.containers if prev else {})
+                    previous = _previous_index(out_dir, state, split) if state is not None else None
+                    images[split] = update_image_index(root, split, previous, prev.containers if prev else {})
                     if state is not None and images[split].full_reason:
                         why_full = images[split].full_reason
             else:
-                from geodata.webdataset import find_shards
-
-                shards = find_shards(root / split)
-                if not shards:
-                    raise FileNotFoundError(f"{root / split}: no .tar shards; expected the WebDataset copy's {split}/*.tar")
-                fps = {s.relative_to(root).as_posix(): container_fingerprint("tar", s) for s in shards}
-                prev_fps = prev.shards if prev else {}
-                changed = [k for k, v in prev_fps.items() if fps.get(k) != v]
-                if state is not None and changed:
-                    why_full = f"{split}: tar shard {changed[0]} changed or is gone since the last ingest"
-                new = [s for s in shards if s.relative_to(root).as_posix() not in prev_fps]
+                new, fps, reason = wds_shard_plan(root, split, prev.shards if prev else {})
+                if state is not None and reason:
+                    why_full = reason
                 wds_shards[split] = (new, fps)
         if state is not None and why_full:
             log.info("full re-ingest: %s", why_full)
@@ -754,46 +388,32 @@ def ingest_osv5m(
     store = ImageStore(root)
     workers = decode_workers or os.cpu_count() or 1
     seen = _seen_ids(out_dir, state, old_quarantine, old_pending) if state is not None else IdSet()
-    runs: dict[str, _SplitRun] = {}
+    runs: dict[str, SplitRun] = {}
     dims: dict[str, int] = {}
     new_pending: dict[str, pa.Table] = {}
     listings: dict[str, list[pa.Table]] = {s: [] for s in splits}
     try:
         for split in splits:
             t_split = time.perf_counter()
-            prev = state.splits.get(split) if state is not None else None
             part_name = f"part-{run_no:05d}.parquet"
             srep = SplitReport(split=split, csv_path=str(root / f"{split}.csv") if layout == "csv" else str(root / split))
             srep.mode = "full" if state is None else "append"
             srep.full_reason = why_full if state is None else ""
-            run = _SplitRun(report=srep, writer=_PartWriter(out_dir / "manifest" / f"{split}.parquet", part_name))
+            run = SplitRun(report=srep, writer=PartWriter(out_dir / "manifest" / f"{split}.parquet", part_name))
             runs[split] = run
             if state is None:
                 path = out_dir / "manifest" / f"{split}.parquet"
                 if path.is_file():  # an older single-file manifest: replaced by a folder of parts
                     path.unlink()
             if layout == "csv":
-                img = images.get(split)
-                checker = _decode_checker(store, workers) if verify_images == "decode" else None
-                _ingest_csv_split(run, root, plans[split], seen, img, checker)
-                pending = pa.concat_tables([old_pending[split], *run.pending]).cast(MANIFEST_SCHEMA)
-                if img is not None and img.new_containers and old_pending[split].num_rows:
-                    still = _recheck_pending(run, f"{split}.csv", old_pending[split], img, checker)
-                    pending = pa.concat_tables([still, *run.pending]).cast(MANIFEST_SCHEMA)
-                new_pending[split] = pending
-                if img is not None:
-                    srep.n_images_indexed = img.table.num_rows
-                    srep.n_containers_listed, srep.n_containers_reused = img.n_listed, img.n_reused
-                    srep.n_duplicate_images = img.duplicates.num_rows if img.duplicates is not None else 0
-                    srep.duplicate_image_examples = [
-                        f"{r['id']} in {r['container']}:{r['member']}"
-                        for r in (img.duplicates.slice(0, MAX_EXAMPLES).to_pylist() if img.duplicates is not None else [])
-                    ]
+                checker = decode_checker(store, workers) if verify_images == "decode" else None
+                new_pending[split] = ingest_csv_split(run, root, plans[split], seen, images.get(split), checker,
+                                                      old_pending[split])
             else:
                 new, fps = wds_shards[split]
                 run.shards = fps
-                _ingest_wds_split(run, root, out_dir, new, seen, verify_images, store, workers, features, dims,
-                                  listings[split])
+                ingest_wds_split(run, root, out_dir, new, seen, verify_images, store, workers, features, dims,
+                                 listings[split])
                 new_pending[split] = MANIFEST_SCHEMA.empty_table()
             log.info("%s: %d rows read in %.1f s", split, run.report.n_in, time.perf_counter() - t_split)
     except BaseException:
@@ -806,7 +426,7 @@ def ingest_osv5m(
                    new_pending, images, listings, t0)
 
 
-def _split_quarantine(old: pa.Table, run: _SplitRun, split: str) -> pa.Table:
+def _split_quarantine(old: pa.Table, run: SplitRun, split: str) -> pa.Table:
     """All quarantine rows of a split after this run: earlier ones (less re-judged rows) + new ones."""
     mine = old.filter(pc.equal(old["split"], split))
     if run.resolved is not None and run.resolved.num_rows:
@@ -817,9 +437,9 @@ def _split_quarantine(old: pa.Table, run: _SplitRun, split: str) -> pa.Table:
 
 
 def _commit(
-    report: IngestReport, state: IngestState | None, runs: dict[str, _SplitRun], splits: tuple[str, ...],
+    report: IngestReport, state: IngestState | None, runs: dict[str, SplitRun], splits: tuple[str, ...],
     out_dir: Path, run_no: int, layout: str, verify_images: str, old_quarantine: pa.Table,
-    pending: dict[str, pa.Table], images: dict[str, _Images], listings: dict[str, list[pa.Table]], t0: float,
+    pending: dict[str, pa.Table], images: dict[str, ImageIndex], listings: dict[str, list[pa.Table]], t0: float,
 ) -> IngestReport:
     """Counts, the bad-fraction check, then publish: run tables, parts, state (the commit point), views."""
     quarantine_by_split = {s: _split_quarantine(old_quarantine, runs[s], s) for s in splits}
@@ -874,8 +494,7 @@ def _commit(
         if split in images:
             index = images[split].table
         else:
-            old = (_read_or_empty(_run_dir(out_dir, state.run) / f"image_index_{split}.parquet", LISTING_SCHEMA)
-                   if state is not None else LISTING_SCHEMA.empty_table())
+            old = _previous_index(out_dir, state, split) if state is not None else LISTING_SCHEMA.empty_table()
             index = pa.concat_tables([old, *listings[split]]).cast(LISTING_SCHEMA)
         write_parquet_atomic(index, run_dir / f"image_index_{split}.parquet")
         if parts_new[split] is not None:
