@@ -1,0 +1,89 @@
+"""The model file (model.pt): build a HierLocModel from training arrays, save it, load it back.
+
+``save_model`` writes everything inference needs in one atomic file; ``load_model``
+rebuilds the model from it, upgrading older layouts (``MODEL_FORMAT``) to today's names.
+``atomic_torch_save`` is the one atomic ``torch.save`` (also used for checkpoints).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hierloc.atomic import atomic_write_path
+from hierloc.model import HierLocModel, ModelConfig
+from hierloc.train_data import EntityData, TrainData
+
+#: Version of the model.pt layout: 1 had a "curvature" buffer (no log_curvature) and no
+#: text, attention or spherical-harmonics entries; 2 is the current one.
+MODEL_FORMAT = 2
+
+
+def build_model(cfg: ModelConfig, data: TrainData, ents: EntityData) -> HierLocModel:
+    """A fresh model for these arrays: feature normalisation from ``data.features`` (N, D),
+    entity buffers (Img_i, coordinates, parents, texts) from ``ents``."""
+    feats = torch.as_tensor(data.features, dtype=torch.float32)
+    return HierLocModel(
+        cfg,
+        feat_mean=feats.mean(0),
+        feat_std=feats.std(0),
+        entity_img_feat=torch.tensor(np.asarray(ents.img_feat), dtype=torch.float32),
+        entity_latlon_deg=torch.tensor(np.asarray(ents.latlon_deg), dtype=torch.float32),
+        level_sizes=ents.level_sizes,
+        parent_index=torch.tensor(np.asarray(ents.parent_index), dtype=torch.long),
+        entity_text_feat=None if ents.text_feat is None else torch.tensor(np.asarray(ents.text_feat), dtype=torch.float32),
+    )
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically (hierloc.atomic): a crash leaves the old file."""
+    with atomic_write_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_model(model: HierLocModel, path: Path, *, tau: float = 1.0) -> None:
+    """Everything needed to rebuild the model for inference, in one file.
+
+    ``tau`` is the loss temperature at the end of training: inference turns beam
+    distances into probabilities with it (hierloc.inference.beam_probabilities).
+    The state dict holds every buffer and parameter (text features, attention,
+    log curvature, location encoder); ``load_model`` also reads files written before
+    those existed (format 1).
+    """
+    atomic_torch_save(
+        {"format": MODEL_FORMAT, "model_config": model.cfg.to_dict(), "level_sizes": model.level_sizes,
+         "state_dict": model.state_dict(), "tau": float(tau)},
+        path,
+    )
+
+
+def _upgrade_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-1 state dict in today's names: the fixed K buffer becomes log K."""
+    sd = dict(sd)
+    if "curvature" in sd and "log_curvature" not in sd:
+        sd["log_curvature"] = sd.pop("curvature").float().log()
+    return sd
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> HierLocModel:
+    blob = torch.load(path, map_location=map_location, weights_only=False)
+    if blob.get("format", 1) > MODEL_FORMAT:
+        raise ValueError(f"{path}: model format {blob['format']}, this hierloc reads up to {MODEL_FORMAT}: upgrade hierloc")
+    sd = _upgrade_state_dict(blob["state_dict"])
+    cfg = ModelConfig(**blob["model_config"])  # fields missing in older files take their defaults (the old behaviour)
+    model = HierLocModel(
+        cfg,
+        feat_mean=sd["norm.mean"],
+        feat_std=sd["norm.std"],
+        entity_img_feat=sd["entity_img_feat"],
+        entity_latlon_deg=sd["entity_latlon_deg"],
+        level_sizes=blob["level_sizes"],
+        parent_index=sd["parent_index"],
+        entity_text_feat=sd.get("entity_text_feat"),
+    )
+    model.load_state_dict(sd)
+    #: the loss temperature the model was trained to (1.0 for files written before it was saved)
+    model.tau = float(blob.get("tau", 1.0))
+    return model.eval()
