@@ -42,6 +42,9 @@ Geometry = Literal["lorentz", "euclidean"]
 
 #: Default number of (B x chunk) elements per chunk of the streamed loss (16 MiB of float32).
 CHUNK_ELEMS = 1 << 22
+#: Up to this many (B x N_l) elements a level is computed on materialised matrices (fast, ~70 MB
+#: per float32 matrix); above, it is streamed over chunks (bounded memory, recomputed in backward).
+PLAIN_MAX_ELEMS = 1 << 24
 
 
 def pairwise_sq_dist(z: torch.Tensor, h: torch.Tensor, *, geometry: Geometry, k: torch.Tensor | float) -> torch.Tensor:
@@ -186,10 +189,11 @@ class GeoWeightedInfoNCE(nn.Module):
         """L_l from points: z (B, D) images, h (N, D) the level's entities, target (B,) in
         [0, N) or -1, img_latlon_deg (B, 2), ent_latlon_deg (N, 2), k the curvature K.
 
-        Streamed over ``chunk`` entities at a time (default CHUNK_ELEMS / B);
-        ``naive=True`` materialises the (B, N) matrices and calls ``level_loss``.
+        Streamed over ``chunk`` entities at a time (default CHUNK_ELEMS / B) when B x N is above
+        PLAIN_MAX_ELEMS or ``chunk`` is given; otherwise, and with ``naive=True``, the (B, N)
+        matrices are materialised and ``level_loss`` is called (same values; faster when they fit).
         """
-        if naive:
+        if naive or (chunk is None and z.shape[0] * h.shape[0] <= PLAIN_MAX_ELEMS):
             sq = pairwise_sq_dist(z, h, geometry=geometry, k=k)
             geo = (geo_km_from_unit(unit_xyz(img_latlon_deg), unit_xyz(ent_latlon_deg))
                    if self.weighted else None)

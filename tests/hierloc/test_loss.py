@@ -168,9 +168,25 @@ def test_level_without_targets_contributes_zero():
     loss = GeoWeightedInfoNCE(betas=(1.0,))
     z, h = _points(4), _points(6, seed=1)
     target = torch.full((4,), -1)
-    for naive in (True, False):
-        val = loss.level_loss_points(z, h, target, torch.zeros(4, 2), torch.zeros(6, 2), naive=naive)
+    for naive, chunk in ((True, None), (False, 2)):
+        val = loss.level_loss_points(z, h, target, torch.zeros(4, 2), torch.zeros(6, 2), naive=naive, chunk=chunk)
         assert val.item() == 0.0
+
+
+def test_small_levels_take_the_materialised_path_large_ones_stream(monkeypatch):
+    """Same value either way; which path runs depends on B x N against PLAIN_MAX_ELEMS."""
+    import hierloc.loss as L
+
+    loss = GeoWeightedInfoNCE(betas=(1.0,))
+    z, h = _points(4), _points(6, seed=1)
+    target = torch.tensor([0, 1, 2, 3])
+    calls = []
+    monkeypatch.setattr(L, "chunked_level_loss", lambda *a, **kw: calls.append(1) or torch.zeros(4))
+    loss.level_loss_points(z, h, target, torch.zeros(4, 2), torch.zeros(6, 2))
+    assert calls == []
+    monkeypatch.setattr(L, "PLAIN_MAX_ELEMS", 4 * 6 - 1)
+    loss.level_loss_points(z, h, target, torch.zeros(4, 2), torch.zeros(6, 2))
+    assert calls == [1]
 
 
 def test_forward_points_equals_forward_on_matrices():
