@@ -29,8 +29,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from flows import registry, stages
 from flows.lineage import OUTPUTS, check_tracking, digest_of, files_digest, latest_stage_run, load_outputs, \
     log_dataset, source_digest
-from flows.params import (DemoDataParams, EvalParams, FeatureParams, HierarchyParams, IngestParams,  # noqa: F401
-                          PipelineConfig, RegistryParams, RetrainParams, UpstreamRuns)
+from flows.params import FeatureParams, HierarchyParams, IngestParams, PipelineConfig, RetrainParams, UpstreamRuns
 from flows.serving import log_pyfunc, resolve_bundle
 from flows.tracking import Run, tracked_run
 

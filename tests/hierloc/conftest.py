@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from hierloc.train import EntityData, TrainData, entity_mean_features
 
@@ -36,3 +37,12 @@ def make_tiny(seed: int = 0, n: int = 600, d_img: int = 16):
 @pytest.fixture(scope="session")
 def tiny():
     return make_tiny()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny problems: on a busy machine two OpenMP threads mostly wait for each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

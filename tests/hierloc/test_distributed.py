@@ -15,13 +15,7 @@ from hierloc.model import ModelConfig
 from hierloc.train import TrainConfig, load_arrays, save_arrays, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: on a busy machine two OpenMP threads mostly wait for each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shards_are_disjoint_and_cover_the_batch():

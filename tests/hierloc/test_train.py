@@ -18,13 +18,7 @@ from hierloc.train import TrainConfig, load_model, train
 FAST = dict(epochs=4, batch_size=64, warmup_steps=5, log_every=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: on a busy machine two OpenMP threads mostly wait for each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("geometry", ["lorentz", "euclidean"])
