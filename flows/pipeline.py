@@ -312,7 +312,7 @@ def register_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dic
     candidate_score = stages.score_bundle(Path(trained["bundle"]), **test)[r.rule.metric]
     champion_score, comparable = None, True
     if champion is not None:
-        champ_bundle = resolve_bundle(f"models:/{r.name}/{champion.version}", Path(cfg.work_dir))
+        champ_bundle = _local_champion(cfg, champion.version)
         if not stages.same_backbone(champ_bundle, feats["backbone"], feats["pretrained"]):
             comparable = False
         else:
@@ -387,7 +387,7 @@ def retrain(cfg: PipelineConfig = PipelineConfig(), retrain: RetrainParams = Ret
     champion = registry.champion_version(client, cfg.registry.name) if retrain.from_champion else None
     init, previous = None, None
     if champion is not None:
-        bundle = resolve_bundle(f"models:/{cfg.registry.name}/{champion.version}", Path(cfg.work_dir))
+        bundle = _local_champion(cfg, champion.version)
         previous = bundle / "entities.parquet"
         init = {"model_path": str(bundle / "model.pt"), "entities": str(previous),
                 "model_uri": f"models:/{cfg.registry.name}/{champion.version}"}
@@ -399,6 +399,24 @@ def retrain(cfg: PipelineConfig = PipelineConfig(), retrain: RetrainParams = Ret
         parent.params({"retrain": retrain.model_dump()})
         parent.tags({"init_from": init["model_uri"] if init else "scratch"})
         return _stages(cfg, parent, previous=previous, init=init)
+
+
+def _local_champion(cfg: PipelineConfig, version: str) -> Path:
+    """The champion's bundle, downloaded once to ``work_dir/retrain/<name>-v<version>``: a stable
+    path, so the hierarchy's cache key and the training folder's key stay the same across runs."""
+    import shutil
+    import tempfile
+
+    local = Path(cfg.work_dir) / "retrain" / f"{cfg.registry.name}-v{version}"
+    if not (local / "bundle.json").is_file():
+        bundle = resolve_bundle(f"models:/{cfg.registry.name}/{version}", Path(cfg.work_dir))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".champion-", dir=local.parent))
+        shutil.copytree(bundle, tmp / "bundle")
+        shutil.rmtree(local, ignore_errors=True)
+        (tmp / "bundle").rename(local)  # whole, or not at all
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
 
 
 def _upstream(cfg: PipelineConfig, runs: UpstreamRuns, stage: str) -> dict:
