@@ -184,6 +184,8 @@ def main() -> None:
         return
     n_rows = args.rows or (200_000 if args.quick else 4_900_000)
     repeat = args.repeat or (2 if args.quick else 1)
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hierloc-ingest-bench-", dir=args.tmp))
     try:
         data = work / "osv5m"
