@@ -35,6 +35,7 @@ from geodata.hierarchy import assign_images, build_entities, parent_rows
 from geodata.images import ImageStore
 from geodata.labeling import country_disagreements, label_points, polygon_report, representative_coords
 from geodata.atomic import write_parquet_atomic, write_text_atomic
+from geodata.incremental import file_sha256
 from geodata.ingest import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
 from hierloc.features import (effective_precision, extract_features, features_digest, load_backbone, load_features,
@@ -446,16 +447,8 @@ def same_backbone(bundle: Path, backbone: str, pretrained: str | None) -> bool:
     if pretrained is None:
         return not weights and not tag
     if Path(pretrained).is_file():  # a local weights file: the bundle holds a copy; compare contents
-        return bool(weights) and _sha256(Path(bundle) / weights) == _sha256(Path(pretrained))
+        return bool(weights) and file_sha256(Path(bundle) / weights) == file_sha256(Path(pretrained))
     return tag == pretrained
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_figures(fig_dir: Path, model, ents: pd.DataFrame, truth: pd.DataFrame, preds: pd.DataFrame,
