@@ -53,6 +53,13 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _load_error_reason(exc: Exception) -> str:
+    """The line of torch's load error that says what was refused (not its advice to retry unsafely)."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def load_plain(path: str | Path, *, what: str, max_bytes: int, map_location: str | torch.device = "cpu") -> dict:
     """The dict that ``torch.save`` wrote to ``path``, read with ``weights_only=True``.
 
@@ -67,19 +74,19 @@ def load_plain(path: str | Path, *, what: str, max_bytes: int, map_location: str
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file (expected a {what})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path}: not a regular file (a {what} must be one)")
-        if st.st_size > max_bytes:
-            raise ValueError(f"{path}: {st.st_size:,} bytes, over the {max_bytes:,}-byte cap on a {what}")
+        raise ValueError(f"{path}: {st.st_size:,} bytes, over the {max_bytes:,}-byte cap on a {what}")
+    with os.fdopen(fd, "rb") as fh:
         try:
             blob = torch.load(fh, map_location=map_location, weights_only=True)
         except Exception as exc:  # UnpicklingError (a non-plain object), RuntimeError (not a torch file), ...
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ValueError(
                 f"{path}: refused as a {what}: it does not load as plain data (torch.load weights_only=True: "
-                f"{first}). hierloc runs no code from files; every file it writes loads this way. Re-create "
+                f"{_load_error_reason(exc)}). hierloc runs no code from files; every file it writes loads this way. Re-create "
                 "it with hierloc, or, for a file you made yourself and trust, torch.save it again holding only "
                 "tensors, numbers, strings, lists and dicts") from None
     if not isinstance(blob, dict):
