@@ -29,6 +29,8 @@ MODEL_FORMAT = 2
 MAX_MODEL_FILE_BYTES = 4 << 30
 #: The largest training checkpoint read: the model plus the optimisers' moments (about 3x).
 MAX_CHECKPOINT_FILE_BYTES = 16 << 30
+#: The largest backbone / text-encoder weights file read (a ViT-g/14 in float32 is about 5 GB).
+MAX_WEIGHTS_FILE_BYTES = 16 << 30
 
 
 def build_model(cfg: ModelConfig, data: TrainData, ents: EntityData) -> HierLocModel:
@@ -53,6 +55,23 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def open_regular(path: str | Path, *, what: str, max_bytes: int) -> int:
+    """A read-only descriptor of ``path`` when it is a regular file of at most ``max_bytes``
+    (a FIFO is opened without waiting for a writer, then refused, as are devices and folders).
+    Raises FileNotFoundError or ValueError naming the file, its size and the cap."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (expected a {what})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file (a {what} must be one)")
+        raise ValueError(f"{path}: {st.st_size:,} bytes, over the {max_bytes:,}-byte cap on a {what}")
+    return fd
+
+
 def _load_error_reason(exc: Exception) -> str:
     """The line of torch's load error that says what was refused (not its advice to retry unsafely)."""
     skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -70,17 +89,7 @@ def load_plain(path: str | Path, *, what: str, max_bytes: int, map_location: str
     Raises FileNotFoundError or ValueError naming the file.
     """
     path = Path(path)
-    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file (expected a {what})") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-        os.close(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file (a {what} must be one)")
-        raise ValueError(f"{path}: {st.st_size:,} bytes, over the {max_bytes:,}-byte cap on a {what}")
-    with os.fdopen(fd, "rb") as fh:
+    with os.fdopen(open_regular(path, what=what, max_bytes=max_bytes), "rb") as fh:
         try:
             blob = torch.load(fh, map_location=map_location, weights_only=True)
         except Exception as exc:  # UnpicklingError (a non-plain object), RuntimeError (not a torch file), ...

@@ -154,3 +154,16 @@ def test_rng_state_round_trip():
     set_rng_state(state, cpu)
     assert torch.equal(torch.rand(5), a)
     assert np.asarray(state["cpu"]).dtype == np.uint8
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "open_clip:RN50"])
+def test_backbone_weights_over_the_cap_are_not_read(tmp_path, spec):
+    from hierloc.features import load_backbone
+    from hierloc.model_io import MAX_WEIGHTS_FILE_BYTES
+
+    big = tmp_path / "weights.pt"
+    with open(big, "wb") as fh:  # sparse: no disk used
+        fh.truncate(MAX_WEIGHTS_FILE_BYTES + 1)
+    with pytest.raises(ValueError, match=rf"{big}: {MAX_WEIGHTS_FILE_BYTES + 1:,} bytes, over the "
+                                         rf"{MAX_WEIGHTS_FILE_BYTES:,}-byte cap on a backbone weights file"):
+        load_backbone(spec, str(big))
