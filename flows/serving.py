@@ -1,22 +1,34 @@
 """The trained model as an MLflow pyfunc: backbone + head + entity table, served by `mlflow models serve`.
 
 Input: a DataFrame with one of the columns
-- ``path``: a photo file path readable by the server,
 - ``image``: the photo's bytes, or the bytes base64-encoded (what a JSON request carries),
-- ``features``: precomputed backbone features (a list of floats per row).
+  at most ``max_image_bytes`` (SERVED_MAX_IMAGE_BYTES) before decoding;
+- ``features``: precomputed backbone features (a list of floats per row);
+- ``path``: a photo file inside the folder named by the model config's ``path_root``, set
+  when the model is served (``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"path_root": "/srv/photos"}'
+  mlflow models serve ...``, or ``mlflow.pyfunc.load_model(uri, model_config={"path_root": ...})``).
+  Without it the column is refused. Relative paths are taken inside that folder; a path
+  that resolves outside it (``..``, a link), is missing, or is not a regular file gets one
+  uniform error (which says nothing about whether it exists); a file over
+  ``max_image_bytes`` is not read.
 Output: one row per input row (hierloc.predictor.predictions_frame): latitude,
 longitude, path, <level>_key / _name / _prob, candidates (JSON), and ``error``
 (empty when the row was answered; a bad row does not fail the batch).
 
-The model's artifacts are the bundle folder (hierloc/predictor.py), so a logged
-model is self-contained: ``mlflow.pyfunc.load_model("runs:/<id>/model")`` needs
-nothing else from the run.
+The model is logged as a *model from code* (flows/pyfunc_model.py, which builds a
+``HierLocPyfunc``): loading it unpickles nothing. Its only artifact is the bundle folder
+(hierloc/predictor.py): bundle.json, model.pt (read with torch.load(weights_only=True)),
+entities.parquet, and the backbone's weights when they came from a local file; its settings
+are plain values in MLmodel's model_config. ``mlflow.pyfunc.load_model("runs:/<id>/model")``
+needs nothing else from the run.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import stat
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +40,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, open_photo
+from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from hierloc.predictor import Predictor, predictions_frame
 
 INPUT_COLUMNS = ("path", "image", "features")
@@ -36,26 +48,96 @@ OUTPUT_COLUMNS = ("latitude", "longitude", "path", *(f"{lvl}_{f}" for lvl in ("c
                                                       for f in ("key", "name", "prob")), "candidates")
 _REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "geoopt", "faiss-cpu", "pandas", "pyarrow", "pillow", "mlflow")
 
+#: The largest photo the served model reads, per row (``image`` bytes, or a ``path`` file):
+#: checked before decoding. OSV-5M photos are under 1 MB; a 100-megapixel JPEG is about 30 MB.
+SERVED_MAX_IMAGE_BYTES = 32 << 20
+#: The model-from-code file MLflow runs to build the pyfunc (no pickled object is logged).
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+#: The pyfunc's settings (MLmodel's model_config); each can be overridden when the model is
+#: loaded or served. ``path_root`` "" = the ``path`` column is off.
+DEFAULT_MODEL_CONFIG = {"top_k": 5, "beam_k": 10, "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
+                        "max_image_bytes": SERVED_MAX_IMAGE_BYTES, "path_root": ""}
+_PATH_REFUSED = "path refused: not a regular file inside the folder this model serves photos from"
 
-def _as_bytes(value) -> bytes:
+
+class PathRefused(ValueError):
+    """A ``path`` row the served model does not open (one message for every reason)."""
+
+
+def _as_bytes(value, max_bytes: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
+        data = bytes(value)
+    elif isinstance(value, str):
+        if len(value) > 4 * (max_bytes // 3 + 1) + 4:  # base64 of more than max_bytes: not decoded
+            raise ValueError(f"image of about {len(value) * 3 // 4:,} bytes, over the {max_bytes:,}-byte cap "
+                             "on a served photo (model_config max_image_bytes)")
         try:
-            return base64.b64decode(value, validate=True)
+            data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("the image column holds a string that is not base64") from None
-    raise ValueError(f"the image column holds {type(value).__name__}, expected bytes or base64 text")
+    else:
+        raise ValueError(f"the image column holds {type(value).__name__}, expected bytes or base64 text")
+    if len(data) > max_bytes:
+        raise ValueError(f"image of {len(data):,} bytes, over the {max_bytes:,}-byte cap on a served photo "
+                         "(model_config max_image_bytes)")
+    return data
+
+
+def read_served_path(value, root: Path | None, max_bytes: int) -> bytes:
+    """The bytes of the photo that a ``path`` row names, read only from a regular file inside
+    ``root`` (resolved: links and ``..`` cannot leave it) of at most ``max_bytes``.
+
+    Raises PathRefused with the same message whether the path is outside ``root``, missing,
+    a folder, a FIFO or a device: a client learns nothing about the server's other files.
+    """
+    if root is None:
+        raise PathRefused("the path column is off for this model: send the photo's bytes in the image column, or "
+                          "serve the model with a folder of photos (model_config path_root, e.g. "
+                          "MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"path_root\": \"/srv/photos\"}')")
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise PathRefused(_PATH_REFUSED)
+    try:
+        real = (root / value).resolve(strict=True)  # an absolute value replaces root, and is checked below
+    except (OSError, RuntimeError, ValueError):
+        raise PathRefused(_PATH_REFUSED) from None
+    if not real.is_relative_to(root):
+        raise PathRefused(_PATH_REFUSED)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except OSError:
+        raise PathRefused(_PATH_REFUSED) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses a folder with its own error
+        os.close(fd)
+        raise PathRefused(_PATH_REFUSED)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(max_bytes + 1) if st.st_size <= max_bytes else b""
+        if st.st_size > max_bytes or len(data) > max_bytes:
+            raise ValueError(f"{value}: over the {max_bytes:,}-byte cap on a served photo (model_config max_image_bytes)")
+    return data
 
 
 class HierLocPyfunc(PythonModel):
-    """pyfunc wrapper around hierloc.predictor.Predictor."""
+    """pyfunc wrapper around hierloc.predictor.Predictor; settings from the model config."""
 
     def __init__(self, top_k: int = 5, beam_k: int = 10, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.top_k, self.beam_k, self.max_image_pixels = top_k, beam_k, max_image_pixels
+        self.max_image_bytes = SERVED_MAX_IMAGE_BYTES
+        self.path_root: Path | None = None
         self.predictor: Predictor | None = None
 
     def load_context(self, context) -> None:
+        cfg = {**DEFAULT_MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
+        self.top_k, self.beam_k = int(cfg["top_k"]), int(cfg["beam_k"])
+        self.max_image_pixels, self.max_image_bytes = int(cfg["max_image_pixels"]), int(cfg["max_image_bytes"])
+        root = str(cfg.get("path_root") or "").strip()
+        self.path_root = None
+        if root:
+            self.path_root = Path(root).expanduser().resolve()
+            if not self.path_root.is_dir():
+                raise ValueError(f"model_config path_root={root!r} is not a folder: name the folder whose photos "
+                                 "the path column may read, or leave it empty to refuse that column")
         self.predictor = Predictor.load(Path(context.artifacts["bundle"]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -75,10 +157,11 @@ class HierLocPyfunc(PythonModel):
                 if col == "features":
                     feats[i] = self.predictor.check_features(np.asarray(value, dtype=np.float32)[None])[0]
                 elif col == "path":
-                    images.append(open_photo(Path(value), self.max_image_pixels))
+                    data = read_served_path(value, self.path_root, self.max_image_bytes)
+                    images.append(decode_image(data, str(value), self.max_image_pixels))
                     image_rows.append(i)
                 else:
-                    images.append(decode_image(_as_bytes(value), f"row {i}", self.max_image_pixels))
+                    images.append(decode_image(_as_bytes(value, self.max_image_bytes), f"row {i}", self.max_image_pixels))
                     image_rows.append(i)
             except Exception as exc:  # one bad row is reported, the batch goes on
                 errors[i] = f"{type(exc).__name__}: {exc}"
@@ -126,9 +209,14 @@ def signature() -> ModelSignature:
     return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("top_k", "long", 5)]))
 
 
-def save_pyfunc(bundle: Path, path: Path) -> Path:
-    """Save the bundle as a pyfunc model folder (no tracking server needed)."""
-    mlflow.pyfunc.save_model(path=str(path), python_model=HierLocPyfunc(), artifacts={"bundle": str(bundle)},
+def save_pyfunc(bundle: Path, path: Path, model_config: dict | None = None) -> Path:
+    """Save the bundle as a pyfunc model folder (no tracking server needed): a model from code
+    (MODEL_CODE), the bundle folder as its artifact, ``model_config`` over DEFAULT_MODEL_CONFIG."""
+    unknown = sorted(set(model_config or {}) - set(DEFAULT_MODEL_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown model_config keys {unknown}; allowed: {sorted(DEFAULT_MODEL_CONFIG)}")
+    mlflow.pyfunc.save_model(path=str(path), python_model=str(MODEL_CODE), artifacts={"bundle": str(bundle)},
+                             model_config={**DEFAULT_MODEL_CONFIG, **(model_config or {})},
                              pip_requirements=pip_requirements(), signature=signature())
     return Path(path)
 
@@ -179,8 +267,8 @@ def resolve_bundle(model: str | None, work_dir: Path) -> Path:
 
         flavor = Model.load(str(path / "MLmodel")).flavors.get("python_function", {})
         rel = (flavor.get("artifacts") or {}).get("bundle", {}).get("path")
-        inner = path / rel if rel else None
-        if inner is not None and (inner / "bundle.json").is_file():
+        inner = (path / rel).resolve() if rel else None
+        if inner is not None and inner.is_relative_to(path.resolve()) and (inner / "bundle.json").is_file():
             return inner
         raise ValueError(f"{model}: an MLflow model, but not a hierloc one (its MLmodel names no 'bundle' artifact "
                          "holding bundle.json); pass a model logged by the hierloc pipeline")

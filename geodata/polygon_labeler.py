@@ -394,6 +394,16 @@ class PolygonLabeler:
             shapely.prepare(pieces)
         self._init_caches()
 
+    def to_plain(self) -> dict:
+        """The pickled state as plain values (geodata.payload: shipped to Dask workers unpickled)."""
+        return self.__getstate__()
+
+    @classmethod
+    def from_plain(cls, state: dict) -> PolygonLabeler:
+        obj = cls.__new__(cls)
+        obj.__setstate__(state)
+        return obj
+
     # ------------------------------------------------------------------ labelling
 
     @property

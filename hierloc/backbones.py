@@ -23,6 +23,7 @@ changing the weights file, the tag or the library's init never reuses stale feat
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from hierloc.model_io import MAX_WEIGHTS_FILE_BYTES, load_plain, open_regular
 
 SPEC_KINDS = ("fixed", "open_clip", "timm", "precomputed")
 
@@ -125,6 +128,8 @@ def _open_clip(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module,
     if pretrained and not Path(pretrained).is_file() and pretrained not in tags:
         raise FileNotFoundError(f"backbone open_clip:{name}: pretrained weights {pretrained!r} are neither a file "
                                 f"nor an open_clip tag of this architecture")
+    if pretrained and Path(pretrained).is_file():  # open_clip reads it with weights_only=True; capped here first
+        os.close(open_regular(pretrained, what="backbone weights file", max_bytes=MAX_WEIGHTS_FILE_BYTES))
     model, _, preprocess = _seeded(
         lambda: open_clip.create_model_and_transforms(name, pretrained=pretrained or None), seed)
     visual = model.visual  # encode_image(x) == visual(x): the text tower is never used
@@ -136,8 +141,9 @@ def _timm_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        os.close(open_regular(path, what="backbone weights file", max_bytes=MAX_WEIGHTS_FILE_BYTES))
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_plain(path, what="backbone weights file", max_bytes=MAX_WEIGHTS_FILE_BYTES)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             return sd[key]

@@ -22,7 +22,6 @@ contributes zeros, so nothing waits on unused parameters.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -129,23 +128,46 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
-def all_gather_bytes(blob: bytes, ctx: DistContext) -> list[bytes]:
-    """Every rank's ``blob``, in rank order (used for the per-rank RNG states of a checkpoint)."""
+def all_gather_tensor(t: torch.Tensor, ctx: DistContext, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's ``t`` (the same shape and dtype on every rank), in rank order, on the CPU.
+
+    A plain tensor all-gather (no pickled objects cross between ranks); ``device`` is the
+    run's device (nccl gathers CUDA tensors, gloo CPU ones).
+    """
     if not ctx.active:
-        return [blob]
-    out: list[object] = [None] * ctx.world_size
-    dist.all_gather_object(out, blob)
-    return [bytes(b) for b in out]
+        return [t.cpu()]
+    t = t.to(device)
+    out = [torch.empty_like(t) for _ in range(ctx.world_size)]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
 
 
-def rng_state_blob(device: torch.device) -> bytes:
-    """This process's RNG states (CPU, and the GPU's when on CUDA) as bytes."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return pickle.dumps((torch.get_rng_state(), cuda))
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states as uint8 tensors: ``cpu`` and, on CUDA, ``cuda`` (plain
+    tensors, so a checkpoint holding them loads with ``torch.load(weights_only=True)``)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state_blob(blob: bytes, device: torch.device) -> None:
-    cpu, cuda = pickle.loads(blob)
-    torch.set_rng_state(cpu)
-    if device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore states saved by ``rng_state`` (a ``cuda`` entry only on a CUDA device)."""
+    torch.set_rng_state(state["cpu"].cpu().to(torch.uint8))
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu().to(torch.uint8), device)
+
+
+def all_gather_rng_states(device: torch.device, ctx: DistContext) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``rng_state``, in rank order (for a checkpoint), gathered as one flat
+    uint8 tensor per rank: the CPU state, then the CUDA state on a CUDA device."""
+    mine = rng_state(device)
+    flat = torch.cat([mine["cpu"], mine["cuda"]]) if "cuda" in mine else mine["cpu"]
+    n_cpu = mine["cpu"].numel()
+    out = []
+    for t in all_gather_tensor(flat, ctx, device):
+        st = {"cpu": t[:n_cpu].clone()}
+        if "cuda" in mine:
+            st["cuda"] = t[n_cpu:].clone()
+        out.append(st)
+    return out

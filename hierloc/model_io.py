@@ -2,11 +2,15 @@
 
 ``save_model`` writes everything inference needs in one atomic file; ``load_model``
 rebuilds the model from it, upgrading older layouts (``MODEL_FORMAT``) to today's names.
-``atomic_torch_save`` is the one atomic ``torch.save`` (also used for checkpoints).
+``atomic_torch_save`` is the one atomic ``torch.save`` (also used for checkpoints), and
+``load_plain`` the one ``torch.load``: a size-capped regular file, read with
+``weights_only=True`` (tensors, numbers, strings, lists, dicts: a crafted file runs no code).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,14 @@ from hierloc.train_data import EntityData, TrainData
 #: Version of the model.pt layout: 1 had a "curvature" buffer (no log_curvature) and no
 #: text, attention or spherical-harmonics entries; 2 is the current one.
 MODEL_FORMAT = 2
+
+#: The largest model.pt read (also as a warm-start source): a head over a 100k-entity table
+#: with 1024-d image and text features is about 1 GB.
+MAX_MODEL_FILE_BYTES = 4 << 30
+#: The largest training checkpoint read: the model plus the optimisers' moments (about 3x).
+MAX_CHECKPOINT_FILE_BYTES = 16 << 30
+#: The largest backbone / text-encoder weights file read (a ViT-g/14 in float32 is about 5 GB).
+MAX_WEIGHTS_FILE_BYTES = 16 << 30
 
 
 def build_model(cfg: ModelConfig, data: TrainData, ents: EntityData) -> HierLocModel:
@@ -41,6 +53,54 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to ``path`` atomically (hierloc.atomic): a crash leaves the old file."""
     with atomic_write_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def open_regular(path: str | Path, *, what: str, max_bytes: int) -> int:
+    """A read-only descriptor of ``path`` when it is a regular file of at most ``max_bytes``
+    (a FIFO is opened without waiting for a writer, then refused, as are devices and folders).
+    Raises FileNotFoundError or ValueError naming the file, its size and the cap."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (expected a {what})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file (a {what} must be one)")
+        raise ValueError(f"{path}: {st.st_size:,} bytes, over the {max_bytes:,}-byte cap on a {what}")
+    return fd
+
+
+def _load_error_reason(exc: Exception) -> str:
+    """The line of torch's load error that says what was refused (not its advice to retry unsafely)."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def load_plain(path: str | Path, *, what: str, max_bytes: int, map_location: str | torch.device = "cpu") -> dict:
+    """The dict that ``torch.save`` wrote to ``path``, read with ``weights_only=True``.
+
+    Only tensors, numbers, strings, lists and dicts come back; a file that needs anything
+    else (a pickled object: code that would run on loading) is refused, never loaded with
+    the unsafe loader. Only a regular file of at most ``max_bytes`` is read (a FIFO or a
+    device is refused without blocking on it). ``what`` names the file's role in errors.
+    Raises FileNotFoundError or ValueError naming the file.
+    """
+    path = Path(path)
+    with os.fdopen(open_regular(path, what=what, max_bytes=max_bytes), "rb") as fh:
+        try:
+            blob = torch.load(fh, map_location=map_location, weights_only=True)
+        except Exception as exc:  # UnpicklingError (a non-plain object), RuntimeError (not a torch file), ...
+            raise ValueError(
+                f"{path}: refused as a {what}: it does not load as plain data (torch.load weights_only=True: "
+                f"{_load_error_reason(exc)}). hierloc runs no code from files; every file it writes loads this way. Re-create "
+                "it with hierloc, or, for a file you made yourself and trust, torch.save it again holding only "
+                "tensors, numbers, strings, lists and dicts") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: not a hierloc {what} (it holds a {type(blob).__name__}, expected a dict)")
+    return blob
 
 
 def save_model(model: HierLocModel, path: Path, *, tau: float = 1.0) -> None:
@@ -68,7 +128,10 @@ def _upgrade_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> HierLocModel:
-    blob = torch.load(path, map_location=map_location, weights_only=False)
+    blob = load_plain(path, what="model file", max_bytes=MAX_MODEL_FILE_BYTES, map_location=map_location)
+    missing = [k for k in ("state_dict", "model_config", "level_sizes") if k not in blob]
+    if missing:
+        raise ValueError(f"{path}: not a hierloc model file (no {', '.join(missing)})")
     if blob.get("format", 1) > MODEL_FORMAT:
         raise ValueError(f"{path}: model format {blob['format']}, this hierloc reads up to {MODEL_FORMAT}: upgrade hierloc")
     sd = _upgrade_state_dict(blob["state_dict"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hierloc.batch_loss import takes_ent_tangent
-from hierloc.distributed import rng_state_blob, set_rng_state_blob
+from hierloc.distributed import rng_state, set_rng_state
 from hierloc.model import HierLocModel
 
 
@@ -57,7 +57,7 @@ class TableCycle:
         self.tangent: torch.Tensor | None = None
         self.steps = 0
         self._acc: dict[int, torch.Tensor] = {}
-        self._rng = b""
+        self._rng: dict[str, torch.Tensor] = {}
 
     @property
     def active(self) -> bool:
@@ -69,7 +69,7 @@ class TableCycle:
         return tangent, self.model.to_space(tangent)
 
     def start(self) -> None:
-        self._rng = rng_state_blob(self.device)
+        self._rng = rng_state(self.device)
         first = self.table_params is None
         with torch.set_grad_enabled(first):
             tangent, points = self._table()
@@ -94,7 +94,7 @@ class TableCycle:
         outs, grads = [], []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
                                    device_type=self.device.type):
-            set_rng_state_blob(self._rng, self.device)
+            set_rng_state(self._rng, self.device)
             tangent, points = self._table()
         for out, leaf in ((points, self.points), (tangent, self.tangent)):
             if leaf.grad is not None:

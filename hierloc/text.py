@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hierloc.model_io import MAX_WEIGHTS_FILE_BYTES, load_plain
+
 #: StreetCLIP's prompt (Haas et al. 2023), with the whole path of names in the braces.
 DEFAULT_TEMPLATE = "A Street View photo in {}."
 
@@ -63,7 +65,7 @@ def entity_texts(
 
 def _text_weights(pretrained: str | Path, tower: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The text-tower tensors of an open_clip checkpoint file, renamed to ``tower``'s keys."""
-    blob = torch.load(pretrained, map_location="cpu", weights_only=True)
+    blob = load_plain(pretrained, what="text encoder weights file", max_bytes=MAX_WEIGHTS_FILE_BYTES)
     if isinstance(blob, dict) and "state_dict" in blob:
         blob = blob["state_dict"]
     sd = {k.removeprefix("module."): v for k, v in blob.items()}

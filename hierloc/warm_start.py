@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hierloc.model import HierLocModel
+from hierloc.model_io import MAX_MODEL_FILE_BYTES, load_plain
 from hierloc.optim import is_entity_table
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ def warm_start(model: HierLocModel, init_from: str | Path, init_rows: np.ndarray
     means the tables are identical (same size required). Entity data buffers (features,
     coordinates, parents, texts) always come from the new table.
     """
-    blob = torch.load(init_from, map_location="cpu", weights_only=False)
+    blob = load_plain(init_from, what="warm-start model file", max_bytes=MAX_MODEL_FILE_BYTES)
+    if "state_dict" not in blob or "level_sizes" not in blob:
+        raise ValueError(f"{init_from}: not a hierloc model file (no state_dict / level_sizes): warm start "
+                         "from a model.pt written by hierloc")
     old_sd, n_old = blob["state_dict"], sum(blob["level_sizes"])
     n_new = sum(model.level_sizes)
     if init_rows is None:

@@ -212,6 +212,40 @@ def test_predict_from_mlflow_models(demo_bundle, tmp_path, monkeypatch):
         mlflow.set_tracking_uri(old)
 
 
+
+class _Payload:
+    """Unpickling this calls os.system(touch <marker>): a hostile model.pt."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_predict_with_a_crafted_model_file_runs_no_code(demo_bundle, tmp_path):
+    """A bundle folder, and an MLflow model folder, whose model.pt unpickles to a payload."""
+    import torch
+
+    from flows.serving import save_pyfunc
+
+    marker = tmp_path / "pwned"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, bundle)
+    torch.save({"format": 2, "state_dict": {}, "model_config": {}, "level_sizes": [1], "x": _Payload(marker)},
+               bundle / "model.pt")
+    res = invoke("predict", PHOTOS[0], "--model", bundle)
+    assert res.exit_code == 2 and f"{bundle / 'model.pt'}: refused as a model file" in res.stderr
+    assert not marker.exists()
+
+    folder = save_pyfunc(demo_bundle, tmp_path / "pyfunc")
+    (inner,) = [p for p in (folder / "artifacts").iterdir() if (p / "model.pt").is_file()]
+    shutil.copy2(bundle / "model.pt", inner / "model.pt")
+    res = invoke("predict", PHOTOS[0], "--model", folder)
+    assert res.exit_code == 2 and f"{inner / 'model.pt'}: refused as a model file" in res.stderr
+    assert not marker.exists()
+
+
 # --- evaluate ----------------------------------------------------------------------------
 @pytest.fixture()
 def im2gps_like(tmp_path, select) -> tuple[Path, Path, pd.DataFrame]:

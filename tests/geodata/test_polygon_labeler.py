@@ -559,3 +559,16 @@ def test_skipping_lookups_under_a_finer_polygon_gives_the_same_labels(ne50):
         full = PolygonLabeler(admin, grid_deg=grid, check_all_levels=True).label(lat, lon)
         codes = [c for c in fast.columns if c.endswith(("_code", "_name")) or c == "cc"]
         pd.testing.assert_frame_equal(fast[codes], full[codes])
+
+
+def test_plain_payload_ships_the_labeler_without_pickle(tmp_path):
+    """geodata.payload (what Dask workers load) rebuilds a labeler that labels the same."""
+    from geodata.payload import load_payload, save_payload
+
+    labeler = PolygonLabeler(natural_earth_admin("110m"), grid_deg=5.0)
+    places = default_labeler().places.iloc[::20]
+    clone, places_back = load_payload(save_payload((labeler, places), tmp_path / "payload"))
+    assert not [p for p in (tmp_path / "payload").iterdir() if p.suffix not in (".json", ".npz", ".parquet")]
+    lat, lon = sphere_points(2000, seed=5)
+    pd.testing.assert_frame_equal(clone.assign_cities(clone.label(lat, lon), places_back),
+                                  labeler.assign_cities(labeler.label(lat, lon), places))

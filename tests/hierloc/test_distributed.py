@@ -93,8 +93,8 @@ def test_two_gloo_processes_match_one_process(tiny, tmp_path):
     # One process, same global batch: the same training up to float summation order
     # (each rank sums its half of the batch, then the halves are averaged).
     one = train(data, ents, mcfg, cfg, tmp_path / "one")
-    a = torch.load(one.model_path, weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "two" / "model.pt", weights_only=False)["state_dict"]
+    a = torch.load(one.model_path, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

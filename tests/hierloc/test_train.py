@@ -84,8 +84,8 @@ def test_sigkill_midway_then_resume_gives_identical_model(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
     assert run(tmp_path / "b", 0).returncode == 0
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -267,13 +267,13 @@ def test_crash_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny, tmp_path,
             raise KeyboardInterrupt  # step 15 is logged before its work is checkpointed
     with pytest.raises(KeyboardInterrupt):
         train(data, ents, mcfg, cfg, tmp_path / "b", log_fn=crash)
-    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert (ck["epoch"], ck["batch"], ck["step"]) == (1, 2, 12)  # the last one: mid-epoch 2
     resumed = train(data, ents, mcfg, cfg, tmp_path / "b")
     assert resumed.steps_run == 8 and resumed.steps == full.steps == 20
     assert resumed.final == pytest.approx(full.final, rel=1e-6)
-    a = torch.load(full.model_path, weights_only=False)["state_dict"]
-    b = torch.load(resumed.model_path, weights_only=False)["state_dict"]
+    a = torch.load(full.model_path, weights_only=True)["state_dict"]
+    b = torch.load(resumed.model_path, weights_only=True)["state_dict"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
