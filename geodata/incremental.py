@@ -10,9 +10,10 @@
 - per split: the manifest part files with their SHA-256, and running totals.
 
 A re-run compares the inputs with the state (`csv_prefix_status`, container
-fingerprints) and the ingest decides what to parse. The state is written last (atomically),
-so a crash leaves the previous state, and part files that the state does not list are
-orphans of the crashed run (`orphan_parts`).
+fingerprints) and the ingest decides what to parse. The state is the commit point (written
+atomically after the run's parts and tables): a crash before it leaves the previous state,
+part files that the state does not list are orphans of the crashed run (`orphan_parts`),
+and what is published after it is published again by the next run (geodata.ingest).
 """
 
 from __future__ import annotations
