@@ -124,6 +124,8 @@ class SplitReport:
     All runs: kept_total + quarantined_total = n_in_total; bad_fraction =
     quarantined_total / n_in_total (what max_bad_fraction is checked against, as for a
     one-shot ingest of the whole input). mode: "full", "append" or "unchanged".
+    CSV lines read this run: n_lines = header (when read from the start) + n_blank_lines
+    + n_lines_kept + n_lines_quarantined (a row spans one line, or two with a quoted line break).
     """
 
     split: str
@@ -146,6 +148,10 @@ class SplitReport:
     n_parts: int = 0
     bytes_parsed: int = 0
     line_numbers: Literal["physical", "record"] = "physical"
+    n_lines: int = 0
+    n_blank_lines: int = 0
+    n_lines_kept: int = 0
+    n_lines_quarantined: int = 0
     n_images_indexed: int = 0
     n_containers_listed: int = 0
     n_containers_reused: int = 0
@@ -153,6 +159,7 @@ class SplitReport:
     duplicate_image_examples: list[str] = field(default_factory=list)
     n_pending: int = 0
     features: dict[str, int] = field(default_factory=dict)  # WebDataset: name -> D
+    warning: str = ""  # e.g. the split has no rows at all (a header-only CSV)
 
 
 @dataclass
@@ -478,6 +485,7 @@ def _commit(
             raise AssertionError(
                 f"{split}: counts do not add up: {srep.n_in} in != {srep.n_kept} kept + {srep.n_quarantined} quarantined"
             )
+        _check_lines(srep, layout, run.csv)
         srep.n_in_total = (prev.n_in_total if prev else 0) + srep.n_in
         srep.kept_total = (prev.kept_total if prev else 0) + srep.n_kept + srep.n_recovered
         srep.quarantined_total = quarantine_by_split[split].num_rows
@@ -535,6 +543,18 @@ def _commit(
     return report
 
 
+def _check_lines(srep: SplitReport, layout: str, csv: Any) -> None:
+    """Raise AssertionError unless the CSV's physical lines read add up to its rows' lines."""
+    if layout != "csv" or srep.line_numbers != "physical" or srep.bytes_parsed == 0:
+        return
+    header = int(csv is not None and csv.n_bytes == srep.bytes_parsed)  # read from the start
+    if srep.n_lines != header + srep.n_blank_lines + srep.n_lines_kept + srep.n_lines_quarantined:
+        raise AssertionError(
+            f"{srep.csv_path}: lines do not add up: {srep.n_lines} read != {header} header + {srep.n_blank_lines} "
+            f"blank + {srep.n_lines_kept} kept + {srep.n_lines_quarantined} quarantined"
+        )
+
+
 def _publish(state: IngestState, out_dir: Path, run_dir: Path, splits: tuple[str, ...]) -> None:
     """After the commit: public quarantine / image index, and removal of what the state no longer lists.
 
@@ -590,6 +610,7 @@ def _finish_noop(report: IngestReport, state: IngestState, out_dir: Path, quaran
         )
         srep.reasons_total, _ = summarise(mine)
         report.splits[split] = srep
+    _log_summary(report)
     report.error = _too_bad_message(report)
     report.elapsed_s = time.perf_counter() - t0
     if report.error is not None:
@@ -603,8 +624,11 @@ def _finish_noop(report: IngestReport, state: IngestState, out_dir: Path, quaran
 
 
 def _log_summary(report: IngestReport) -> None:
-    """Log counts per split and each reason with its count and examples."""
+    """Log counts per split and each reason with its count and examples; note splits without rows."""
     for s in report.splits.values():
+        if s.n_in_total == 0:
+            s.warning = f"{s.csv_path}: no rows (a header only)" if report.layout == "csv" else f"{s.csv_path}: no samples"
+            log.warning("%s", s.warning)
         log.info(
             "%s (%s): %d rows in, %d kept, %d quarantined this run; %d kept, %d quarantined (%.2f%%) in all",
             s.split, s.mode, s.n_in, s.n_kept, s.n_quarantined, s.kept_total, s.quarantined_total,

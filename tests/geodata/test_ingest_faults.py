@@ -5,18 +5,25 @@ Every row of the input is accounted for: kept, or quarantined with its file, lin
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from geodata.ingest import COMMIT_STEPS, ingest_osv5m
+from geodata.csv_lines import scan_records
+from geodata.ingest import COMMIT_STEPS, SplitReport, ingest_osv5m
+from geodata.osv5m import OSV5M_COLUMNS
 from tests.geodata.test_ingest import make_release, osv_row, read_quarantine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +83,169 @@ def test_kill_at_each_commit_step_then_rerun_matches_one_shot(tmp_path: Path, st
     _ingest_killed_after(root, out, step)  # killed on the appending one
     ingest(out)
     assert _outputs(out) == _outputs(tmp_path / "one_full")
+
+
+# --------------------------------------------------------------------------- stray quotes, bytes not UTF-8
+
+
+def _csv_lines(rows: list[dict[str, str]]) -> list[bytes]:
+    """The release CSV of `rows` as physical lines (header first), each ending in '\\n'."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(OSV5M_COLUMNS)
+    for r in rows:
+        writer.writerow([r[c] for c in OSV5M_COLUMNS])
+    return [line.encode() for line in buf.getvalue().splitlines(True)]
+
+
+def _stray_quote(line: bytes) -> bytes:
+    """`line` with a '"' opened at the start of its region field and never closed on it."""
+    assert b",region-v," in line
+    return line.replace(b",region-v,", b',"region-v,', 1)
+
+
+def _lines_add_up(s: SplitReport, header: int = 1) -> None:
+    assert s.line_numbers == "physical"
+    assert s.n_lines == header + s.n_blank_lines + s.n_lines_kept + s.n_lines_quarantined
+    assert s.n_in == s.n_kept + s.n_quarantined
+
+
+def test_stray_quote_quarantines_its_line_and_keeps_the_lines_it_swallowed(tmp_path: Path) -> None:
+    # 600 physical lines; line 100 opens a quote that the quoted region of line 130 closes
+    # (the issue's case: 30 lines read as one record, 29 rows gone from the counts).
+    rows = [osv_row(i) for i in range(2, 601)]
+    rows[128]["region"] = "Ontario, Canada"  # line 130: the csv writer quotes it
+    lines = _csv_lines(rows)
+    lines[99] = _stray_quote(lines[99])
+    root = make_release(tmp_path / "osv", [], [osv_row(1)], images={})
+    (root / "train.csv").write_bytes(b"".join(lines))
+    report = ingest_osv5m(root, tmp_path / "out", verify_images="none")
+
+    s = report.splits["train"]
+    assert report.ok and (s.n_in, s.n_kept, s.n_quarantined) == (599, 598, 1)
+    assert (s.n_lines, s.n_lines_kept, s.n_lines_quarantined, s.n_blank_lines) == (600, 598, 1, 0)
+    _lines_add_up(s)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["line", "id", "reason"]].values.tolist() == [[100, "100", "unclosed_quote"]]
+    assert q["value"].iloc[0].startswith('lines 100-130: 100,10.5,20.25,thumb_original_url-v,FR,')
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert m["id"].tolist() == [i for i in range(2, 601) if i != 100]  # the swallowed rows are back
+    assert m["line"].tolist() == m["id"].tolist()  # row i is on line i
+    assert m.loc[m["id"] == 130, "region"].item() == "Ontario, Canada"
+
+
+def test_stray_quote_to_the_end_of_a_file_larger_than_a_parse_block(tmp_path: Path, monkeypatch) -> None:
+    # Never closed: pyarrow stops ("straddling object" / "out of sync") once the record outgrows
+    # a block; the careful pass sets the line aside and reads everything after it.
+    import geodata.ingest_csv
+
+    monkeypatch.setattr(geodata.ingest_csv, "CSV_BLOCK_BYTES", 1 << 12)  # 4 KiB blocks: 1 block = ~20 rows
+    rows = [osv_row(i) for i in range(2, 202)]
+    rows[20]["thumb_original_url"] = "two\nlines"  # line 22-23: a legit quoted line break, kept
+    lines = _csv_lines(rows)
+    lines[60] = _stray_quote(lines[60])  # line 61: id 60 (ids from 23 on sit one line lower)
+    lines.insert(120, b"\n")  # line 121 is blank (ids from 120 on sit two lines lower)
+    root = make_release(tmp_path / "osv", [], [osv_row(1)], images={})
+    (root / "train.csv").write_bytes(b"".join(lines))
+    report = ingest_osv5m(root, tmp_path / "out", verify_images="none")
+
+    s = report.splits["train"]
+    assert (s.n_in, s.n_kept, s.n_quarantined) == (200, 199, 1)
+    assert (s.n_lines, s.n_lines_kept, s.n_lines_quarantined, s.n_blank_lines) == (203, 200, 1, 1)
+    _lines_add_up(s)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["line", "id", "reason"]].values.tolist() == [[61, "60", "unclosed_quote"]]
+    assert q["value"].iloc[0].startswith("lines 61-203: 60,")
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert len(m) == 199 and 60 not in m["id"].tolist()
+    line_of = dict(zip(m["id"], m["line"]))
+    assert [line_of[i] for i in (21, 22, 23, 59, 61, 119, 120, 201)] == [21, 22, 24, 60, 62, 120, 122, 203]
+    assert m.loc[m["id"] == 22, "thumb_original_url"].item() == "two\nlines"
+
+
+def test_bytes_not_utf8_quarantine_their_line_and_the_split_goes_on(tmp_path: Path) -> None:
+    rows = [osv_row(i) for i in range(2, 12)]
+    lines = _csv_lines(rows)
+    lines[3] = lines[3].replace(b"city-v", b"S\xe3o Paulo")  # line 4 (id 4): Latin-1 'ã', 32 fields
+    lines[7] = lines[7].replace(b"city-v", b"caf\xe9,extra")  # line 8 (id 8): Latin-1 and 33 fields
+    root = make_release(tmp_path / "osv", [], [osv_row(1)], images={})
+    (root / "train.csv").write_bytes(b"".join(lines))
+    report = ingest_osv5m(root, tmp_path / "out", verify_images="none", max_bad_fraction=0.25)
+
+    s = report.splits["train"]
+    assert (s.n_in, s.n_kept, s.n_quarantined) == (10, 8, 2)
+    _lines_add_up(s)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["file", "line", "id", "reason"]].values.tolist() == [
+        ["train.csv", 4, "4", "encoding_invalid"], ["train.csv", 8, "8", "encoding_invalid"]]
+    assert "S\\xe3o Paulo" in q["value"].iloc[0]  # the byte shown, not replaced
+    assert s.examples["encoding_invalid"][0].startswith("train.csv line 4: encoding_invalid")
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert m[["id", "line"]].values.tolist() == [[i, i] for i in range(2, 12) if i not in (4, 8)]
+
+
+def test_appended_rows_with_a_bad_byte_and_a_stray_quote(tmp_path: Path) -> None:
+    rows = [osv_row(i) for i in range(2, 42)]
+    rows[35]["region"] = "Ontario, Canada"  # line 37 closes the stray quote of line 31
+    lines = _csv_lines(rows)
+    lines[30] = _stray_quote(lines[30])
+    lines[33] = lines[33].replace(b"city-v", b"\xff")
+    root = make_release(tmp_path / "osv", [], [osv_row(1)], images={})
+    (root / "train.csv").write_bytes(b"".join(lines[:21]))  # header + rows 2..21
+    first = ingest_osv5m(root, tmp_path / "out", verify_images="none")
+    assert first.splits["train"].n_kept == 20
+    (root / "train.csv").write_bytes(b"".join(lines))  # 20 rows appended, two of them bad
+    report = ingest_osv5m(root, tmp_path / "out", verify_images="none", max_bad_fraction=0.1)
+
+    s = report.splits["train"]
+    assert s.mode == "append" and (s.n_in, s.n_kept, s.n_quarantined) == (20, 18, 2)
+    _lines_add_up(s, header=0)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["line", "id", "reason"]].values.tolist() == [[31, "31", "unclosed_quote"], [34, "34", "encoding_invalid"]]
+    assert q["value"].iloc[0].startswith("lines 31-37: ")
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert m[["id", "line"]].values.tolist() == [[i, i] for i in range(2, 42) if i not in (31, 34)]
+
+
+def test_header_only_split_is_reported_as_having_no_rows(tmp_path: Path) -> None:
+    root = make_release(tmp_path / "osv", [osv_row(1)], [], images={})
+    report = ingest_osv5m(root, tmp_path / "out", verify_images="none")
+    s = report.splits["test"]
+    assert report.ok and s.n_in_total == 0
+    assert s.warning == f"{root / 'test.csv'}: no rows (a header only)"
+    on_disk = json.loads((tmp_path / "out/ingest_report.json").read_text())
+    assert on_disk["splits"]["test"]["warning"] == s.warning and on_disk["splits"]["train"]["warning"] == ""
+    again = ingest_osv5m(root, tmp_path / "out", verify_images="none")  # the no-op re-run says it too
+    assert again.noop and again.splits["test"].warning == s.warning
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scan_records_splits_records_as_pyarrow_does(tmp_path: Path, seed: int) -> None:
+    # Random bytes of a, ',', '"', line ends: the scan's records must be pyarrow's, line by line.
+    rng = random.Random(seed)
+    tokens = ["a", ",", '"', '"', "\n", "\r\n", "xy"]
+    path = tmp_path / "x.csv"
+    for _ in range(300):
+        data = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 40))).encode()
+        spans: dict[int, int] = {}
+        valid: list[int] = []
+
+        def on_invalid(row, spans=spans) -> str:
+            spans[row.number] = row.text.count("\n") + 1
+            return "skip"
+
+        table = pcsv.read_csv(io.BytesIO(data), read_options=pcsv.ReadOptions(use_threads=False, column_names=list("abc")),
+                              parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True),
+                              convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in "abc"}))
+        valid = [sum(v.count("\n") for v in r.values()) + 1 for r in table.to_pylist()]
+        expected, it = [], iter(valid)
+        for number in range(1, len(valid) + len(spans) + 1):
+            expected.append(spans[number] if number in spans else next(it))
+        path.write_bytes(data)
+        rec = scan_records(path, 0, len(data))
+        if expected:  # pyarrow's last value may hold the file's final '\n'
+            expected[-1] = min(expected[-1], rec.n_lines - int(rec.starts[-1]) + 1) if len(rec.starts) else expected[-1]
+        assert rec.spans().tolist() == expected, data
+        physical = data.split(b"\n")
+        covered = {ln for a, b in zip(rec.starts.tolist(), rec.ends.tolist()) for ln in range(a, b + 1)}
+        assert all(physical[ln - 1] in (b"", b"\r") for ln in range(1, rec.n_lines + 1) if ln not in covered)
