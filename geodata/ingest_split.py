@@ -354,11 +354,18 @@ def ingest_wds_split(
     Appends each batch's image listing (LISTING_SCHEMA) to `listings`; `dims` collects
     feature name -> D across shards.
     """
-    from geodata.webdataset import discover_features, read_shard
+    from geodata.webdataset import discover_features, read_shard, refused_shard_rows, shard_refusal
 
     split = run.report.split
     for shard in shards:
         rel = shard.relative_to(root).as_posix()
+        why = shard_refusal(shard)
+        if why is not None:  # refused whole: its samples are quarantined, the others go on
+            quarantine, listing = refused_shard_rows(shard, rel, split, why.replace(shard.name, rel, 1), seen)
+            run.quarantine.append(quarantine)
+            run.report.n_in += quarantine.num_rows
+            listings.append(listing.cast(LISTING_SCHEMA))
+            continue
         names = features if features is not None else discover_features(shard)
         if features is None:
             features = names

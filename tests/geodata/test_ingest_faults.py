@@ -13,6 +13,8 @@ import random
 import signal
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -22,9 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from geodata.csv_lines import scan_records
-from geodata.ingest import COMMIT_STEPS, SplitReport, ingest_osv5m
+from geodata.ingest import COMMIT_STEPS, IngestError, SplitReport, ingest_osv5m
 from geodata.osv5m import OSV5M_COLUMNS
-from tests.geodata.test_ingest import make_release, osv_row, read_quarantine
+from geodata.webdataset import write_shard
+from tests.geodata.test_ingest import jpeg_bytes, make_release, osv_row, read_quarantine
 
 REPO = Path(__file__).resolve().parents[2]
 TOTALS = ("n_in_total", "kept_total", "quarantined_total", "reasons_total", "manifest_digest", "n_pending",
@@ -249,3 +252,70 @@ def test_scan_records_splits_records_as_pyarrow_does(tmp_path: Path, seed: int) 
         physical = data.split(b"\n")
         covered = {ln for a, b in zip(rec.starts.tolist(), rec.ends.tolist()) for ln in range(a, b + 1)}
         assert all(physical[ln - 1] in (b"", b"\r") for ln in range(1, rec.n_lines + 1) if ln not in covered)
+
+
+# --------------------------------------------------------------------------- hostile shards
+
+
+def test_shard_with_an_escaping_member_is_refused_and_the_ingest_goes_on(tmp_path: Path) -> None:
+    # images/train: 00.zip, 01.zip fine (ids 1..4); 02.zip holds 5.jpg and '../evil.jpg';
+    # 03.tar holds 6.jpg and '/abs/evil.jpg'. Rows 5 and 6 are image_unsafe, the others kept.
+    rows = [osv_row(i) for i in range(1, 11)]
+    images = {"train": {str(i): jpeg_bytes() for i in (1, 2, 3, 4, 7, 8, 9, 10)}, "test": {"11": jpeg_bytes()}}
+    root = make_release(tmp_path / "osv", rows, [osv_row(11)], images=images)
+    with zipfile.ZipFile(root / "images/train/02.zip", "w") as zf:
+        zf.writestr("5.jpg", jpeg_bytes())
+        zf.writestr("../evil.jpg", jpeg_bytes())
+    with tarfile.open(root / "images/train/03.tar", "w") as tf:
+        for name in ("6.jpg", "/abs/evil.jpg"):
+            data = jpeg_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    report = ingest_osv5m(root, tmp_path / "out", max_bad_fraction=0.2)  # decodes the kept ones
+
+    s = report.splits["train"]
+    assert report.ok and (s.n_in, s.n_kept, s.n_quarantined) == (10, 8, 2)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["line", "id", "reason"]].values.tolist() == [[6, "5", "image_unsafe"], [7, "6", "image_unsafe"]]
+    assert q["value"].iloc[0] == ("shard images/train/02.zip refused: member '../evil.jpg' could escape "
+                                  "the dataset folder; none of its members is used")
+    assert q["value"].iloc[1].startswith("shard images/train/03.tar refused: member '/abs/evil.jpg'")
+    index = pd.read_parquet(tmp_path / "out/image_index/train.parquet")
+    refused = index[index["refused"].notna()]
+    assert sorted(refused["container"].unique()) == ["images/train/02.zip", "images/train/03.tar"]
+    assert sorted(refused["id"]) == ["5", "6", "evil", "evil"]
+    assert not list(tmp_path.glob("**/evil*")) and not Path("/abs/evil.jpg").exists()
+    again = ingest_osv5m(root, tmp_path / "out", max_bad_fraction=0.2)  # the refusal is remembered
+    assert again.noop and again.splits["train"].quarantined_total == 2
+
+    # Above max_bad_fraction the run still fails, with its report and quarantine written.
+    with pytest.raises(IngestError, match=r"train: 2 of 10 rows quarantined.*image_unsafe"):
+        ingest_osv5m(root, tmp_path / "strict", max_bad_fraction=0.1)
+    on_disk = json.loads((tmp_path / "strict/ingest_report.json").read_text())
+    assert on_disk["ok"] is False and on_disk["splits"]["train"]["reasons"] == {"image_unsafe": 2}
+    assert len(read_quarantine(tmp_path / "strict")) == 2
+
+
+def test_webdataset_shard_with_an_escaping_member_is_refused_and_the_others_ingested(tmp_path: Path) -> None:
+    from tests.geodata.test_webdataset import make_samples, sample_metadata
+
+    metas = sample_metadata()
+    write_shard(tmp_path / "wds/train/00000.tar", make_samples(metas[:8]))
+    write_shard(tmp_path / "wds/train/00001.tar", make_samples(metas[8:10]))
+    with tarfile.open(tmp_path / "wds/train/00001.tar", "a") as tf:
+        info = tarfile.TarInfo("../evil.json")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"{}"))
+    write_shard(tmp_path / "wds/test/00000.tar", make_samples(metas[10:12]))
+    report = ingest_osv5m(tmp_path / "wds", tmp_path / "out", max_bad_fraction=0.5)
+
+    s = report.splits["train"]
+    assert report.ok and (s.n_in, s.n_kept, s.n_quarantined) == (11, 8, 3)
+    q = read_quarantine(tmp_path / "out")
+    assert q["file"].unique().tolist() == ["train/00001.tar"] and (q["reason"] == "image_unsafe").all()
+    assert sorted(q["id"]) == sorted([str(m["id"]) for m in metas[8:10]] + ["evil"])
+    assert q["value"].str.startswith("shard train/00001.tar refused: member '../evil.json'").all()
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert sorted(m["id"]) == sorted(int(x["id"]) for x in metas[:8])
+    assert not list((tmp_path / "out/features/street_clip").glob("shard-train-00001*"))  # nothing read from it
