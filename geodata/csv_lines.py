@@ -63,51 +63,57 @@ class RecordLines:
         return begin, nl[lines - 1]
 
 
-def _scan_bytes(path: Path, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Offsets (from `start`) of every '\\n' and whether a '\\r' precedes it; offsets of every '"'
-    and whether it starts a field (it follows ',', '\\n', '\\r' or the range start)."""
-    newlines, cr_before, quotes, field_start = [], [], [], []
-    prev = 10  # the range starts a line
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        pos = 0
-        while pos < end - start:
-            raw = fh.read(min(CHUNK_BYTES, end - start - pos))
-            if not raw:
-                break
-            chunk = np.frombuffer(raw, dtype=np.uint8)
-            nl = np.flatnonzero(chunk == 10)
-            q = np.flatnonzero(chunk == 34)
-            nl_prev = np.where(nl > 0, chunk[np.maximum(nl - 1, 0)], prev)
-            q_prev = np.where(q > 0, chunk[np.maximum(q - 1, 0)], prev)
-            newlines.append(nl + pos)
-            cr_before.append(nl_prev == 13)
-            quotes.append(q + pos)
-            field_start.append((q_prev == 44) | (q_prev == 10) | (q_prev == 13))
-            prev = int(chunk[-1])
-            pos += len(raw)
-
-    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-    return cat(newlines, np.int64), cat(cr_before, bool), cat(quotes, np.int64), cat(field_start, bool)
+def _next_true(flags: np.ndarray, step: int = 1) -> np.ndarray:
+    """(n,) for each k the smallest k' >= k with flags[k'], among k, k + step, k + 2 step, ... (n when none)."""
+    n = len(flags)
+    out = np.full(n, n, dtype=np.int64)
+    for phase in range(step):
+        idx = np.arange(phase, n, step, dtype=np.int64)
+        hit = np.where(flags[idx], idx, n)
+        out[idx] = np.minimum.accumulate(hit[::-1])[::-1]
+    return out
 
 
-def _quoted_fields(quotes: list[int], field_start: list[bool], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(opens, closes): offsets of each quoted field's opening and closing '"' (n when never closed)."""
-    opens, closes = [], []
-    i, count = 0, len(quotes)
-    while i < count:
-        if not field_start[i]:
-            i += 1  # a quote inside an unquoted (or closed) field is a plain character
-            continue
-        opens.append(quotes[i])
-        i += 1
-        while i + 1 < count and quotes[i + 1] == quotes[i] + 1:
-            i += 2  # '""' inside a quoted field is one quote character
-        closes.append(quotes[i] if i < count else n)
-        i += 1
-    return np.asarray(opens, dtype=np.int64), np.asarray(closes, dtype=np.int64)
+def _quoted_fields(quotes: np.ndarray, field_start: np.ndarray, n: int,
+                   in_quote: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(opens, closes, still open): offsets of each quoted field's opening and closing '"' in a
+    chunk of n bytes (-1: opened in an earlier chunk, n: not closed in this one).
+
+    Works on runs of adjacent quotes. Inside a quoted field a run of even length is escaped
+    quotes, an odd one ends the field with its last quote; outside, an odd run that starts a
+    field opens one (an even one is an empty field plus escapes), any other quote is a plain
+    character. So only odd runs matter: an opener is an odd field-start run and its closer is
+    the next odd run. Openers follow each other two runs apart while the data is regular
+    (as any CSV writer makes it); the loop below runs once per irregular spot, not per quote.
+    """
+    first = np.concatenate([[True], quotes[1:] != quotes[:-1] + 1]) if len(quotes) else np.zeros(0, bool)
+    starts = np.flatnonzero(first)
+    lengths = np.diff(np.concatenate([starts, [len(quotes)]])).astype(np.int64)
+    odd = lengths % 2 == 1
+    run_open = quotes[starts][odd]  # an odd run's first quote (where an opened field starts)
+    run_close = quotes[starts + lengths - 1][odd]  # its last quote (where a closed field ends)
+    fs = field_start[starts][odd]
+    count = len(fs)
+    if in_quote and not count:
+        return np.asarray([-1], np.int64), np.asarray([n], np.int64), True
+    next_fs = _next_true(fs)
+    chain_end = _next_true(~fs, step=2)  # first run k, k + 2, ... that does not start a field
+    openers = []
+    if in_quote:  # run 0 closes the field opened before this chunk
+        k = int(next_fs[1]) if count > 1 else count
+    else:
+        k = int(next_fs[0]) if count else count
+    while k < count:
+        end = int(chain_end[k])
+        openers.append(np.arange(k, min(end, count), 2, dtype=np.int64))
+        k = int(next_fs[end]) if end < count else count
+    op = np.concatenate(openers) if openers else np.zeros(0, np.int64)
+    closer = op + 1
+    opens = run_open[op].astype(np.int64)
+    closes = np.where(closer < count, run_close[np.minimum(closer, max(count - 1, 0))] if count else n, n).astype(np.int64)
+    if in_quote:  # the field opened before this chunk ends at the first odd run
+        opens, closes = np.concatenate([[-1], opens]), np.concatenate([[run_close[0]], closes])
+    return opens, closes, bool(len(closes) and closes[-1] == n)
 
 
 def scan_records(path: Path, start: int, end: int, blank: np.ndarray | None = None) -> RecordLines:
@@ -116,29 +122,51 @@ def scan_records(path: Path, start: int, end: int, blank: np.ndarray | None = No
     blank: 1-based lines (from the range start) to read as empty (set aside). Blank lines
     are not records, as in pyarrow. A lone '\\r' is not a line end here (pyarrow's record
     count then differs from this one, and the caller falls back to record numbers).
+    Reads CHUNK_BYTES at a time; memory: a few arrays per newline, per quote of one chunk.
     """
-    nl, cr_before, quotes, field_start = _scan_bytes(Path(path), start, end)
     n = end - start
+    blank = np.unique(np.asarray(blank if blank is not None else [], dtype=np.int64))
+    newlines, cr_before, inside = [], [], []
+    in_quote, prev, lines_before, pos = False, 10, 0, 0  # the range starts a line
+    with open(path, "rb") as fh:
+        while pos < n:
+            fh.seek(start + pos)
+            raw = fh.read(min(CHUNK_BYTES, n - pos))
+            if not raw:
+                break
+            while pos + len(raw) < n and not raw.rstrip(b'"'):  # all quotes: read on to the run's end
+                raw += fh.read(min(CHUNK_BYTES, n - pos - len(raw)))
+            if pos + len(raw) < n and raw.endswith(b'"'):
+                raw = raw.rstrip(b'"')  # a run of quotes is never split: its end goes to the next chunk
+            chunk = np.frombuffer(raw, dtype=np.uint8)
+            nl, q = np.flatnonzero(chunk == 10), np.flatnonzero(chunk == 34)
+            nl_prev = np.where(nl > 0, chunk[np.maximum(nl - 1, 0)], prev)
+            q_prev = np.where(q > 0, chunk[np.maximum(q - 1, 0)], prev)
+            fs = (q_prev == 44) | (q_prev == 10) | (q_prev == 13)  # after ',', a line end or the range start
+            if len(blank) and len(q):
+                kept = ~np.isin(lines_before + 1 + np.searchsorted(nl, q), blank)
+                q, fs = q[kept], fs[kept]
+            opens, closes, in_quote = _quoted_fields(q, fs, len(raw), in_quote)
+            k = np.searchsorted(opens, nl, side="right") - 1  # a newline inside a quoted field ends no record
+            inside.append((k >= 0) & (nl < closes[np.maximum(k, 0)]) if len(opens) else np.zeros(len(nl), bool))
+            newlines.append(nl + pos)
+            cr_before.append(nl_prev == 13)
+            lines_before += len(nl)
+            prev = raw[-1]
+            pos += len(raw)
+    nl = np.concatenate(newlines).astype(np.int64) if newlines else np.zeros(0, np.int64)
+    cr = np.concatenate(cr_before).astype(bool) if cr_before else np.zeros(0, bool)
+    term = np.flatnonzero(~np.concatenate(inside)) if inside else np.zeros(0, np.int64)
     n_lines = len(nl) + (1 if n and (not len(nl) or nl[-1] != n - 1) else 0)
-    blanked = np.zeros(n_lines + 2, dtype=bool)
-    if blank is not None and len(blank):
-        blanked[np.asarray(blank, dtype=np.int64)] = True
-    keep = ~blanked[1 + np.searchsorted(nl, quotes, side="left")]
-    opens, closes = _quoted_fields(quotes[keep].tolist(), field_start[keep].tolist(), n)
-    ends_record = np.ones(len(nl), dtype=bool)  # a newline inside a quoted field does not end a record
-    if len(opens):
-        k = np.searchsorted(opens, nl, side="right") - 1
-        ends_record = ~((k >= 0) & (nl < closes[np.maximum(k, 0)]))
-    term = np.flatnonzero(ends_record)
     seg_start = np.concatenate([[0], nl[term] + 1]).astype(np.int64)
-    seg_end = np.concatenate([nl[term], [n]]).astype(np.int64)  # the terminating '\n' (or the range end)
+    seg_end = np.concatenate([nl[term], [n]]).astype(np.int64)  # the terminating '\\n' (or the range end)
     real = seg_start < n
     seg_start, seg_end = seg_start[real], seg_end[real]
-    term_cr = np.concatenate([cr_before[term], [False]])[real]
+    term_cr = np.concatenate([cr[term], [False]])[real]
     first = 1 + np.searchsorted(nl, seg_start, side="left")
     last = 1 + np.searchsorted(nl, np.minimum(seg_end, n - 1), side="left")
-    blank_line = (seg_end == seg_start) | ((seg_end == seg_start + 1) & term_cr)  # '\n' or '\r\n' alone
-    empty = blank_line | ((first == last) & blanked[first])
+    blank_line = (seg_end == seg_start) | ((seg_end == seg_start + 1) & term_cr)  # '\\n' or '\\r\\n' alone
+    empty = blank_line | ((first == last) & np.isin(first, blank))
     return RecordLines(first[~empty], last[~empty], nl, n, n_lines, int(blank_line.sum()))
 
 
@@ -198,16 +226,22 @@ class CleanedReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
+        """Fill `buffer` as far as the data goes (short only at the end): skips the cut ranges."""
         view = memoryview(buffer).cast("B")
-        while self._cut and self._pos >= self._cut[0][0]:
-            self._pos = max(self._pos, self._cut.pop(0)[1])
-        stop = min(self._end, self._cut[0][0] if self._cut else self._end, self._pos + len(view))
-        if stop <= self._pos:
-            return 0
-        self._fh.seek(self._pos)
-        got = self._fh.readinto(view[: stop - self._pos])
-        self._pos += got
-        return got
+        filled = 0
+        while filled < len(view):
+            while self._cut and self._pos >= self._cut[0][0]:
+                self._pos = max(self._pos, self._cut.pop(0)[1])
+            stop = min(self._end, self._cut[0][0] if self._cut else self._end, self._pos + len(view) - filled)
+            if stop <= self._pos:
+                break
+            self._fh.seek(self._pos)
+            got = self._fh.readinto(view[filled : filled + stop - self._pos])
+            if not got:
+                break
+            self._pos += got
+            filled += got
+        return filled
 
     def close(self) -> None:
         self._fh.close()

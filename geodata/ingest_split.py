@@ -235,8 +235,8 @@ def _stream_csv(
     n_lines = count_lines(rng.n_newlines, rng.last_byte)
     records = aside = None
     if failed is not None or not stream.lines_final(n_lines, int(rng.has_empty_line)):
-        records = scan_records(csv_path, plan.start, plan.end)
-        unclosed = {} if failed is not None else _swallowed(stream, records)
+        records = scan_records(csv_path, plan.start, plan.end) if failed is None else None
+        unclosed = _swallowed(stream, records) if records is not None else {}
         if failed is not None or unclosed:
             log.warning("%s; reading %s again with the offending lines set aside", failed or
                         f"{len(unclosed)} record(s) over several lines, e.g. lines {next(iter(unclosed.items()))}",

@@ -23,7 +23,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from geodata.csv_lines import scan_records
+from geodata.csv_lines import CleanedReader, invalid_utf8_lines, scan_records
 from geodata.ingest import COMMIT_STEPS, IngestError, SplitReport, ingest_osv5m
 from geodata.osv5m import OSV5M_COLUMNS
 from geodata.webdataset import write_shard
@@ -222,9 +222,13 @@ def test_header_only_split_is_reported_as_having_no_rows(tmp_path: Path) -> None
     assert again.noop and again.splits["test"].warning == s.warning
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_scan_records_splits_records_as_pyarrow_does(tmp_path: Path, seed: int) -> None:
-    # Random bytes of a, ',', '"', line ends: the scan's records must be pyarrow's, line by line.
+@pytest.mark.parametrize(("seed", "chunk"), [(0, 1 << 24), (1, 1), (2, 2), (3, 5)])
+def test_scan_records_splits_records_as_pyarrow_does(tmp_path: Path, monkeypatch, seed: int, chunk: int) -> None:
+    # Random bytes of a, ',', '"', line ends: the scan's records must be pyarrow's, line by line,
+    # whatever the chunks it reads the bytes in.
+    import geodata.csv_lines
+
+    monkeypatch.setattr(geodata.csv_lines, "CHUNK_BYTES", chunk)
     rng = random.Random(seed)
     tokens = ["a", ",", '"', '"', "\n", "\r\n", "xy"]
     path = tmp_path / "x.csv"
@@ -319,3 +323,66 @@ def test_webdataset_shard_with_an_escaping_member_is_refused_and_the_others_inge
     m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
     assert sorted(m["id"]) == sorted(int(x["id"]) for x in metas[:8])
     assert not list((tmp_path / "out/features/street_clip").glob("shard-train-00001*"))  # nothing read from it
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_invalid_utf8_lines_across_chunk_boundaries(tmp_path: Path, monkeypatch, chunk: int) -> None:
+    import geodata.csv_lines
+
+    monkeypatch.setattr(geodata.csv_lines, "CHUNK_BYTES", chunk)
+    lines = [b"ok", "S\u00e3o Paulo \u00d6sterreich".encode(), b"caf\xe9", b"", b"a\xc3", b"\xff\xfe x", "\u6771\u4eac".encode(), b"end"]
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"\n".join(lines))
+    got_lines, got_bytes = invalid_utf8_lines(path)
+
+    def first_bad(line: bytes) -> int | None:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return line[exc.start]
+        return None
+
+    expected = [(n, first_bad(b)) for n, b in enumerate(lines, 1) if first_bad(b) is not None]
+    assert list(zip(got_lines.tolist(), got_bytes.tolist())) == expected == [(3, 0xE9), (5, 0xC3), (6, 0xFF)]
+
+
+def test_cleaned_reader_leaves_out_the_cut_ranges(tmp_path: Path) -> None:
+    path = tmp_path / "x.bin"
+    data = bytes(range(256)) * 8
+    path.write_bytes(data)
+    rng = random.Random(0)
+    for _ in range(100):
+        start = rng.randint(0, 1000)
+        end = rng.randint(start, len(data))
+        points = sorted(rng.sample(range(start, end + 1), min(6, end - start + 1)))
+        cuts = [(points[i], points[i + 1]) for i in range(0, len(points) - 1, 2)]
+        expected, pos = bytearray(), start
+        for a, b in cuts:
+            expected += data[pos:a]
+            pos = b
+        expected += data[pos:end]
+        got = bytearray()
+        with CleanedReader(path, start, end, cuts) as reader:
+            while chunk := reader.read(rng.randint(1, 300)):
+                got += chunk
+        assert bytes(got) == bytes(expected)
+
+
+def test_stray_quote_closed_on_the_next_line_gives_that_line_back(tmp_path: Path) -> None:
+    # Two lines read as one malformed record (within MAX_RECORD_LINES, but a wrong field count):
+    # the stray quote's line is quarantined, the next one is read on its own and kept.
+    rows = [osv_row(i) for i in range(2, 10)]
+    rows[4]["region"] = "Ontario, Canada"  # line 6, quoted by the csv writer
+    lines = _csv_lines(rows)
+    lines[4] = _stray_quote(lines[4])  # line 5
+    root = make_release(tmp_path / "osv", [], [osv_row(1)], images={})
+    (root / "train.csv").write_bytes(b"".join(lines))
+    report = ingest_osv5m(root, tmp_path / "out", verify_images="none", max_bad_fraction=0.2)
+    s = report.splits["train"]
+    assert (s.n_in, s.n_kept, s.n_quarantined, s.n_lines_quarantined) == (8, 7, 1, 1)
+    _lines_add_up(s)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["line", "reason"]].values.tolist() == [[5, "unclosed_quote"]]
+    assert q["value"].iloc[0].startswith("lines 5-6: 5,")
+    m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
+    assert m["id"].tolist() == [2, 3, 4, 6, 7, 8, 9] and m["line"].tolist() == m["id"].tolist()
