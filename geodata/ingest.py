@@ -107,7 +107,7 @@ log = logging.getLogger(__name__)
 VerifyImages = Literal["none", "exists", "decode"]
 Layout = Literal["auto", "csv", "webdataset"]
 _RUNS_DIR = ".runs"  # per-run pending / quarantine / image index; the state names the current one
-COMMIT_STEPS = ("run_tables", "parts", "state", "publish", "cleanup", "report")  # crash_point names
+COMMIT_STEPS = ("split", "run_tables", "parts", "state", "publish", "cleanup", "report")  # crash_point names
 _ATOMIC_TMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # geodata.atomic's temp names
 
 
@@ -289,7 +289,8 @@ def _seen_ids(out_dir: Path, state: IngestState, quarantine: pa.Table, pending: 
 def crash_point(step: str) -> None:
     """Test hook: SIGKILL this process after commit step `step` when $HIERLOC_INGEST_CRASH_AFTER names it.
 
-    Steps, in order: run_tables, parts, state, publish, cleanup, report (`COMMIT_STEPS`).
+    Steps, in order (`COMMIT_STEPS`): split (a split's rows read, nothing committed), run_tables,
+    parts, state, publish, cleanup, report.
     """
     if os.environ.get("HIERLOC_INGEST_CRASH_AFTER") == step:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -444,6 +445,7 @@ def ingest_osv5m(
                                  listings[split])
                 new_pending[split] = MANIFEST_SCHEMA.empty_table()
             log.info("%s: %d rows read in %.1f s", split, run.report.n_in, time.perf_counter() - t_split)
+            crash_point("split")
     except BaseException:
         for r in runs.values():
             r.writer.discard()

@@ -359,9 +359,9 @@ def ingest_wds_split(
     split = run.report.split
     for shard in shards:
         rel = shard.relative_to(root).as_posix()
-        why = shard_refusal(shard)
+        why = shard_refusal(shard, rel)
         if why is not None:  # refused whole: its samples are quarantined, the others go on
-            quarantine, listing = refused_shard_rows(shard, rel, split, why.replace(shard.name, rel, 1), seen)
+            quarantine, listing = refused_shard_rows(shard, rel, split, why, seen)
             run.quarantine.append(quarantine)
             run.report.n_in += quarantine.num_rows
             listings.append(listing.cast(LISTING_SCHEMA))

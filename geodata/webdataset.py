@@ -249,13 +249,14 @@ def _to_batch(
     )
 
 
-def shard_refusal(tar_path: Path, max_name_chars: int = 60) -> str | None:
+def shard_refusal(tar_path: Path, container: str, max_name_chars: int = 60) -> str | None:
     """Why a tar shard is refused whole (a member name that could escape: absolute, drive
-    letter, '..'), naming the shard and that member; None for a safe shard. Headers only."""
+    letter, '..'), naming the shard (`container`) and that member; None for a safe shard.
+    Headers only."""
     for info in _unchecked_members(tar_path):
         if not is_safe_relative_name(info.name):
             name = info.name if len(info.name) <= max_name_chars else info.name[: max_name_chars - 3] + "..."
-            return f"shard {tar_path.name} refused: member {name!r} could escape the dataset folder; none of its members is used"
+            return f"shard {container} refused: member {name!r} could escape the dataset folder; none of its members is used"
     return None
 
 
