@@ -7,7 +7,8 @@ file a stage writes lives under its own folder of the work directory:
     ingest/      manifest/{split}.parquet/part-*.parquet (one part per incremental run), image_index/{split}.parquet,
                  quarantine.parquet, ingest_report.json, ingest_state.json,
                  features/<name>/shard-<split>-*.npz (precomputed WebDataset features)
-    hierarchy/   entities.parquet, assignments_{split}.parquet, hierarchy_report.json
+    hierarchy/   entities.parquet, assignments_{split}.parquet, hierarchy_report.json,
+                 quarantine.parquet (label_mismatch: coordinates contradict the country label)
     features/cache/<backbone>-<weights key>/shard-*.npz   one incremental cache per backbone, by image id
     features/<backbone>-<digest>/{split}/view.json        what train/evaluate read
     train/<digest>/  checkpoint.pt, model.pt
@@ -36,6 +37,7 @@ from geodata.images import ImageStore
 from geodata.labeling import country_disagreements, label_points, polygon_report, representative_coords
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.incremental import file_sha256
+from geodata.label_check import check_ingested_labels, unassign, write_label_quarantine
 from geodata.ingest import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
 from hierloc.features import (effective_precision, extract_features, features_digest, load_backbone, load_features,
@@ -86,7 +88,8 @@ def run_hierarchy(
     ``previous``: the entity table of the model being fine-tuned: its entities keep their ids,
     new ones are appended (geodata.hierarchy.build_entities).
     coords: "geonames", "mean", "medoid" (geodata.hierarchy.build_entities) or "representative"
-    (polygon representative points; polygons only).
+    (polygon representative points; polygons only). Rows whose coordinates contradict their
+    country label (geodata.label_check) get no entity and are listed in quarantine.parquet.
     """
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ def run_hierarchy(
                                          check_all_levels=check_all_levels)
     report: dict = {"labeler": labeler, "coords": coords}
     manifests = {split: pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet") for split in SPLITS}
+    checks = check_ingested_labels(ingest_dir, manifests)  # label_mismatch rows: no entity, quarantined
     # Both splits in one labelling run: one cluster start and one labeler shipment, not one per split.
     res = label_points(pd.concat(manifests.values(), ignore_index=True), labeler, scheduler=scheduler,
                        labeler=polygon_labeler, work_dir=out_dir / "partitions", runner=runner)
@@ -115,19 +119,21 @@ def run_hierarchy(
             rep = polygon_report(labels, polygon_labeler.level_names)
             # OSV-5M's own labels are GeoNames': how often do the polygons put a point in another country?
             rep["country_differs_from_geonames"] = country_disagreements(labels, m["country"])
+        rep["label_mismatch"] = checks[split].n
         for col in LABEL_COLUMNS:  # the labels the entity table is built from
             m[col] = labels[col].to_numpy()
         label_sets[split] = labels
         report[f"labels_{split}"] = rep
     train_m = manifests["train"]
     has_country = (train_m["country"] != "").to_numpy()
+    use = has_country & ~checks["train"].mask
     prev = pd.read_parquet(previous) if previous else None
     places = default_labeler().places if coords in ("geonames", "representative") else None
-    entities = build_entities(train_m[has_country], places=places, coords="geonames" if coords == "representative" else coords,
+    entities = build_entities(train_m[use], places=places, coords="geonames" if coords == "representative" else coords,
                               previous=prev)
     if coords == "representative":
-        entities = representative_coords(entities, label_sets["train"][has_country].assign(
-            **{c: train_m.loc[has_country, c].to_numpy() for c in LABEL_COLUMNS}), admin)
+        entities = representative_coords(entities, label_sets["train"][use].assign(
+            **{c: train_m.loc[use, c].to_numpy() for c in LABEL_COLUMNS}), admin)
     _write_parquet(entities, out_dir / "entities.parquet")
     ids = set(entities["entity_id"].tolist())
     report.update({"entities": {lvl: int((entities["level"] == i).sum()) for i, lvl in enumerate(LEVELS)},
@@ -137,9 +143,11 @@ def run_hierarchy(
                    "orphans": int((entities["level"] > 0).sum() - entities["parent_id"].isin(ids).sum()),
                    "train_points_without_country": int((~has_country).sum())})
     for split in SPLITS:
-        assigned = assign_images(manifests[split], entities)
+        assigned = unassign(assign_images(manifests[split], entities), checks[split].mask)
         _write_parquet(assigned, out_dir / f"assignments_{split}.parquet")
         report[f"unassigned_{split}"] = {lvl: int((assigned[f"{lvl}_id"] < 0).sum()) for lvl in LEVELS}
+    report["label_mismatch"] = {split: c.n for split, c in checks.items()}
+    report["quarantine_path"] = str(write_label_quarantine(checks, out_dir / "quarantine.parquet"))
     _write_json(report, out_dir / "hierarchy_report.json")
     from flows import plots
 

@@ -42,6 +42,7 @@ from scipy.spatial import cKDTree
 
 from geodata.nn_grid import GRID_FORMAT_VERSION, GridParams, NearestGrid
 from geodata.atomic import atomic_write_path
+from geodata.csv_lines import not_utf8_message
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
 
 #: Columns of rg_cities1000.csv, in file order.
@@ -506,27 +507,32 @@ def label_csv(
         raise ValueError(
             f"{in_csv}: empty file, expected a CSV header with {lat_col!r}, {lon_col!r}"
         ) from None
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8_message(in_csv)) from None
     parse_coordinates(header, lat_col, lon_col, source=str(in_csv))  # column check only
 
     n_rows, n_chunks = 0, 0
-    with atomic_write_path(out_csv) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            for chunk in pd.read_csv(in_csv, chunksize=LABEL_CSV_CHUNK_ROWS, **read_kw):
-                chunk.index = pd.RangeIndex(n_rows, n_rows + len(chunk))
-                lat_deg, lon_deg = parse_coordinates(
-                    chunk, lat_col, lon_col, source=str(in_csv), first_line=n_rows + 2
-                )
-                labelled = label_frame(
-                    chunk.assign(**{lat_col: lat_deg, lon_col: lon_deg}), lat_col, lon_col, labeler
-                )
-                # write the original coordinate strings back, not their float repr
-                labelled[lat_col] = chunk[lat_col].to_numpy()
-                labelled[lon_col] = chunk[lon_col].to_numpy()
-                labelled.to_csv(fh, index=False, header=n_chunks == 0, lineterminator="\n")
-                n_rows += len(chunk)
-                n_chunks += 1
-            if n_chunks == 0:  # header-only input may yield no chunk: write the header alone
-                label_frame(header, lat_col, lon_col, labeler).to_csv(
-                    fh, index=False, lineterminator="\n"
-                )
+    try:
+        with atomic_write_path(out_csv) as tmp:
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                for chunk in pd.read_csv(in_csv, chunksize=LABEL_CSV_CHUNK_ROWS, **read_kw):
+                    chunk.index = pd.RangeIndex(n_rows, n_rows + len(chunk))
+                    lat_deg, lon_deg = parse_coordinates(
+                        chunk, lat_col, lon_col, source=str(in_csv), first_line=n_rows + 2
+                    )
+                    labelled = label_frame(
+                        chunk.assign(**{lat_col: lat_deg, lon_col: lon_deg}), lat_col, lon_col, labeler
+                    )
+                    # write the original coordinate strings back, not their float repr
+                    labelled[lat_col] = chunk[lat_col].to_numpy()
+                    labelled[lon_col] = chunk[lon_col].to_numpy()
+                    labelled.to_csv(fh, index=False, header=n_chunks == 0, lineterminator="\n")
+                    n_rows += len(chunk)
+                    n_chunks += 1
+                if n_chunks == 0:  # header-only input may yield no chunk: write the header alone
+                    label_frame(header, lat_col, lon_col, labeler).to_csv(
+                        fh, index=False, lineterminator="\n"
+                    )
+    except UnicodeDecodeError:  # pandas names neither the file nor the line
+        raise ValueError(not_utf8_message(in_csv)) from None
     return n_rows

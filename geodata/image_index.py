@@ -3,7 +3,9 @@
 - `update_image_index` lists the image containers (zip / tar shards, folders) under
   `root/images/{split}` that are new or changed since the last run (by
   `geodata.incremental.container_fingerprint`), reuses the earlier rows of unchanged
-  ones, and says when a change is more than added members (a full re-ingest).
+  ones, and says when a change is more than added members (a full re-ingest). A shard
+  with a member name that could escape is refused whole (`refused_listing`): its images
+  are listed as refused, so their rows are quarantined as image_unsafe and the run goes on.
 - `ImageIndex.lookup` maps (n,) int64 ids to image references (`IMAGE_REF_SCHEMA`): the
   first listed image per id, readable members before refused ones.
 - `decode_checker` is the `ImageChecker` of `geodata.validate.judge_batch` that decodes
@@ -18,16 +20,28 @@ offset, refused), written per run as `image_index/{split}.parquet` by `geodata.i
 
 from __future__ import annotations
 
+import tarfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from geodata.images import LISTING_SCHEMA, ImageStore, decode_image, find_containers, list_container
+from geodata.images import (
+    LISTING_SCHEMA,
+    Container,
+    ImageStore,
+    UnsafeMemberError,
+    _is_image_name,
+    decode_image,
+    find_containers,
+    is_safe_relative_name,
+    list_container,
+)
 from geodata.incremental import container_fingerprint
 from geodata.quarantine import REASON_CODE, quarantine_table
 from geodata.validate import ID_REGEX, IMAGE_REF_SCHEMA, MANIFEST_SCHEMA, image_checks
@@ -111,7 +125,10 @@ def update_image_index(
         if unchanged:
             old_parts.append(previous.filter(pc.equal(previous["container"], c.rel)))
             continue
-        listing = list_container(c)
+        try:
+            listing = list_container(c)
+        except UnsafeMemberError:
+            listing = refused_listing(c)  # the whole shard is refused; its rows are quarantined
         n_listed += 1
         if c.rel in prev_fp and previous is not None and not reason:
             before = previous.filter(pc.equal(previous["container"], c.rel))
@@ -131,6 +148,32 @@ def update_image_index(
     )
     index.build_lookup()
     return index
+
+
+def refused_listing(container: Container, max_name_chars: int = 60) -> pa.Table:
+    """LISTING_SCHEMA rows for every image member of an archive that holds a member name that
+    could escape (absolute, drive letter, '..'), each refused with a reason naming the shard
+    and that member: none of its members is ever read, rows pointing at them are quarantined
+    as image_unsafe. Names come from the zip's central directory or the tar's headers."""
+    if container.kind == "zip":
+        with zipfile.ZipFile(container.path) as zf:
+            members = [(i.filename, i.file_size, None) for i in zf.infolist()]
+    else:
+        with tarfile.open(container.path, "r:") as tf:
+            members = [(i.name, i.size, i.offset_data) for i in tf if not i.isdir()]
+    bad = next((name for name, _, _ in members if not is_safe_relative_name(name)), "")
+    shown = bad if len(bad) <= max_name_chars else bad[: max_name_chars - 3] + "..."
+    why = (f"shard {container.rel} refused: member {shown!r} could escape the dataset folder; "
+           "none of its members is used")
+    images = [(n, size, off) for n, size, off in members if _is_image_name(n.replace("\\", "/"))]
+    return pa.table({
+        "id": pa.array([PurePosixPath(n.replace("\\", "/")).stem for n, _, _ in images], pa.string()),
+        "container": pa.array([container.rel] * len(images), pa.string()),
+        "member": pa.array([n for n, _, _ in images], pa.string()),
+        "size_bytes": pa.array([size for _, size, _ in images], pa.int64()),
+        "offset": pa.array([off for _, _, off in images], pa.int64()),
+        "refused": pa.array([why] * len(images), pa.string()),
+    }, schema=LISTING_SCHEMA)
 
 
 def decode_checker(store: ImageStore, workers: int, jpg: list[bytes | None] | None = None) -> Any:

@@ -10,9 +10,10 @@
 - per split: the manifest part files with their SHA-256, and running totals.
 
 A re-run compares the inputs with the state (`csv_prefix_status`, container
-fingerprints) and the ingest decides what to parse. The state is written last (atomically),
-so a crash leaves the previous state, and part files that the state does not list are
-orphans of the crashed run (`orphan_parts`).
+fingerprints) and the ingest decides what to parse. The state is the commit point (written
+atomically after the run's parts and tables): a crash before it leaves the previous state,
+part files that the state does not list are orphans of the crashed run (`orphan_parts`),
+and what is published after it is published again by the next run (geodata.ingest).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from geodata.atomic import write_text_atomic
 
@@ -127,19 +130,36 @@ def drop_state(out_dir: Path) -> None:
 
 @dataclass
 class RangeScan:
-    """Result of `scan_range`: newline count and last byte of the counted bytes."""
+    """Result of `scan_range`: newline and empty-line counts, last byte of the counted bytes."""
 
     n_newlines: int = 0
     last_byte: bytes = b""
+    has_empty_line: bool = False  # a line that is '' or '\r' (the counted bytes start a line)
+
+
+def _newlines(counted: bytes, prev_nl: int, prev_byte: int) -> tuple[np.ndarray, bool]:
+    """Offsets of the '\\n' in `counted` and whether one ends an empty line ('' or '\\r').
+
+    prev_nl: offset of the newline before `counted` relative to its start (-1 when it starts
+    the range, which starts a line); prev_byte: the byte before `counted` (10 at the start).
+    """
+    arr = np.frombuffer(counted, dtype=np.uint8)
+    nl = np.flatnonzero(arr == 10)  # numpy: faster than bytes.find for b"\\n\\n", and gives the count
+    if not len(nl):
+        return nl, False
+    gap = np.diff(nl, prepend=prev_nl)
+    before = np.where(nl > 0, arr[np.maximum(nl - 1, 0)], prev_byte)
+    return nl, bool(((gap == 1) | ((gap == 2) & (before == 13))).any())
 
 
 def scan_range(path: Path, hasher: Any, start: int, end: int, count_from: int | None = None) -> RangeScan:
-    """Feed bytes [start, end) of `path` to `hasher`; count '\\n' in [count_from, end).
+    """Feed bytes [start, end) of `path` to `hasher`; count '\\n' in [count_from, end), look for empty lines.
 
     count_from defaults to start. Reads in 8 MiB chunks (constant memory).
     """
     count_from = start if count_from is None else count_from
     out = RangeScan()
+    prev_nl, prev_byte = -1, 10  # the counted bytes start a line
     with open(path, "rb") as fh:
         fh.seek(start)
         pos = start
@@ -150,7 +170,11 @@ def scan_range(path: Path, hasher: Any, start: int, end: int, count_from: int | 
             hasher.update(chunk)
             if pos + len(chunk) > count_from:
                 counted = chunk[max(0, count_from - pos) :]
-                out.n_newlines += counted.count(b"\n")
+                nl, empty = _newlines(counted, prev_nl, prev_byte)
+                out.n_newlines += len(nl)
+                out.has_empty_line = out.has_empty_line or empty
+                prev_nl = (int(nl[-1]) if len(nl) else prev_nl) - len(counted)
+                prev_byte = counted[-1]
                 out.last_byte = counted[-1:]
             pos += len(chunk)
     return out
@@ -191,7 +215,7 @@ def csv_plan(csv_path: Path, previous: CsvState | None) -> CsvPlan:
         return CsvPlan(0, end, 0, hasher, "first ingest")
     if end < previous.n_bytes:
         return CsvPlan(0, end, 0, hashlib.sha256(), f"{csv_path.name} shrank from {previous.n_bytes} to {end} bytes")
-    scan_range(csv_path, hasher, 0, previous.n_bytes)
+    scan_range(csv_path, hasher, 0, previous.n_bytes, count_from=previous.n_bytes)  # hash only
     if hasher.hexdigest() != previous.sha256:
         return CsvPlan(0, end, 0, hashlib.sha256(), f"the first {previous.n_bytes} bytes of {csv_path.name} changed")
     if not previous.ends_with_newline and end > previous.n_bytes:
@@ -243,11 +267,11 @@ def container_fingerprint(kind: str, path: Path) -> str:
     if kind == "zip":
         offset, size = _zip_central_directory(path)
         h.update(f"{st.st_size}:".encode())
-        scan_range(path, h, offset, offset + size)
+        scan_range(path, h, offset, offset + size, count_from=offset + size)
     elif kind == "tar":
         h.update(f"{st.st_size}:{st.st_mtime_ns}:".encode())
-        scan_range(path, h, 0, min(_TAIL_BYTES, st.st_size))
-        scan_range(path, h, max(0, st.st_size - _TAIL_BYTES), st.st_size)
+        scan_range(path, h, 0, min(_TAIL_BYTES, st.st_size), count_from=st.st_size)
+        scan_range(path, h, max(0, st.st_size - _TAIL_BYTES), st.st_size, count_from=st.st_size)
     else:
         with os.scandir(path) as it:
             for e in sorted((e for e in it if e.is_file()), key=lambda e: e.name):
@@ -259,7 +283,8 @@ def container_fingerprint(kind: str, path: Path) -> str:
 def file_sha256(path: Path) -> str:
     """SHA-256 of a whole file (streamed)."""
     h = hashlib.sha256()
-    scan_range(path, h, 0, Path(path).stat().st_size)
+    size = Path(path).stat().st_size
+    scan_range(path, h, 0, size, count_from=size)
     return h.hexdigest()
 
 

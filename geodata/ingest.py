@@ -35,6 +35,12 @@ rewritten shard, or other settings make a full re-ingest of every split (the rep
 why). A run with no new input is a no-op. Order guarantee: parts in run order, rows in
 file order within a part, rows admitted late (their image came later) in the part of the
 run that admitted them; sort by (split, line) for file order.
+
+Crash safety: a run writes its tables under `.runs/run-N/`, moves its manifest parts into
+place, then saves the state (the commit point) and only then publishes quarantine.parquet
+and image_index/ and removes what the state no longer lists. A run killed before the
+state is redone by the next run; one killed after it is finished by the next run (even a
+no-op one publishes again). `crash_point` lets tests kill the process at each step.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +107,8 @@ log = logging.getLogger(__name__)
 VerifyImages = Literal["none", "exists", "decode"]
 Layout = Literal["auto", "csv", "webdataset"]
 _RUNS_DIR = ".runs"  # per-run pending / quarantine / image index; the state names the current one
+COMMIT_STEPS = ("split", "run_tables", "parts", "state", "publish", "cleanup", "report")  # crash_point names
+_ATOMIC_TMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # geodata.atomic's temp names
 
 
 class IngestError(RuntimeError):
@@ -114,6 +124,8 @@ class SplitReport:
     All runs: kept_total + quarantined_total = n_in_total; bad_fraction =
     quarantined_total / n_in_total (what max_bad_fraction is checked against, as for a
     one-shot ingest of the whole input). mode: "full", "append" or "unchanged".
+    CSV lines read this run: n_lines = header (when read from the start) + n_blank_lines
+    + n_lines_kept + n_lines_quarantined (a row spans one line, or two with a quoted line break).
     """
 
     split: str
@@ -136,6 +148,10 @@ class SplitReport:
     n_parts: int = 0
     bytes_parsed: int = 0
     line_numbers: Literal["physical", "record"] = "physical"
+    n_lines: int = 0
+    n_blank_lines: int = 0
+    n_lines_kept: int = 0
+    n_lines_quarantined: int = 0
     n_images_indexed: int = 0
     n_containers_listed: int = 0
     n_containers_reused: int = 0
@@ -143,6 +159,7 @@ class SplitReport:
     duplicate_image_examples: list[str] = field(default_factory=list)
     n_pending: int = 0
     features: dict[str, int] = field(default_factory=dict)  # WebDataset: name -> D
+    warning: str = ""  # e.g. the split has no rows at all (a header-only CSV)
 
 
 @dataclass
@@ -269,8 +286,20 @@ def _seen_ids(out_dir: Path, state: IngestState, quarantine: pa.Table, pending: 
     return IdSet(np.concatenate(parts))
 
 
+def crash_point(step: str) -> None:
+    """Test hook: SIGKILL this process after commit step `step` when $HIERLOC_INGEST_CRASH_AFTER names it.
+
+    Steps, in order (`COMMIT_STEPS`): split (a split's rows read, nothing committed), run_tables,
+    parts, state, publish, cleanup, report.
+    """
+    if os.environ.get("HIERLOC_INGEST_CRASH_AFTER") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Publish `src` at `dst` atomically (a hard link when possible)."""
+    """Publish `src` at `dst` atomically (a hard link when possible); nothing to do when it already is `src`."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
     with atomic_write_path(dst) as tmp:
         try:
             os.link(src, tmp)
@@ -416,6 +445,7 @@ def ingest_osv5m(
                                  listings[split])
                 new_pending[split] = MANIFEST_SCHEMA.empty_table()
             log.info("%s: %d rows read in %.1f s", split, run.report.n_in, time.perf_counter() - t_split)
+            crash_point("split")
     except BaseException:
         for r in runs.values():
             r.writer.discard()
@@ -457,6 +487,7 @@ def _commit(
             raise AssertionError(
                 f"{split}: counts do not add up: {srep.n_in} in != {srep.n_kept} kept + {srep.n_quarantined} quarantined"
             )
+        _check_lines(srep, layout, run.csv)
         srep.n_in_total = (prev.n_in_total if prev else 0) + srep.n_in
         srep.kept_total = (prev.kept_total if prev else 0) + srep.n_kept + srep.n_recovered
         srep.quarantined_total = quarantine_by_split[split].num_rows
@@ -497,29 +528,58 @@ def _commit(
             old = _previous_index(out_dir, state, split) if state is not None else LISTING_SCHEMA.empty_table()
             index = pa.concat_tables([old, *listings[split]]).cast(LISTING_SCHEMA)
         write_parquet_atomic(index, run_dir / f"image_index_{split}.parquet")
+    crash_point("run_tables")
+    for split in splits:
         if parts_new[split] is not None:
             runs[split].writer.commit()
+    crash_point("parts")
     report.state_path = str(save_state(new_state, out_dir))  # the commit point
-    _publish(report, new_state, out_dir, run_dir, splits)
+    crash_point("state")
+    _publish(new_state, out_dir, run_dir, splits)  # a re-run repeats it when killed before its end
+    for split in splits:
+        report.splits[split].manifest_path = str(out_dir / "manifest" / f"{split}.parquet")
     report.elapsed_s = time.perf_counter() - t0
     write_text_atomic(report.to_json(), Path(report.report_path))
+    crash_point("report")
     log.info("ingest done in %.1f s; report %s", report.elapsed_s, report.report_path)
     return report
 
 
-def _publish(report: IngestReport, state: IngestState, out_dir: Path, run_dir: Path, splits: tuple[str, ...]) -> None:
-    """After the commit: public quarantine / image index, and removal of what the state no longer lists."""
-    _link_or_copy(run_dir / "quarantine.parquet", Path(report.quarantine_path))
+def _check_lines(srep: SplitReport, layout: str, csv: Any) -> None:
+    """Raise AssertionError unless the CSV's physical lines read add up to its rows' lines."""
+    if layout != "csv" or srep.line_numbers != "physical" or srep.bytes_parsed == 0:
+        return
+    header = int(csv is not None and csv.n_bytes == srep.bytes_parsed)  # read from the start
+    if srep.n_lines != header + srep.n_blank_lines + srep.n_lines_kept + srep.n_lines_quarantined:
+        raise AssertionError(
+            f"{srep.csv_path}: lines do not add up: {srep.n_lines} read != {header} header + {srep.n_blank_lines} "
+            f"blank + {srep.n_lines_kept} kept + {srep.n_lines_quarantined} quarantined"
+        )
+
+
+def _publish(state: IngestState, out_dir: Path, run_dir: Path, splits: tuple[str, ...]) -> None:
+    """After the commit: public quarantine / image index, and removal of what the state no longer lists.
+
+    Idempotent: the no-op re-run calls it again, so a run killed after saving its state
+    (before or during this) is finished by the next run.
+    """
+    _link_or_copy(run_dir / "quarantine.parquet", out_dir / "quarantine.parquet")
     for split in splits:
         _link_or_copy(run_dir / f"image_index_{split}.parquet", out_dir / "image_index" / f"{split}.parquet")
+    crash_point("publish")
+    for split in splits:
         part_dir = out_dir / "manifest" / f"{split}.parquet"
         part_dir.mkdir(parents=True, exist_ok=True)
         for orphan in orphan_parts(part_dir, state.splits[split].parts):
             orphan.unlink(missing_ok=True)
-        report.splits[split].manifest_path = str(part_dir)
     for old in (out_dir / _RUNS_DIR).iterdir():
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)
+    for folder in (out_dir, out_dir / "image_index"):  # temp files of writes a kill interrupted
+        for tmp in folder.glob(".*.tmp"):
+            if _ATOMIC_TMP.fullmatch(tmp.name):
+                tmp.unlink(missing_ok=True)
+    crash_point("cleanup")
 
 
 def _remove_outputs(out_dir: Path, splits: tuple[str, ...]) -> None:
@@ -537,8 +597,9 @@ def _remove_outputs(out_dir: Path, splits: tuple[str, ...]) -> None:
 
 def _finish_noop(report: IngestReport, state: IngestState, out_dir: Path, quarantine: pa.Table,
                  pending: dict[str, pa.Table], t0: float) -> IngestReport:
-    """A re-run with nothing new: report the totals (and re-check max_bad_fraction)."""
+    """A re-run with nothing new: finish publishing, report the totals (and re-check max_bad_fraction)."""
     report.noop = True
+    _publish(state, out_dir, _run_dir(out_dir, state.run), tuple(state.splits_order))
     for split, s in state.splits.items():
         mine = quarantine.filter(pc.equal(quarantine["split"], split))
         srep = SplitReport(
@@ -551,6 +612,7 @@ def _finish_noop(report: IngestReport, state: IngestState, out_dir: Path, quaran
         )
         srep.reasons_total, _ = summarise(mine)
         report.splits[split] = srep
+    _log_summary(report)
     report.error = _too_bad_message(report)
     report.elapsed_s = time.perf_counter() - t0
     if report.error is not None:
@@ -564,8 +626,11 @@ def _finish_noop(report: IngestReport, state: IngestState, out_dir: Path, quaran
 
 
 def _log_summary(report: IngestReport) -> None:
-    """Log counts per split and each reason with its count and examples."""
+    """Log counts per split and each reason with its count and examples; note splits without rows."""
     for s in report.splits.values():
+        if s.n_in_total == 0:
+            s.warning = f"{s.csv_path}: no rows (a header only)" if report.layout == "csv" else f"{s.csv_path}: no samples"
+            log.warning("%s", s.warning)
         log.info(
             "%s (%s): %d rows in, %d kept, %d quarantined this run; %d kept, %d quarantined (%.2f%%) in all",
             s.split, s.mode, s.n_in, s.n_kept, s.n_quarantined, s.kept_total, s.quarantined_total,

@@ -8,13 +8,19 @@ and a few int64 arrays.
 Line numbers: pyarrow counts CSV *records* (header = 1, blank lines skipped). In the
 common case (one record per line, no blank lines) the physical line is the record number;
 `finish` checks that with one newline count over the bytes read and otherwise maps
-records to lines with a quote-aware scan (`record_start_lines`), telling the caller to
-rewrite the lines it already wrote.
+records to lines with a scan that splits records as pyarrow does
+(`geodata.csv_lines.scan_records`), telling the caller to rewrite the lines it already wrote.
+
+`CsvDataError`: pyarrow stopped on the rows (a byte that is not UTF-8, a stray quote that
+swallowed more than a block); geodata.ingest_split then reads the range again with the
+offending lines set aside (`source`, a geodata.csv_lines.CleanedReader).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
+from geodata.csv_lines import RecordLines, scan_records
 from geodata.osv5m import OSV5M_COLUMNS
 from geodata.quarantine import truncate
 
@@ -34,6 +41,10 @@ CSV_BLOCK_BYTES = 16 << 20
 
 class OSV5MFormatError(ValueError):
     """A CSV that is not an OSV-5M table (wrong header, unreadable text)."""
+
+
+class CsvDataError(OSV5MFormatError):
+    """pyarrow could not parse the rows of an OSV-5M CSV (its header was fine)."""
 
 
 def check_header(names: list[str], csv_path: Path) -> None:
@@ -59,14 +70,17 @@ def check_header(names: list[str], csv_path: Path) -> None:
     )
 
 
-def read_header(csv_path: Path) -> list[str]:
-    """The column names of a CSV's first line (raises OSV5MFormatError when unreadable)."""
+def read_header(csv_path: Path, max_bytes: int = 1 << 20) -> list[str]:
+    """The column names of a CSV's first line (raises OSV5MFormatError when unreadable).
+
+    Only the first line is read (at most `max_bytes`), so bad rows further down are left
+    to the ingest to quarantine.
+    """
+    with open(csv_path, "rb") as fh:
+        first = fh.readline(max_bytes)
     try:
-        reader = pcsv.open_csv(
-            csv_path,
-            read_options=pcsv.ReadOptions(block_size=1 << 16),
-            parse_options=pcsv.ParseOptions(invalid_row_handler=lambda row: "skip"),  # rows: judged later
-        )
+        first.decode("utf-8")
+        reader = pcsv.open_csv(pa.BufferReader(first), read_options=pcsv.ReadOptions(use_threads=False))
         return reader.schema.names
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise OSV5MFormatError(
@@ -146,6 +160,23 @@ def count_lines(n_newlines: int, last_byte: bytes) -> int:
 # --------------------------------------------------------------------------- streaming
 
 
+@contextlib.contextmanager
+def _quiet_undecodable_rows() -> Iterator[None]:
+    """Silence pyarrow's 'Exception ignored' report when it cannot decode an invalid row's text
+    for our handler (it then stops with ArrowInvalid: a CsvDataError, handled by the caller)."""
+    previous = sys.unraisablehook
+
+    def hook(args: Any) -> None:
+        if not isinstance(args.exc_value, UnicodeDecodeError):
+            previous(args)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
 @dataclass
 class LineMap:
     """How `CsvStream.finish` says lines must be fixed: record number r -> line base + starts[r - 1]."""
@@ -163,10 +194,11 @@ class CsvStream:
     count are collected in `bad_lines` / `bad_texts` instead.
     """
 
-    def __init__(self, csv_path: Path, start_byte: int = 0, line_base: int = 0) -> None:
+    def __init__(self, csv_path: Path, start_byte: int = 0, line_base: int = 0, source: Any = None) -> None:
         self.csv_path = Path(csv_path)
         self.start_byte = int(start_byte)
         self.line_base = int(line_base)  # physical lines before start_byte
+        self.source = source  # a file object with the bytes from start_byte (None: read csv_path)
         self.first_record = 2 if self.start_byte == 0 else 1  # the header is record 1
         self.n_valid = 0
         self.bad_records: list[int] = []  # record numbers in the stream; -1 = unknown
@@ -194,10 +226,13 @@ class CsvStream:
             )
         source: Any = self.csv_path
         names = None
-        if self.start_byte:
+        if self.start_byte and self.source is None:
             source = pa.OSFile(str(self.csv_path))
             source.seek(self.start_byte)
+        if self.start_byte:
             names = list(OSV5M_COLUMNS)  # the header is not in the appended bytes
+        if self.source is not None:
+            source = self.source
         try:
             reader = pcsv.open_csv(
                 source,
@@ -205,7 +240,10 @@ class CsvStream:
                 read_options=pcsv.ReadOptions(
                     block_size=CSV_BLOCK_BYTES, encoding="utf8", use_threads=False, column_names=names
                 ),
-                parse_options=pcsv.ParseOptions(invalid_row_handler=self._on_invalid),
+                # The careful pass (source set) has no stray quotes left, so a quoted line break
+                # may cross a block boundary safely.
+                parse_options=pcsv.ParseOptions(invalid_row_handler=self._on_invalid,
+                                                newlines_in_values=self.source is not None),
                 convert_options=pcsv.ConvertOptions(
                     column_types={name: pa.string() for name in OSV5M_COLUMNS},
                     # Keep "NA" (Namibia) and empty fields as strings, never nulls.
@@ -217,24 +255,28 @@ class CsvStream:
         except pa.ArrowInvalid as exc:
             if self.start_byte and "Empty CSV" in str(exc):
                 return None  # the appended bytes hold no row (blank lines only)
-            raise OSV5MFormatError(
-                f"{self.csv_path}: cannot read as CSV ({exc}); expected the release's UTF-8 CSV "
-                "with a header line"
-            ) from exc
+            if "Empty CSV" in str(exc):
+                raise OSV5MFormatError(
+                    f"{self.csv_path}: cannot read as CSV ({exc}); expected the release's UTF-8 CSV "
+                    "with a header line"
+                ) from exc
+            raise CsvDataError(f"{self.csv_path}: cannot parse the rows ({exc})") from exc
         check_header(reader.schema.names, self.csv_path)
         return reader
 
     def __iter__(self) -> Iterator[tuple[dict[str, pa.Array], np.ndarray]]:
         if self.start_byte and self.start_byte >= self.csv_path.stat().st_size:
             return  # nothing appended
-        reader = self._open()
+        with _quiet_undecodable_rows():
+            reader = self._open()
         while reader is not None:
             try:
-                batch = reader.read_next_batch()
+                with _quiet_undecodable_rows():
+                    batch = reader.read_next_batch()
             except StopIteration:
                 return
             except pa.ArrowInvalid as exc:
-                raise OSV5MFormatError(
+                raise CsvDataError(
                     f"{self.csv_path}: cannot parse after {self.n_valid} valid rows ({exc}); "
                     "check the file's encoding (UTF-8) and that it is not cut short"
                 ) from exc
@@ -258,26 +300,33 @@ class CsvStream:
         """Records read, the header included when the stream has one."""
         return (self.first_record - 1) + self.n_valid + len(self.bad_records)
 
-    def finish(self, n_lines: int, end_byte: int) -> LineMap | None:
-        """Check the provisional lines given the physical line count of the bytes read.
+    def lines_final(self, n_lines: int, n_blank: int) -> bool:
+        """Whether the provisional lines are the physical ones: as many records as the
+        `n_lines` physical lines of the bytes read, none of them blank (`n_blank`)."""
+        return n_lines == self.n_records() and n_blank == 0 and not self._out_of_order
 
-        n_lines: physical lines in bytes [start_byte, end_byte). Returns None when the
-        lines handed out are final, else the LineMap to apply to them (line_kind stays
-        "physical"); when records cannot be mapped, lines stay record numbers and
-        line_kind becomes "record".
+    def line_map(self, records: RecordLines) -> LineMap | None:
+        """The LineMap from provisional to physical lines, given the records as scanned.
+
+        When the scan's records do not match pyarrow's, lines stay record numbers,
+        line_kind becomes "record" and None is returned.
         """
-        if n_lines == self.n_records() and not self._out_of_order:
-            return None
-        starts = record_start_lines(self.csv_path, start=self.start_byte, end=end_byte)
-        if len(starts) != self.n_records():
+        if len(records.starts) != self.n_records():
             log.warning(
                 "%s: could not map CSV records to physical lines (%d records, %d found by "
                 "scanning); 'line' holds record numbers (header = 1) instead",
-                self.csv_path, self.n_records(), len(starts),
+                self.csv_path, self.n_records(), len(records.starts),
             )
             self.line_kind = "record"
             return None
-        return LineMap(starts=starts, base=self.line_base)
+        return LineMap(starts=records.starts, base=self.line_base)
+
+    def finish(self, n_lines: int, end_byte: int, n_blank: int = 0) -> LineMap | None:
+        """None when the provisional lines are final (`lines_final`), else `line_map` of a scan
+        of bytes [start_byte, end_byte)."""
+        if self.lines_final(n_lines, n_blank):
+            return None
+        return self.line_map(scan_records(self.csv_path, self.start_byte, end_byte))
 
 
 def apply_line_map(lines: np.ndarray, line_map: LineMap) -> np.ndarray:

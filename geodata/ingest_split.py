@@ -18,6 +18,7 @@ shard fingerprints, counts in its `SplitReport`) is gathered in a `SplitRun`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ from geodata.atomic import atomic_write_path
 from geodata.image_index import ImageIndex, decode_checker, recheck_pending
 from geodata.images import LISTING_SCHEMA, ImageStore
 from geodata.incremental import CsvState, PartState, container_fingerprint, file_sha256, scan_range
-from geodata.ingest_csv import CsvStream, OSV5MFormatError, apply_line_map, count_lines
-from geodata.quarantine import REASON_CODE, quarantine_table
+from geodata.csv_lines import MAX_RECORD_LINES, CleanedReader, RecordLines, SetAside, read_lines_text, scan_records, set_aside
+from geodata.ingest_csv import CsvDataError, CsvStream, OSV5MFormatError, apply_line_map, count_lines
+from geodata.quarantine import REASON_CODE, quarantine_table, truncate
 from geodata.validate import MANIFEST_SCHEMA, IdSet, judge_batch
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 MAX_EXAMPLES = 5
+log = logging.getLogger(__name__)
 
 
 class PartWriter:
@@ -76,21 +79,25 @@ class PartWriter:
         self._writer = None
         return PartState(name=self.final.name, n_rows=self.n_rows, sha256=file_sha256(self.tmp))
 
-    def remap_lines(self, line_map: Any) -> None:
-        """Rewrite the temp part's line column through a LineMap (rare: blank lines, quoted newlines)."""
+    def remap_lines(self, line_map: Any) -> np.ndarray:
+        """Rewrite the temp part's line column through a LineMap (rare: blank lines, quoted
+        newlines); returns the new lines, (n_rows,) int64."""
         if self._writer is None:
-            return
+            return np.zeros(0, np.int64)
         self._writer.close()
         table = pq.read_table(self.tmp)
-        table = table.set_column(table.schema.get_field_index("line"), "line",
-                                 pa.array(apply_line_map(table["line"].to_numpy(), line_map), pa.int64()))
+        lines = apply_line_map(table["line"].to_numpy(), line_map)
+        table = table.set_column(table.schema.get_field_index("line"), "line", pa.array(lines, pa.int64()))
         self._writer = pq.ParquetWriter(self.tmp, MANIFEST_SCHEMA, compression="zstd")
         self._writer.write_table(table)
+        return lines
 
     def discard(self) -> None:
+        """Drop what was written (the writer can be written to again)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self.n_rows = 0
         self.tmp.unlink(missing_ok=True)
         if self.tmp.parent.is_dir() and not any(self.tmp.parent.iterdir()):
             self.tmp.parent.rmdir()  # a folder this run created for nothing
@@ -148,13 +155,59 @@ def ingest_csv_split(
     return pending
 
 
+def _judge_stream(run: SplitRun, stream: CsvStream, seen: IdSet, images: ImageIndex | None, checker: Any) -> None:
+    """Judge every batch of `stream` into the run's part, quarantine and pending tables."""
+    for raw, lines in stream:
+        judged = judge_batch(run.report.split, stream.csv_path.name, raw, lines, seen,
+                             images.lookup if images is not None else None, checker)
+        run.writer.write(judged.kept)
+        if judged.quarantine.num_rows:
+            run.quarantine.append(judged.quarantine)
+        if judged.pending.num_rows:
+            run.pending.append(pa.Table.from_batches([judged.pending]))
+
+
+def _swallowed(stream: CsvStream, records: RecordLines) -> dict[int, int]:
+    """{first: last line} of the records a stray quote made: over MAX_RECORD_LINES lines, or
+    over one line with a wrong field count ({} when pyarrow's records and the scan's differ)."""
+    if len(records.starts) != stream.n_records():
+        return {}
+    spans = records.spans()
+    malformed = np.zeros(len(spans), dtype=bool)
+    bad = np.asarray(stream.bad_records, dtype=np.int64)
+    malformed[bad[bad > 0] - 1] = True
+    pick = (spans > MAX_RECORD_LINES) | ((spans > 1) & malformed)
+    return dict(zip(records.starts[pick].tolist(), records.ends[pick].tolist(), strict=True))
+
+
+def _aside_table(split: str, csv_path: Path, start: int, line_base: int, aside: SetAside) -> pa.Table:
+    """Quarantine rows of the lines the careful pass left out (their text, bytes not UTF-8 as \\xNN)."""
+    texts = read_lines_text(csv_path, start, aside.records, aside.lines)
+    lines = aside.lines + line_base
+    values = [_around_bad_byte(t) if r == "encoding_invalid" else f"lines {a}-{b + line_base}: {t}"
+              for t, r, a, b in zip(texts, aside.reasons, lines.tolist(), aside.ends.tolist(), strict=True)]
+    return quarantine_table(split, csv_path.name, lines, pa.array([t.split(",", 1)[0][:40] for t in texts], pa.string()),
+                            np.asarray([REASON_CODE[r] for r in aside.reasons]), pa.array(values, pa.string()))
+
+
+def _around_bad_byte(text: str, before: int = 40) -> str:
+    """`text` from a little before its first \\xNN (a byte that is not UTF-8), so the value shows it."""
+    at = text.find("\\x")
+    return text if at <= before else "..." + text[at - before:]
+
+
 def _stream_csv(
     run: SplitRun, root: Path, plan: Any, seen: IdSet, images: ImageIndex | None, checker: Any,
 ) -> None:
-    """Judge the CSV bytes plan.start..plan.end batch by batch; record counts and the new CsvState."""
+    """Judge the CSV bytes plan.start..plan.end batch by batch; record counts and the new CsvState.
+
+    Fast path: one pyarrow pass. When pyarrow stops on the rows (bytes that are not UTF-8, a
+    stray quote swallowing a block) or a record spans lines that no real row does
+    (geodata.csv_lines), everything judged is dropped and the range is read again with
+    those lines set aside and quarantined (encoding_invalid, unclosed_quote).
+    """
     split = run.report.split
     csv_path = root / f"{split}.csv"
-    stream = CsvStream(csv_path, plan.start, plan.line_base)
     scanned: dict[str, Any] = {}
 
     def scan() -> None:  # hash + newline count, overlapping with parsing (hashlib releases the GIL)
@@ -165,37 +218,90 @@ def _stream_csv(
 
     thread = threading.Thread(target=scan, name=f"hash-{split}", daemon=True)
     thread.start()
+    mark = seen.snapshot()
+    stream = CsvStream(csv_path, plan.start, plan.line_base)
+    failed: CsvDataError | None = None
     try:
-        for raw, lines in stream:
-            judged = judge_batch(split, csv_path.name, raw, lines, seen,
-                                 images.lookup if images is not None else None, checker)
-            run.writer.write(judged.kept)
-            if judged.quarantine.num_rows:
-                run.quarantine.append(judged.quarantine)
-            if judged.pending.num_rows:
-                run.pending.append(pa.Table.from_batches([judged.pending]))
+        _judge_stream(run, stream, seen, images, checker)
+    except CsvDataError as exc:
+        failed = exc
     finally:
         thread.join()
     if "error" in scanned:
         raise scanned["error"]
     if csv_path.stat().st_size != plan.end:
         raise OSV5MFormatError(f"{csv_path}: the file changed while it was ingested; re-run when it is complete")
+    rng = scanned["range"]
+    n_lines = count_lines(rng.n_newlines, rng.last_byte)
+    records = aside = None
+    if failed is not None or not stream.lines_final(n_lines, int(rng.has_empty_line)):
+        records = scan_records(csv_path, plan.start, plan.end) if failed is None else None
+        unclosed = _swallowed(stream, records) if records is not None else {}
+        if failed is not None or unclosed:
+            log.warning("%s; reading %s again with the offending lines set aside", failed or
+                        f"{len(unclosed)} record(s) over several lines, e.g. lines {next(iter(unclosed.items()))}",
+                        csv_path)
+            seen.restore(mark)
+            run.writer.discard()
+            run.quarantine, run.pending = [], []
+            aside = set_aside(csv_path, plan.start, plan.end, unclosed)
+            records = aside.records
+            with CleanedReader(csv_path, plan.start, plan.end, aside.cut(plan.start)) as source:
+                stream = CsvStream(csv_path, plan.start, plan.line_base, source=source)
+                _judge_stream(run, stream, seen, images, checker)
     texts = stream.bad_texts
     if texts:  # malformed rows: raw id = text up to the first comma
         run.quarantine.append(quarantine_table(
             split, csv_path.name, stream.bad_lines(), pa.array([t.split(",", 1)[0] for t in texts], pa.string()),
             np.full(len(texts), REASON_CODE["column_count"]), pa.array(texts, pa.string()),
         ))
-    rng = scanned["range"]
-    line_map = stream.finish(count_lines(rng.n_newlines, rng.last_byte), plan.end)
+    line_map = stream.line_map(records) if records is not None else None
     if line_map is not None:
-        run.writer.remap_lines(line_map)
+        kept_lines = run.writer.remap_lines(line_map)
         run.quarantine = [remap_table_lines(t, line_map) for t in run.quarantine]
         run.pending = [remap_table_lines(t, line_map) for t in run.pending]
-    run.report.line_numbers = stream.line_kind  # type: ignore[assignment]
-    run.report.bytes_parsed = plan.end - plan.start
-    run.report.n_in = stream.n_valid + len(texts)
+    if aside is not None:
+        run.quarantine.append(_aside_table(split, csv_path, plan.start, plan.line_base, aside))
+    srep = run.report
+    srep.line_numbers = stream.line_kind  # type: ignore[assignment]
+    srep.bytes_parsed = plan.end - plan.start
+    srep.n_in = stream.n_valid + len(texts) + (len(aside.lines) if aside is not None else 0)
+    srep.n_lines = n_lines
+    n_quarantined = sum(t.num_rows for t in run.quarantine)
+    if line_map is None:  # one line per record, no blank line (or lines unknown: record numbers)
+        srep.n_lines_kept, srep.n_lines_quarantined = run.writer.n_rows, n_quarantined
+    else:
+        _count_lines(run, records, line_map.base, kept_lines, n_quarantined)
     run.csv = plan.new_state(csv_path.name, rng)
+
+
+def _count_lines(run: SplitRun, records: Any, line_base: int, kept_lines: np.ndarray, n_quarantined: int) -> None:
+    """Physical lines of the kept and quarantined rows and blank lines, from the records' spans;
+    quarantined records over several lines get 'lines a-b: ' before their value."""
+    spans = records.spans()
+    multi = np.flatnonzero(spans > 1)
+    first, last = records.starts[multi] + line_base, records.ends[multi] + line_base
+    q_lines = np.concatenate([t["line"].fill_null(-1).to_numpy() for t in run.quarantine] + [np.zeros(0, np.int64)])
+    srep = run.report
+    srep.n_lines_kept = run.writer.n_rows + int((last - first)[np.isin(first, kept_lines)].sum())
+    srep.n_lines_quarantined = n_quarantined + int((last - first)[np.isin(first, q_lines)].sum())
+    srep.n_blank_lines = records.n_blank
+    if len(multi):
+        run.quarantine = [_mark_ranges(t, first, last) for t in run.quarantine]
+
+
+def _mark_ranges(table: pa.Table, first: np.ndarray, last: np.ndarray) -> pa.Table:
+    """`table` with 'lines a-b: ' before the value of rows whose line is a multi-line record's first."""
+    lines = table["line"].fill_null(-1).to_numpy()
+    hit = np.isin(lines, first)
+    if not hit.any():
+        return table
+    end_of = dict(zip(first.tolist(), last.tolist(), strict=True))
+    values = table["value"].to_pylist()
+    for i in np.flatnonzero(hit).tolist():
+        if not str(values[i]).startswith("lines "):
+            values[i] = truncate(f"lines {lines[i]}-{end_of[int(lines[i])]}: {values[i]}")
+    return table.set_column(table.schema.get_field_index("value"), "value", pa.array(values, pa.string()))
 
 
 def _admit_pending(run: SplitRun, file: str, pending: pa.Table, images: ImageIndex, checker: Any) -> pa.Table:
@@ -248,11 +354,18 @@ def ingest_wds_split(
     Appends each batch's image listing (LISTING_SCHEMA) to `listings`; `dims` collects
     feature name -> D across shards.
     """
-    from geodata.webdataset import discover_features, read_shard
+    from geodata.webdataset import discover_features, read_shard, refused_shard_rows, shard_refusal
 
     split = run.report.split
     for shard in shards:
         rel = shard.relative_to(root).as_posix()
+        why = shard_refusal(shard, rel)
+        if why is not None:  # refused whole: its samples are quarantined, the others go on
+            quarantine, listing = refused_shard_rows(shard, rel, split, why, seen)
+            run.quarantine.append(quarantine)
+            run.report.n_in += quarantine.num_rows
+            listings.append(listing.cast(LISTING_SCHEMA))
+            continue
         names = features if features is not None else discover_features(shard)
         if features is None:
             features = names

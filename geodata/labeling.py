@@ -197,7 +197,12 @@ def label_csv_polygons(
     from geodata.atomic import atomic_write_path
     from geodata.geonames import parse_coordinates
 
-    frame = pd.read_csv(in_csv, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(in_csv, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError:  # pandas names neither the file nor the line
+        from geodata.csv_lines import not_utf8_message
+
+        raise ValueError(not_utf8_message(in_csv)) from None
     lat, lon = parse_coordinates(frame, lat_col, lon_col, source=str(in_csv), first_line=2)
     points = pd.DataFrame({"id": np.arange(len(frame), dtype=np.int64), "latitude": lat, "longitude": lon})
     res = label_points(points, "polygons", admin=load_admin(admin_source, admin_path), grid_deg=grid_deg,

@@ -17,6 +17,8 @@ import pyarrow.compute as pc
 #: Quarantine reasons, in priority order: a row with several problems gets the first.
 REASONS: tuple[str, ...] = (
     "column_count",  # CSV row with a wrong number of fields
+    "encoding_invalid",  # CSV line holding bytes that are not UTF-8
+    "unclosed_quote",  # CSV line whose '"' swallowed the lines after it (geodata.csv_lines)
     "metadata_invalid",  # WebDataset sample without a readable JSON object
     "id_not_integer",
     "latitude_not_numeric",
@@ -36,6 +38,8 @@ REASON_CODE: dict[str, int] = {r: i + 1 for i, r in enumerate(REASONS)}
 #: The input field each reason is about ("" for a malformed row as a whole).
 REASON_FIELD: dict[str, str] = {
     "column_count": "",
+    "encoding_invalid": "",
+    "unclosed_quote": "",
     "metadata_invalid": "json",
     "id_not_integer": "id",
     "latitude_not_numeric": "latitude",

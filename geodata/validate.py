@@ -141,6 +141,14 @@ class IdSet:
         self._push(np.unique(ids[~is_dup]))
         return is_dup
 
+    def snapshot(self) -> list[np.ndarray]:
+        """The set as it is now, for `restore` (cheap: levels are never changed in place)."""
+        return list(self._levels)
+
+    def restore(self, snapshot: list[np.ndarray]) -> None:
+        """Forget every id added since `snapshot` was taken."""
+        self._levels = list(snapshot)
+
     def _push(self, level: np.ndarray) -> None:
         """Add a sorted unique array disjoint from the set; merge levels of similar size."""
         if not len(level):

@@ -15,7 +15,9 @@ schema), the jpg as an image reference (container = the tar, member, data offset
 and the .npy vectors. Members are read from their headers' offsets; nothing is extracted.
 Links, devices and other non-regular members are never read: the sample's image, metadata
 or feature is refused (a quarantine reason); a member name that could escape (absolute,
-drive letter, '..') refuses the whole shard (UnsafeMemberError).
+drive letter, '..') refuses the whole shard (`shard_refusal`): none of its members is
+read, its samples are quarantined as image_unsafe (`refused_shard_rows`) and the ingest
+goes on with the other shards.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from geodata.images import iter_tar_members, tar_refusal
+from geodata.images import is_safe_relative_name, iter_tar_members, tar_refusal
 from geodata.osv5m import OSV5M_COLUMNS
-from geodata.quarantine import REASON_CODE, truncate
-from geodata.validate import IMAGE_REF_SCHEMA
+from geodata.quarantine import REASON_CODE, quarantine_table, truncate
+from geodata.validate import ID_REGEX, IMAGE_REF_SCHEMA, IdSet
 
 #: Feature names of the public osv5m-wds copy (DATA.md).
 WDS_FEATURES: tuple[str, ...] = ("street_clip", "dinov2_vitl14_registers")
@@ -89,11 +92,19 @@ class WdsBatch:
     feats: dict[str, np.ndarray]
 
 
-def _samples(tar_path: Path) -> Iterator[_Sample]:
-    """Group consecutive members by key (WebDataset samples), headers only."""
+def _unchecked_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
+    """A tar's headers in order, names not checked (only for listing a refused shard)."""
+    with tarfile.open(tar_path, "r:") as tf:
+        for info in tf:
+            yield info
+            tf.members = []
+
+
+def _samples(tar_path: Path, members: Iterator[tarfile.TarInfo] | None = None) -> Iterator[_Sample]:
+    """Group consecutive members by key (WebDataset samples), headers only (checked names by default)."""
     current: _Sample | None = None
     n = 0
-    for info in iter_tar_members(tar_path):
+    for info in members if members is not None else iter_tar_members(tar_path):
         if info.isdir():
             continue
         key, ext = split_key(info.name)
@@ -236,6 +247,38 @@ def _to_batch(
         late_value=pa.array(late_value, pa.string()),
         feats=feats,
     )
+
+
+def shard_refusal(tar_path: Path, container: str, max_name_chars: int = 60) -> str | None:
+    """Why a tar shard is refused whole (a member name that could escape: absolute, drive
+    letter, '..'), naming the shard (`container`) and that member; None for a safe shard.
+    Headers only."""
+    for info in _unchecked_members(tar_path):
+        if not is_safe_relative_name(info.name):
+            name = info.name if len(info.name) <= max_name_chars else info.name[: max_name_chars - 3] + "..."
+            return f"shard {container} refused: member {name!r} could escape the dataset folder; none of its members is used"
+    return None
+
+
+def refused_shard_rows(tar_path: Path, container: str, split: str, why: str, seen: IdSet) -> tuple[pa.Table, pa.Table]:
+    """(quarantine, listing) of a refused shard: each sample quarantined as image_unsafe (its id
+    from the member key; duplicate_id when seen before, as judge_batch would say), its jpg
+    listed as refused. Nothing but headers is read; the numeric ids join `seen`."""
+    samples = list(_samples(tar_path, _unchecked_members(tar_path)))
+    ids = pa.array([s.key.rpartition("/")[2] for s in samples], pa.string())
+    numeric = np.asarray(pc.match_substring_regex(ids, ID_REGEX).to_numpy(zero_copy_only=False), dtype=bool)
+    codes = np.full(len(samples), REASON_CODE["image_unsafe"], np.int64)
+    as_int = np.asarray([int(i) if ok else 0 for i, ok in zip(ids.to_pylist(), numeric, strict=True)], np.int64)
+    codes[np.flatnonzero(numeric)[seen.add_first(as_int[numeric])]] = REASON_CODE["duplicate_id"]
+    values = pa.array([why if c == REASON_CODE["image_unsafe"] else i for c, i in zip(codes, ids.to_pylist(), strict=True)])
+    quarantine = quarantine_table(split, container, np.asarray([s.line for s in samples], np.int64), ids, codes, values)
+    jpgs = [(s.key.rpartition("/")[2], s.members["jpg"]) for s in samples if "jpg" in s.members]
+    listing = pa.table({
+        "id": pa.array([k for k, _ in jpgs], pa.string()), "container": pa.array([container] * len(jpgs), pa.string()),
+        "member": pa.array([i.name for _, i in jpgs], pa.string()), "size_bytes": pa.array([i.size for _, i in jpgs], pa.int64()),
+        "offset": pa.array([i.offset_data for _, i in jpgs], pa.int64()), "refused": pa.array([why] * len(jpgs), pa.string()),
+    })
+    return quarantine, listing
 
 
 def discover_features(tar_path: Path) -> tuple[str, ...]:

@@ -79,3 +79,34 @@ def test_medoid_coordinates_are_training_points(ingest_dir, tmp_path):
     train = pd.read_parquet(ingest_dir / "manifest" / "train.parquet", columns=["latitude", "longitude"])
     pts = set(zip(train["latitude"].round(9), train["longitude"].round(9)))
     assert all((round(a, 9), round(b, 9)) in pts for a, b in zip(ents["lat"], ents["lon"]))
+
+
+def test_rows_whose_coordinates_contradict_their_country_get_no_entity(ingest_dir, tmp_path):
+    # The demo's labels are GeoNames': none contradicts its coordinates. Swap latitude and longitude
+    # in a few training rows of a copy of the ingest folder: those rows are counted, quarantined
+    # with their line, and given no entity.
+    clean = run_hierarchy(ingest_dir, tmp_path / "clean")
+    assert clean["label_mismatch"] == {"train": 0, "test": 0} and clean["labels_train"]["label_mismatch"] == 0
+    import shutil
+
+    from geodata.label_check import country_mismatch
+
+    bad_dir = tmp_path / "ingest"
+    shutil.copytree(ingest_dir, bad_dir)
+    part = next((bad_dir / "manifest" / "train.parquet").glob("part-*.parquet"))
+    m = pd.read_parquet(part)
+    swap = m.index[m["longitude"].abs() <= 90][:6]
+    m.loc[swap, ["latitude", "longitude"]] = m.loc[swap, ["longitude", "latitude"]].to_numpy()
+    m.to_parquet(part, index=False)
+    expected = np.flatnonzero(country_mismatch(m)[0])
+    assert 4 <= len(expected) and set(expected) <= set(swap)
+
+    rep = run_hierarchy(bad_dir, tmp_path / "bad")
+    assert rep["label_mismatch"] == {"train": len(expected), "test": 0}
+    q = pd.read_parquet(tmp_path / "bad" / "quarantine.parquet")
+    assert q["line"].tolist() == m.loc[expected, "line"].tolist() and (q["file"] == "train.csv").all()
+    assert (q["reason"] == "label_mismatch").all()
+    assign = pd.read_parquet(tmp_path / "bad" / "assignments_train.parquet")
+    assert len(assign) == len(m) and (assign.loc[expected, "city_index"] == -1).all()
+    ents = pd.read_parquet(tmp_path / "bad" / "entities.parquet")
+    assert ents.loc[ents["level"] == 0, "n_images"].sum() == len(m) - len(expected) - rep["train_points_without_country"]

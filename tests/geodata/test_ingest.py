@@ -252,7 +252,8 @@ def test_each_quarantine_reason_with_line_and_field(tmp_path: Path) -> None:
         "duplicate_id": 1, "image_missing": 1, "image_corrupt": 1,
     }
     webdataset_only = {"metadata_invalid", "feature_invalid"}
-    assert set(s.reasons) == set(REASONS) - webdataset_only - {"image_unsafe"}  # unsafe: test_archives
+    in_faults = {"encoding_invalid", "unclosed_quote"}  # tested in test_ingest_faults
+    assert set(s.reasons) == set(REASONS) - webdataset_only - in_faults - {"image_unsafe"}  # unsafe: test_archives
     assert s.examples["latitude_out_of_range"] == [
         "train.csv line 8, field latitude: latitude_out_of_range ('90.5')"
     ]
@@ -408,8 +409,12 @@ def test_empty_and_undecodable_csvs(tmp_path: Path) -> None:
         ingest_osv5m(root, tmp_path / "out", splits=("train",), verify_images="none")
     bad = ",".join(OSV5M_COLUMNS).encode() + b"\n1,\xff,3" + b",x" * 29 + b"\n"
     (root / "train.csv").write_bytes(bad)
-    with pytest.raises(OSV5MFormatError, match=r"train\.csv.*UTF8"):
+    # Not UTF-8: the row is quarantined with its line (was: the whole split stopped), so the
+    # one-row split fails max_bad_fraction.
+    with pytest.raises(IngestError, match=r"train: 1 of 1 rows quarantined.*encoding_invalid"):
         ingest_osv5m(root, tmp_path / "out", splits=("train",), verify_images="none")
+    assert read_quarantine(tmp_path / "out")[["file", "line", "reason"]].values.tolist() == [
+        ["train.csv", 2, "encoding_invalid"]]
 
 
 def test_unsafe_archive_members_quarantine_their_rows(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from geodata.images import ImageStore, UnsafeMemberError, decode_image
-from geodata.ingest import ingest_osv5m
+from geodata.ingest import IngestError, ingest_osv5m
 from geodata.osv5m import OSV5M_COLUMNS
 from geodata.webdataset import feature_shard_path, json_to_raw, split_key, write_shard
 
@@ -224,10 +224,15 @@ def test_escaping_member_name_refuses_the_whole_shard(tmp_path: Path, bad_name: 
         info = tarfile.TarInfo(bad_name)
         info.size = 3
         tf.addfile(info, io.BytesIO(b"abc"))
-    with pytest.raises(UnsafeMemberError, match=r"00000\.tar.*member name"):
+    # The shard is refused whole: its 2 samples and the hostile member's own are quarantined (was:
+    # the ingest stopped with UnsafeMemberError and no report); all rows are bad, so the run fails.
+    with pytest.raises(IngestError, match=r"train: 3 of 3 rows quarantined.*image_unsafe"):
         ingest_osv5m(tmp_path / "wds", tmp_path / "out", splits=("train",))
     assert not (tmp_path / "out/manifest/train.parquet").exists()
     assert not any(tmp_path.glob("**/evil*"))  # nothing extracted anywhere
+    q = pd.read_parquet(tmp_path / "out/quarantine.parquet")
+    assert q["reason"].tolist() == ["image_unsafe"] * 3
+    assert q["value"].str.contains(r"shard train/00000\.tar refused: member .*evil", regex=True).all()
 
 
 def test_new_tar_shard_is_the_only_one_read(tmp_path: Path) -> None:
