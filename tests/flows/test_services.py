@@ -58,6 +58,7 @@ def test_env_file_values_survive_spaces_quotes_and_dollars(tmp_path):
     odd = tmp_path / "my project $HOME `id` it's"
     svc = Services(project_dir=odd, state_dir=tmp_path / "run", prefect_home=tmp_path / "pre fect;$PATH",
                    prefect_port=1, mlflow_port=2)
+    svc.state_dir.mkdir(parents=True)
     env_file = svc.write_env_file()
     out = subprocess.run(["bash", "-c", '. "$1" >/dev/null 2>&1; printf "%s\\n" "$HIERLOC_HOME" "$PREFECT_HOME"',
                           "bash", str(env_file)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
