@@ -5,17 +5,20 @@ SIGTERM: the flow's task is interrupted where it is (Prefect turns the signal in
 exception inside the running task: training keeps its last atomic checkpoint, and the next
 run resumes from it), the MLflow runs end as KILLED, the CLI exits with 143 and the
 interpreter's exit handlers stop the servers this process started (Prefect's temporary
-server). Should that take longer than GRACE_S, or a second SIGTERM come, the servers are
-stopped and the process exits at once.
+server). Should that take longer than GRACE_S (a SIGTERM to the whole process group kills
+the temporary server too, and Prefect then retries reporting the crash to it), or a second
+SIGTERM come, the servers and worker processes are stopped and the process exits at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -87,48 +90,92 @@ def load_config_or_exit(path: Path | None, overrides: dict):
         raise SystemExit(2) from None
 
 
-def _stop_servers() -> None:
-    """Stop Prefect's temporary API server if this process started one (it is a child process)."""
+def _servers() -> list:
+    """Prefect's temporary API servers this process started (child processes), if any."""
     try:
         from prefect.server.api.server import SubprocessASGIServer
     except Exception:  # noqa: BLE001  (no Prefect server code: nothing started)
-        return
-    for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
+        return []
+    return list(getattr(SubprocessASGIServer, "_instances", {}).values())
+
+
+def _stop_servers() -> None:
+    for server in _servers():
         try:
-            server.stop()
+            if getattr(server, "server_process", None) is not None:
+                server.stop()
         except Exception:  # noqa: BLE001  (best effort on the way out)
             pass
 
 
-def _force_exit() -> None:
+def _servers_gone() -> bool:
+    """True when every temporary server this process started has exited (a SIGTERM to the
+    whole process group): no API is left to report to, so there is nothing to wait for."""
+    procs = [getattr(s, "server_process", None) for s in _servers()]
+    procs = [p for p in procs if p is not None]
+    return bool(procs) and all(p.poll() is not None for p in procs)
+
+
+def _force_exit(why: str = "forced after the grace period") -> None:
+    """Stop the servers and the worker processes this process started, and exit 143 now."""
+    import multiprocessing
+
     _stop_servers()
-    sys.stderr.write("error: stopped by SIGTERM (forced after the grace period)\n")
+    for child in multiprocessing.active_children():  # Dask workers, data loader workers
+        child.terminate()
+    sys.stderr.write(f"error: stopped by SIGTERM ({why})\n")
     sys.stderr.flush()
     os._exit(EXIT_SIGTERM)
+
+
+def _watch(rfd: int, grace_s: float) -> None:
+    """Sees every SIGTERM, whichever Python handler takes it (Prefect installs its own while a
+    flow runs and reports the crash to its API before handing the signal on): forces the exit
+    ``grace_s`` after the first, soon after the API server died with its process group, or at
+    a second SIGTERM."""
+    deadline, why = None, None
+    while True:
+        timeout = None if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+        ready, _, _ = select.select([rfd], [], [], timeout)
+        if ready:
+            data = os.read(rfd, 64)
+            n = data.count(bytes([signal.SIGTERM]))
+            if n and deadline is not None or n > 1:
+                _force_exit("a second SIGTERM")
+            if n:
+                deadline = time.monotonic() + grace_s
+        if deadline is not None:
+            if why is None and _servers_gone():  # let the interrupted task unwind (atomic writes clean up), then go
+                deadline, why = min(deadline, time.monotonic() + 2.0), "its API server is gone"
+            if time.monotonic() >= deadline:
+                _force_exit(why or "forced after the grace period")
 
 
 @contextmanager
 def stop_on_sigterm(grace_s: float = GRACE_S) -> Iterator[None]:
     """Within the block, SIGTERM raises Terminated in the main thread (Prefect's own handler,
-    installed while a flow runs, hands the signal back to this one when the flow has crashed);
-    a watchdog exits the process ``grace_s`` later if it is still alive, a second SIGTERM at once."""
-    state = {"n": 0}
+    installed while a flow runs, hands the signal back to this one when the flow has crashed),
+    and the block exits with 143. A watcher thread (signal.set_wakeup_fd) forces the exit when
+    that takes longer than ``grace_s``, or the API server is gone, or at a second SIGTERM.
+    After the block (the report) SIGTERM exits at once. The handler stays installed to the end
+    of the process: the temporary server lives until then."""
+    inside = [True]
 
     def handler(signum, frame) -> None:
-        state["n"] += 1
-        if state["n"] > 1:
-            _force_exit()
-        timer = threading.Timer(grace_s, _force_exit)
-        timer.daemon = True
-        timer.start()
+        if not inside[0]:
+            _force_exit("at once")
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    signal.signal(signal.SIGTERM, handler)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(rfd, grace_s), name="sigterm-watch", daemon=True).start()
     try:
         yield
     except Terminated:
-        # the handler stays: a second SIGTERM on the way out forces the exit
         sys.stderr.write("error: stopped by SIGTERM; the finished stages are cached and training resumes from its "
                          "last checkpoint on the next run\n")
         raise SystemExit(EXIT_SIGTERM) from None
-    signal.signal(signal.SIGTERM, previous)
+    finally:
+        inside[0] = False
