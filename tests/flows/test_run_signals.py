@@ -164,6 +164,8 @@ def test_sigterm_during_training_exits_cleanly_and_the_next_run_resumes(tmp_path
     per_epoch = -(-int(train["n_train"]) // 32)
     assert 1 <= epochs - train["epochs_run"] and train["steps"] == epochs * per_epoch  # resumed after >= 1 epoch
     assert {p: _files(ROOT / p) for p in project} == project  # nothing written into the project folder
+    records = sorted((tmp_path / "prefect" / "storage").iterdir())  # the cached stages' results: JSON, no pickle
+    assert len(records) == 3 and all(json.loads(r.read_text())["metadata"]["serializer"]["type"] == "json" for r in records)
 
 
 def test_sigterm_to_the_whole_process_group_exits_within_20_s(tmp_path):
