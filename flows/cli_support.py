@@ -56,7 +56,8 @@ def _describe(model, err: dict) -> str:
         parent = _model_at(model, loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent is not None else "?"
         return f"unknown key '{loc[-1] if loc else ''}' {where}; allowed there: {allowed}"
-    return f"'{'.'.join(loc)}': {err.get('msg')} (got {err.get('input')!r})"
+    got = repr(err.get("input"))
+    return f"'{'.'.join(loc)}': {err.get('msg')} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def load_config(path: Path | None, overrides: dict):
@@ -92,11 +93,9 @@ def load_config_or_exit(path: Path | None, overrides: dict):
 
 def _servers() -> list:
     """Prefect's temporary API servers this process started (child processes), if any."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except Exception:  # noqa: BLE001  (no Prefect server code: nothing started)
-        return []
-    return list(getattr(SubprocessASGIServer, "_instances", {}).values())
+    module = sys.modules.get("prefect.server.api.server")  # not imported: no server was started
+    server_cls = getattr(module, "SubprocessASGIServer", None)
+    return list(getattr(server_cls, "_instances", {}).values())
 
 
 def _stop_servers() -> None:
