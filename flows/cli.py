@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hierarchical
 
 
 def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    typer.secho("\n".join(f"error: {line}" for line in str(msg).splitlines() or [""]), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
@@ -28,7 +28,10 @@ def demo_data(
     """Write the embedded 'Earth tiles' dataset in the OSV-5M release layout."""
     from geodata.demo_data import build_demo_dataset
 
-    stats = build_demo_dataset(out, n_train=n_train, n_test=n_test, seed=seed, relief=relief)
+    try:
+        stats = build_demo_dataset(out, n_train=n_train, n_test=n_test, seed=seed, relief=relief)
+    except ValueError as exc:  # ForeignFolderError: a folder of someone else's files is never written to
+        _fail(str(exc))
     typer.echo(json.dumps(stats, indent=2, default=str))
 
 
@@ -89,14 +92,6 @@ def metrics(
     typer.echo(json.dumps(result, indent=2) if as_json else format_metrics_table(result))
 
 
-def _load_config(config: Optional[Path], overrides: dict) -> "PipelineConfig":  # noqa: F821
-    from flows.pipeline import PipelineConfig
-
-    data = json.loads(config.read_text()) if config else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return PipelineConfig.model_validate(data)
-
-
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="PipelineConfig as JSON"),
@@ -105,7 +100,9 @@ def run(
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment"),
 ) -> None:
     """Run the whole pipeline as a Prefect flow, tracked in MLflow."""
-    cfg = _load_config(config, {"data_dir": data_dir, "work_dir": work_dir, "experiment": experiment})
+    from flows.cli_support import load_config_or_exit
+
+    cfg = load_config_or_exit(config, {"data_dir": data_dir, "work_dir": work_dir, "experiment": experiment})
     _run_and_report(cfg)
 
 
@@ -125,10 +122,12 @@ def demo(
 def _run_and_report(cfg) -> None:
     import mlflow
 
+    from flows.cli_support import stop_on_sigterm
     from flows.pipeline import pipeline
     from flows.scoring import format_metrics_table
 
-    result = pipeline(cfg)
+    with stop_on_sigterm():  # SIGTERM: exit 143, checkpoint kept, the servers this process started stopped
+        result = pipeline(cfg)
     m = result["metrics"]
     extra = ("pick_", "baseline_", "n_dropped", "ece_", "mean_prob_", "mean_ball_", "search_", "index_gb")
     typer.echo("\n" + format_metrics_table({k: v for k, v in m.items() if not k.startswith(extra)}))

@@ -19,7 +19,8 @@ from hierloc.train import TrainConfig
 
 class DemoDataParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    build_if_missing: bool = Field(True, description="build the embedded 'Earth tiles' data when data_dir has no train.csv")
+    build_if_missing: bool = Field(True, description="build the embedded 'Earth tiles' data when data_dir holds no "
+                                                     "dataset and is the project's demo folder, or empty or absent")
     n_train: int = Field(20_000, ge=10, le=2_000_000)
     n_test: int = Field(2_000, ge=10, le=500_000)
     seed: int = Field(0, ge=0)
@@ -76,6 +77,8 @@ class FeatureParams(BaseModel):
     shard_size: int = Field(8192, ge=1, le=1_000_000, description="images per cache shard (at most this much work is "
                                                                  "lost on a kill)")
     retry_failed: bool = Field(False, description="read images that failed in an earlier run again")
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail the stage when more of a split's images "
+                                                                     "cannot be read (a wrong root, a broken backbone)")
 
 
 class TextParams(BaseModel):

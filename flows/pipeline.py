@@ -11,7 +11,7 @@ what it wrote (artifacts, and outputs.json: the folders and digests a later stag
 by run id; flows/lineage.py).
 
 Ingest, hierarchy and features are cached by Prefect on the content digests of their
-inputs and their parameters (result persistence on): a re-run after a crash skips the
+inputs and their parameters (results persisted as JSON): a re-run after a crash skips the
 finished stages, a changed input re-runs what depends on it. Training is never cached;
 it resumes from its checkpoint. Parameters are pydantic models (flows/params.py).
 """
@@ -27,6 +27,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from flows import registry, stages
+from flows.data_dir import demo_target
+from flows.faults import retry_transient
+from flows.json_results import JsonRecordsOnly
 from flows.lineage import OUTPUTS, check_tracking, digest_of, files_digest, latest_stage_run, load_outputs, \
     log_dataset, source_digest
 from flows.params import FeatureParams, HierarchyParams, IngestParams, PipelineConfig, RetrainParams, UpstreamRuns
@@ -35,7 +38,10 @@ from flows.tracking import Run, tracked_run
 
 #: ingest / hierarchy / features: keyed on their inputs (digests, parameters) and their code;
 #: the MLflow parent run id is not part of the key.
-STAGE_CACHE = (INPUTS + TASK_SOURCE) - "parent"
+STAGE_CACHE = JsonRecordsOnly(policy=(INPUTS + TASK_SOURCE) - "parent")
+#: cached results are written as JSON and only JSON is read back (flows.json_results); retries only
+#: for what a retry can cure (flows.faults)
+CACHED = dict(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", retry_condition_fn=retry_transient)
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +83,21 @@ def _run_exists(run_id: str) -> bool:
 
 
 # --- tasks ----------------------------------------------------------------------
-@task(name="demo-data", retries=1, cache_policy=NO_CACHE)
+@task(name="demo-data", retries=1, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def demo_data_task(cfg: PipelineConfig) -> str:
+    """Check that data_dir holds a dataset; build the demo data only where flows.data_dir allows it."""
     from geodata.demo_data import build_demo_dataset
 
     data_dir = Path(cfg.data_dir)
-    if (data_dir / "train.csv").exists() or not cfg.demo_data.build_if_missing:
-        return str(data_dir)
-    get_run_logger().info("building the embedded demo dataset in %s", data_dir)
-    build_demo_dataset(data_dir, n_train=cfg.demo_data.n_train, n_test=cfg.demo_data.n_test, seed=cfg.demo_data.seed)
+    claim = demo_target(data_dir, cfg.ingest.layout, cfg.demo_data.build_if_missing)  # DataDirError: neither layout
+    if claim is not None:
+        get_run_logger().info("building the embedded demo dataset in %s", data_dir)
+        build_demo_dataset(data_dir, n_train=cfg.demo_data.n_train, n_test=cfg.demo_data.n_test, seed=cfg.demo_data.seed,
+                           claim=claim)
     return str(data_dir)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], **CACHED)
 def ingest_task(data_dir: str, work_dir: str, params: IngestParams, source: str, experiment: str,
                 parent: str | None) -> dict:
     out = Path(work_dir) / "ingest"
@@ -116,7 +124,8 @@ def _log_ingest(run: Run, report: dict) -> None:
             run.metrics({f"{split}_quarantined_{reason}": n})
 
 
-@task(name="label-partition", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="label-partition", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE,
+      retry_condition_fn=retry_transient)
 def partition_task(call, args: tuple) -> int:
     """One Parquet partition through the labeler, on a worker of the flow's Dask task runner."""
     return call(*args)
@@ -130,7 +139,7 @@ def prefect_partition_runner(call, arglist: list[tuple]) -> None:
         f.result()
 
 
-@task(name="hierarchy", retries=1, cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="hierarchy", retries=1, **CACHED)
 def hierarchy_task(ingest: dict, work_dir: str, params: HierarchyParams, previous: str | None, previous_digest: str | None,
                    on_dask: bool, experiment: str, parent: str | None) -> dict:
     out = Path(work_dir) / "hierarchy"
@@ -216,7 +225,7 @@ def run_hierarchy_stage(cfg: PipelineConfig, ingest: dict, parent: str | None,
     return hierarchy_on_dask.with_options(task_runner=runner)(**kwargs)
 
 
-@task(name="features", retries=1, cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="features", retries=1, **CACHED)
 def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeatureParams, experiment: str,
                   parent: str | None) -> dict:
     logger = get_run_logger()
@@ -232,7 +241,8 @@ def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeaturePar
 
         out = stages.run_features(Path(data_dir), Path(ingest["dir"]), Path(work_dir) / "features", f.backbone,
                                   f.pretrained, f.batch_size, f.num_workers, f.device, progress,
-                                  precision=f.precision, shard_size=f.shard_size, retry_failed=f.retry_failed)
+                                  precision=f.precision, shard_size=f.shard_size, retry_failed=f.retry_failed,
+                                  max_bad_fraction=f.max_bad_fraction)
         for split in stages.SPLITS:
             run.metrics({f"{split}_{k}": out[split][k] for k in ("n", "encoded", "cached", "failures", "images_per_s")})
         run.metrics({"dim": out["dim"]})

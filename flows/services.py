@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.settings import OFFLINE_DEFAULTS, PROJECT_DIR
+from geodata.atomic import write_text_atomic
 
 POOL = "hierloc-process"
 #: start order; `down` stops in reverse
@@ -49,7 +51,7 @@ class Services:
     state_dir: Path | None = None  # pids, logs, env (default project_dir/.run)
     prefect_home: Path | None = None  # default project_dir/.prefect
     mlflow_db: Path | None = None  # default project_dir/mlflow.db
-    artifacts_dir: Path | None = None  # default project_dir/mlartifacts
+    artifacts_dir: Path | None = None  # default mlartifacts/ beside mlflow_db
     prefect_port: int = 4200
     mlflow_port: int = 5000
     pool: str = POOL
@@ -61,7 +63,7 @@ class Services:
         self.state_dir = Path(self.state_dir or p / ".run")
         self.prefect_home = Path(self.prefect_home or p / ".prefect")
         self.mlflow_db = Path(self.mlflow_db or p / "mlflow.db")
-        self.artifacts_dir = Path(self.artifacts_dir or p / "mlartifacts")
+        self.artifacts_dir = Path(self.artifacts_dir or self.mlflow_db.parent / "mlartifacts")  # beside the store
 
     # --- addresses -----------------------------------------------------------
     @property
@@ -236,10 +238,10 @@ class Services:
         venv = Path(sys.executable).parent / "activate"
         lines = ["# source me: the venv and the addresses of the servers `make up` started"]
         if venv.exists():
-            lines.append(f". {venv}")
-        lines += [f"export {k}={env[k]}" for k in keys]
+            lines.append(f". {shlex.quote(str(venv))}")
+        lines += [f"export {k}={shlex.quote(env[k])}" for k in keys]  # a path with spaces or $ stays one word
         path = self.state_dir / "env"
-        path.write_text("\n".join(lines) + "\n")
+        write_text_atomic("\n".join(lines) + "\n", path)
         return path
 
     def status(self) -> dict[str, dict]:

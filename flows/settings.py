@@ -27,6 +27,15 @@ def apply_offline_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def artifact_root() -> str:
-    """Artifact folder for new MLflow experiments when the store is a local sqlite file."""
-    return (PROJECT_DIR / "mlartifacts").as_uri()
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifact folder for new MLflow experiments: for a local sqlite store, ``mlartifacts/``
+    beside the database file (the project's default store: the project's ``mlartifacts/``);
+    None for any other store (a server or a file store: its own default)."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    db = make_url(tracking_uri).database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return (Path(db).expanduser().resolve().parent / "mlartifacts").as_uri()

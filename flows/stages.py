@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from flows.faults import EmptySplitError, check_feature_failures, check_splits_have_rows
 from flows.scoring import score_points
 from geodata.geonames import default_labeler
 from geodata.hierarchy import assign_images, build_entities, parent_rows
@@ -69,8 +70,9 @@ def run_ingest(data_dir: Path, out_dir: Path, verify_images: str = "decode", max
     """Read an OSV-5M folder (CSV + zips, or the WebDataset copy) into Parquet manifests and a
     quarantine (geodata.ingest); incremental: only new CSV bytes and new shards on a re-run."""
     report = ingest_osv5m(Path(data_dir), Path(out_dir), SPLITS, verify_images, max_bad_fraction,
-                          layout=layout, incremental=incremental)
-    return report.to_dict()
+                          layout=layout, incremental=incremental).to_dict()
+    check_splits_have_rows(report)  # EmptySplitError: a header-only CSV, or every row quarantined
+    return report
 
 
 # --- 2. hierarchy ------------------------------------------------------------
@@ -106,6 +108,9 @@ def run_hierarchy(
                                          check_all_levels=check_all_levels)
     report: dict = {"labeler": labeler, "coords": coords}
     manifests = {split: pd.read_parquet(ingest_dir / "manifest" / f"{split}.parquet") for split in SPLITS}
+    for split in (s for s, m in manifests.items() if m.empty):
+        raise EmptySplitError(f"split {split!r} has no rows to work on: {ingest_dir / 'manifest' / f'{split}.parquet'} "
+                              f"is empty (see {ingest_dir / 'ingest_report.json'})")
     checks = check_ingested_labels(ingest_dir, manifests)  # label_mismatch rows: no entity, quarantined
     # Both splits in one labelling run: one cluster start and one labeler shipment, not one per split.
     res = label_points(pd.concat(manifests.values(), ignore_index=True), labeler, scheduler=scheduler,
@@ -188,7 +193,7 @@ def run_features(
     data_dir: Path, ingest_dir: Path, out_root: Path, backbone: str = "fixed:pixelstats",
     pretrained: str | None = None, batch_size: int = 256, num_workers: int = 2, device: str = "cpu",
     progress: Callable[[int, int, float], None] | None = None, *, precision: str = "fp32",
-    shard_size: int = 8192, retry_failed: bool = False,
+    shard_size: int = 8192, retry_failed: bool = False, max_bad_fraction: float = 0.05,
 ) -> dict:
     """Frozen backbone features of every manifest image, in one incremental cache per backbone.
 
@@ -197,6 +202,8 @@ def run_features(
     every manifest id is there. Returns backbone, dim, weights (content key), cache, ``dirs``
     {split: view folder} for the later stages, ``digests`` {split: sha256 of backbone, weights,
     precision and the split's ids}, and per split n, encoded, cached, failures, seconds, images_per_s.
+    Unreadable images get NaN features (left out later); FeatureFailureError when a split's
+    share of them is above ``max_bad_fraction`` (a wrong image root, a broken backbone).
     """
     import pyarrow.dataset as pads
 
@@ -243,6 +250,9 @@ def run_features(
         view = Path(out_root) / f"{_slug(backbone)}-{digest[:16]}" / split
         doc = write_view(view, cache, ids, index.failures, {"split": split, "backbone": backbone, "weights": weights,
                                                             "precision": precision, "digest": digest, "dim": index.dim})
+        bad = ids[index.failed(ids)]
+        check_feature_failures(split, len(ids), [(int(i), index.failures[int(i)]) for i in bad[:5]], len(bad),
+                               max_bad_fraction, str(data_dir), log)
         n_new = int(np.isin(ids, encoded_ids).sum())
         out["dirs"][split], out["digests"][split] = str(view), digest
         out[split] = {"n": int(len(ids)), "encoded": n_new, "cached": int(len(ids)) - n_new, "failures": doc["failures"],

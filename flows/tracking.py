@@ -27,9 +27,8 @@ def experiment_id(name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = artifact_root() if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    # the artifacts follow the tracking store (a sqlite file: mlartifacts/ beside it), never a fixed folder
+    return client.create_experiment(name, artifact_location=artifact_root(mlflow.get_tracking_uri()))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -79,7 +78,7 @@ class Run:
 
 @contextmanager
 def tracked_run(experiment: str, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[Run]:
-    """Start a run (nested under parent_run_id if given); FINISHED or FAILED at exit."""
+    """Start a run (nested under parent_run_id if given); FINISHED, FAILED or (interrupted) KILLED at exit."""
     client = MlflowClient()
     run_tags = {"mlflow.runName": name, **(tags or {})}
     if parent_run_id:
@@ -89,5 +88,10 @@ def tracked_run(experiment: str, name: str, parent_run_id: str | None = None, ta
     try:
         yield Run(client, run.info.run_id)
         status = "FINISHED"
+    except Exception:
+        raise
+    except BaseException:  # SIGTERM, Ctrl-C: stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(run.info.run_id, status)

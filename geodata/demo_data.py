@@ -51,6 +51,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from geodata.atomic import atomic_write_path, write_text_atomic
+from geodata.demo_folder import claim_folder, owns_folder
 from geodata.geonames import default_labeler, label_frame
 from geodata.osv5m import LABEL_COLUMNS, OSV5M_COLUMNS, UNIQUE_COLUMNS
 
@@ -316,7 +317,8 @@ def write_image_shards(
     """Render one image per row of ``frame`` (id, latitude, longitude) into zip shards.
 
     Shard k holds rows [k shard_size, (k+1) shard_size) as ``<id>.jpg``, named
-    ``{k:02d}.zip``. Stale shard zips from an earlier, larger build are removed.
+    ``{k:02d}.zip``. Stale shard zips from an earlier, larger build are removed (only in a
+    folder marked as the demo's: ``split_dir/../../DEMO_MARKER``).
     Jitter parameters are drawn up front from ``rng`` (one vectorised draw per kind).
     """
     n = len(frame)
@@ -341,7 +343,7 @@ def write_image_shards(
         _write_zip(path, members)
         written.append(path)
     keep = {p.name for p in written}
-    for stale in split_dir.glob("*.zip"):
+    for stale in split_dir.glob("*.zip") if owns_folder(split_dir.parent.parent) else ():  # only in our folder
         if _SHARD_NAME.match(stale.name) and stale.name not in keep:
             stale.unlink()
     return written
@@ -426,8 +428,14 @@ def build_demo_dataset(
     crop_deg: float = 4.0,
     relief: bool = False,
     shard_size: int = 5_000,
+    *,
+    claim: bool = False,
 ) -> dict:
     """Write the "Earth tiles" demo dataset to ``out_dir`` in the OSV-5M release layout.
+
+    ``out_dir`` must be absent, empty or an earlier build (DEMO_MARKER), or ``claim`` must be
+    set (the project's own demo folder): a folder of someone else's files raises
+    ForeignFolderError before anything is written.
 
     Deterministic: the same arguments give byte-identical CSVs and zips (for a given
     Pillow/libjpeg). Independent seeded streams drive places, images per place, offsets,
@@ -442,6 +450,7 @@ def build_demo_dataset(
         raise ValueError("shard_size and image_px must be >= 1 and crop_deg > 0")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    claim_folder(out_dir, claim=claim)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
     rng_place, rng_count, rng_offset, rng_id, rng_split, rng_img_train, rng_img_test = streams
 

@@ -52,7 +52,7 @@ def test_a_grown_manifest_encodes_only_its_new_images(tmp_path):
     _data(data, "test", test)
     _write_split(ingest, hier, "train", train[:14])
     _write_split(ingest, hier, "test", test)
-    first = run_features(data, ingest, feats_root, num_workers=0, shard_size=8)
+    first = run_features(data, ingest, feats_root, num_workers=0, shard_size=8, max_bad_fraction=1.0)  # 1 of 14 broken
     assert (first["train"]["encoded"], first["test"]["encoded"], first["train"]["failures"]) == (14, 6, 1)
     assert first["dirs"]["train"] != first["dirs"]["test"] and Path(first["cache"]).parent == feats_root / "cache"
 
@@ -63,7 +63,7 @@ def test_a_grown_manifest_encodes_only_its_new_images(tmp_path):
 
     order = np.r_[train[14:], train[:14][::-1]]  # a scheduled re-run: 6 new rows, another order
     _write_split(ingest, hier, "train", order)
-    second = run_features(data, ingest, feats_root, num_workers=0, shard_size=8)
+    second = run_features(data, ingest, feats_root, num_workers=0, shard_size=8, max_bad_fraction=1.0)
     assert (second["train"]["encoded"], second["train"]["cached"], second["test"]["encoded"]) == (6, 14, 0)
     assert second["cache"] == first["cache"]  # the same backbone: one cache
     assert second["digests"]["test"] == first["digests"]["test"] and second["dirs"]["test"] == first["dirs"]["test"]
@@ -121,5 +121,47 @@ def test_tar_rows_pass_their_offsets_to_the_reader(tmp_path):
     m["image_offset"] = [offsets[i][0] + (512 if k == 1 else 0) for k, i in enumerate(ids)]  # row 1: stale
     m["image_size"] = [offsets[i][1] for i in ids]
     m.to_parquet(ingest / "manifest" / "train.parquet", index=False)
-    out = run_features(data, ingest, tmp_path / "features", num_workers=0)
+    out = run_features(data, ingest, tmp_path / "features", num_workers=0, max_bad_fraction=1.0)  # 1 of 3 fails
     assert (out["train"]["encoded"], out["train"]["failures"], out["test"]["n"]) == (3, 1, 0)
+
+
+def test_a_wrong_image_root_fails_the_stage_with_the_count_and_first_failures(tmp_path):
+    """Every image unreadable (the images are read from the wrong folder): no NaN features for
+    training to go on with, a clear error instead (flows.faults.FeatureFailureError)."""
+    data, ingest, hier = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy"
+    train, test = ID0 + np.arange(12), ID0 + 100 + np.arange(4)
+    _data(data, "train", train)
+    _data(data, "test", test)
+    _write_split(ingest, hier, "train", train)
+    _write_split(ingest, hier, "test", test)
+    with pytest.raises(ValueError) as err:
+        run_features(tmp_path / "elsewhere", ingest, tmp_path / "features", num_workers=0)
+    msg = str(err.value)
+    assert "12 of 12 images could not be read (100.00%" in msg and "max_bad_fraction=0.05" in msg
+    assert f"id {train[0]}:" in msg and "elsewhere" in msg and "retry_failed" in msg
+
+
+def test_a_few_failures_below_the_ceiling_pass_counted_and_logged(tmp_path, caplog):
+    data, ingest, hier = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy"
+    train, test = ID0 + np.arange(40), ID0 + 100 + np.arange(4)
+    _data(data, "train", train, broken={int(train[5])})  # 1 of 40: 2.5 %, under the default 5 %
+    _data(data, "test", test)
+    _write_split(ingest, hier, "train", train)
+    _write_split(ingest, hier, "test", test)
+    with caplog.at_level("WARNING", logger="flows.stages"):
+        out = run_features(data, ingest, tmp_path / "features", num_workers=0)
+    assert out["train"]["failures"] == 1 and out["test"]["failures"] == 0
+    assert any("1 of 40 images could not be read (2.50%" in r.getMessage() and f"id {train[5]}" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ValueError, match=r"1 of 40 images .*max_bad_fraction=0\.02"):  # the same, above a lower ceiling
+        run_features(data, ingest, tmp_path / "features", num_workers=0, max_bad_fraction=0.02)
+
+
+def test_the_ceiling_is_a_validated_parameter():
+    from pydantic import ValidationError
+
+    from flows.params import FeatureParams
+
+    assert FeatureParams().max_bad_fraction == 0.05
+    with pytest.raises(ValidationError, match="max_bad_fraction"):
+        FeatureParams(max_bad_fraction=1.5)

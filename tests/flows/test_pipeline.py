@@ -24,10 +24,13 @@ def tracking(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
+def prefect_server(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # the cached stages' result records go to a temp folder, not the project's .prefect/
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}), \
+            prefect_test_harness(server_startup_timeout=120):
         yield
 
 

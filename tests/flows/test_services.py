@@ -49,3 +49,18 @@ def test_env_points_every_tool_at_the_loopback_servers(svc):
     text = svc.write_env_file().read_text()
     assert "export PREFECT_API_URL=http://127.0.0.1:1/api" in text
     assert svc.down() == [] and not (svc.state_dir / "env").exists()
+
+
+def test_env_file_values_survive_spaces_quotes_and_dollars(tmp_path):
+    """`.run/env` is sourced by a shell: each value comes back exactly, never split or expanded."""
+    import subprocess
+
+    odd = tmp_path / "my project $HOME `id` it's"
+    svc = Services(project_dir=odd, state_dir=tmp_path / "run", prefect_home=tmp_path / "pre fect;$PATH",
+                   prefect_port=1, mlflow_port=2)
+    svc.state_dir.mkdir(parents=True)
+    env_file = svc.write_env_file()
+    out = subprocess.run(["bash", "-c", '. "$1" >/dev/null 2>&1; printf "%s\\n" "$HIERLOC_HOME" "$PREFECT_HOME"',
+                          "bash", str(env_file)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+                         timeout=30)
+    assert out.stdout.splitlines() == [str(odd.resolve()), str(tmp_path / "pre fect;$PATH")], out

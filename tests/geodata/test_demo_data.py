@@ -185,6 +185,22 @@ def test_rebuild_removes_stale_shards(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_never_writes_into_or_deletes_from_a_folder_it_did_not_build_unless_claimed(tmp_path):
+    """A user's release folder (no marker) is refused before anything is written; their shards stay."""
+    user = tmp_path / "user"
+    (user / "images" / "train").mkdir(parents=True)
+    (user / "test.csv").write_text("id,latitude,longitude\n1,2,3\n")
+    for name in ("00.zip", "05.zip"):
+        (user / "images" / "train" / name).write_bytes(b"the user's shard " + name.encode())
+    before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"is not empty \(images, test.csv\) and holds no .hierloc-demo marker"):
+        build_demo_dataset(user, n_train=20, n_test=10, seed=1)
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before
+    # claim=True: only the pipeline passes it, for the project's own demo folder (flows.settings.DEMO_DATA_DIR)
+    build_demo_dataset(user, n_train=20, n_test=10, seed=1, claim=True)
+    assert (user / ".hierloc-demo").is_file() and not (user / "images" / "train" / "05.zip").exists()
+
+
 def test_crop_location_sahara_vs_pacific():
     sahara = render_image(24.0, 12.0, image_px=32, width_deg=4.0).reshape(-1, 3).mean(0)
     pacific = render_image(0.0, -150.0, image_px=32, width_deg=4.0).reshape(-1, 3).mean(0)
