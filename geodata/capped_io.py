@@ -43,11 +43,19 @@ NPY_MAX_ITEMSIZE = 16
 MAX_FEATURE_VALUES = 65_536
 
 
-class InputTooLargeError(OSError):
+class InputError(OSError):
+    """An input refused or unreadable; the message is '<file or member>: <reason>', `reason` the reason alone."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
+
+
+class InputTooLargeError(InputError):
     """A file or archive member over its byte cap (declared or actual size): not read past the cap."""
 
 
-class NotRegularFileError(OSError):
+class NotRegularFileError(InputError):
     """A path that is not a regular file (fifo, device, socket, folder): never read."""
 
 
@@ -81,7 +89,7 @@ def check_size(size: int, cap: int, where: str, what: str = "image", *, declared
     """Raise InputTooLargeError naming `where` when `size` is over `cap`."""
     reason = size_refusal(size, cap, what, declared=declared)
     if reason is not None:
-        raise InputTooLargeError(f"{where}: {reason}")
+        raise InputTooLargeError(f"{where}: {reason}", reason)
 
 
 def file_kind(mode: int) -> str:
@@ -116,7 +124,7 @@ def require_regular(path: Path, where: str | None = None) -> os.stat_result:
     st = os.stat(path)
     reason = regular_refusal(st.st_mode)
     if reason is not None:
-        raise NotRegularFileError(f"{where or path}: {reason}")
+        raise NotRegularFileError(f"{where or path}: {reason}", reason)
     return st
 
 
@@ -132,7 +140,7 @@ def open_regular(path: Path, where: str | None = None) -> int:
     try:
         reason = regular_refusal(os.fstat(fd).st_mode)
         if reason is not None:
-            raise NotRegularFileError(f"{where or path}: {reason}")
+            raise NotRegularFileError(f"{where or path}: {reason}", reason)
     except BaseException:
         os.close(fd)
         raise
@@ -145,9 +153,8 @@ def read_stream_capped(fh: BinaryIO, declared: int, cap: int, where: str, what: 
     check_size(declared, cap, where, what, declared=True)
     data = fh.read(declared + 1)
     if len(data) > declared:
-        raise InputTooLargeError(
-            f"{where}: {what} holds more than the {declared:,} bytes it declares; refused, not read further"
-        )
+        reason = f"{what} holds more than the {declared:,} bytes it declares; refused, not read further"
+        raise InputTooLargeError(f"{where}: {reason}", reason)
     return data
 
 

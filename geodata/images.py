@@ -40,10 +40,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geodata.capped_io import (
     MAX_IMAGE_BYTES,
+    InputError,
     InputTooLargeError as InputTooLargeError,  # re-exported: the errors of capped reads
     NotRegularFileError as NotRegularFileError,
     check_size,
@@ -76,7 +77,7 @@ class UnsafeMemberError(ValueError):
     """A zip member or container path that would escape its folder (absolute or '..')."""
 
 
-class ImageDecodeError(OSError):
+class ImageDecodeError(InputError):
     """An image that cannot be read or fully decoded (truncated, corrupt, not an image)."""
 
 
@@ -668,9 +669,11 @@ def decode_image(
     except Image.DecompressionBombError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        # PIL names an in-memory file by its repr ('<_io.BytesIO object at 0x...>'): say what it means
+        detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        reason = f"{type(exc).__name__}: {detail}"
         raise ImageDecodeError(
-            f"{where}: cannot decode image ({type(exc).__name__}: {exc}); "
-            "the file is truncated, corrupt or not an image"
+            f"{where}: cannot decode image ({reason}); the file is truncated, corrupt or not an image", reason
         ) from exc
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -497,3 +498,23 @@ def test_decode_image_refuses_bytes_over_the_cap() -> None:
     assert decode_image(photo, "row 0", max_image_bytes=len(photo)).size == (16, 8)
     with pytest.raises(InputTooLargeError, match=rf"^row 0: image is {len(photo) + 1} bytes, over the {len(photo)} bytes"):
         decode_image(photo + b"\0", "row 0", max_image_bytes=len(photo))
+
+
+def test_undecodable_bytes_are_named_by_where_not_by_a_python_repr(tmp_path: Path) -> None:
+    from geodata.image_index import decode_checker
+    from geodata.images import decode_image
+
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(b"this is not a photo", "row 3")
+    assert str(err.value).startswith("row 3: cannot decode image (UnidentifiedImageError: not a known image format)")
+    assert err.value.reason == "UnidentifiedImageError: not a known image format"
+    write_zip(tmp_path / "00.zip", {"1.jpg": b"this is not a photo"})
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "dir/2.jpg")
+    check = decode_checker(ImageStore(tmp_path), 1)
+    refs = pa.table({"container": ["00.zip", "dir"], "member": ["1.jpg", "2.jpg"], "offset": pa.array([None, None], pa.int64()),
+                     "size": pa.array([None, None], pa.int64())})
+    assert check(np.arange(2), refs) == [
+        "00.zip:1.jpg: UnidentifiedImageError: not a known image format",
+        "dir:2.jpg: not a regular file (fifo); refused, never read",
+    ]

@@ -458,3 +458,22 @@ def test_zip_bombs_are_quarantined_without_being_inflated(tmp_path: Path, zip_bo
     assert q["value"].iloc[0].startswith("image declares 300.0 MiB (") and "over the 64 MiB image cap" in q["value"].iloc[0]
     assert q["value"].iloc[1] == "images/train/03.zip:3.jpg: BadZipFile: Bad CRC-32 for file '3.jpg'"
     assert report.splits["train"].n_kept == 1
+
+
+@pytest.mark.timeout(60)
+def test_fifos_devices_and_huge_files_in_image_folders_are_quarantined_unread(tmp_path: Path) -> None:
+    root = make_release(tmp_path / "osv", [osv_row(i) for i in (1, 2, 3, 4)], images={"train": {"1": jpeg_bytes()}},
+                        layout="dir")
+    folder = root / "images/train/00/sub"
+    os.mkfifo(folder / "2.jpg")
+    (folder / "3.jpg").symlink_to("/dev/zero")
+    with open(folder / "4.jpg", "wb") as fh:
+        fh.truncate(1_500_000_000)
+    report = ingest_osv5m(root, tmp_path / "out", splits=("train",), max_bad_fraction=1.0)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["id", "reason", "value"]].values.tolist() == [
+        ["2", "image_unsafe", "not a regular file (fifo); refused, never read"],
+        ["3", "image_unsafe", "not a regular file (character device); refused, never read"],
+        ["4", "image_unsafe", "image is 1.4 GiB (1,500,000,000 bytes), over the 64 MiB image cap; refused, not read"],
+    ]
+    assert report.splits["train"].n_kept == 1
