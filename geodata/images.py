@@ -694,10 +694,12 @@ def expand_photo_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, 
         if p.is_dir():
             named = sorted(f for f in p.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES
                            and not f.name.startswith("._") and not f.is_dir())
-            found = [f for f in named if f.is_file()]
-            errors += [(f, reason) for f in named if not f.is_file() and (reason := path_refusal(f))]
-            if not named:
+            refusals = {f: path_refusal(f) for f in named}  # None: a regular file (or a dangling link)
+            found = [f for f in named if refusals[f] is None and f.is_file()]
+            refused = [(f, reason) for f, reason in refusals.items() if reason is not None]
+            if not found and not refused:
                 errors.append((p, f"no photos ({', '.join(PHOTO_SUFFIXES)}) under this folder"))
+            errors += refused
             files.extend(found)
         elif p.is_file():
             files.append(p)
