@@ -378,7 +378,10 @@ def find_benchmark_images(
     path itself ("sub/x.jpg"); a file whose relative path ends with it; a file of the same
     base name; for names without an image suffix, a file whose stem is the name's base
     name (x -> x.jpg / x.jpeg / x.png). Names are case-sensitive (suffixes are not).
-    Several candidates: the shortest, then first, relative path (logged).
+    Several candidates: regular files first, then the shortest, then first, relative path
+    (logged). Image-named fifos, devices and sockets are listed but never opened here: a
+    name that only they match maps to them, and reading it (geodata.images.open_photo)
+    refuses it with a reason naming the file; the count is logged.
     Returns ({name: path}, [missing names, in input order]).
     """
     root = Path(images_dir)
@@ -387,6 +390,7 @@ def find_benchmark_images(
     by_rel: dict[str, Path] = {}
     by_base: dict[str, list[str]] = {}
     by_stem: dict[str, list[str]] = {}
+    irregular: set[str] = set()  # not regular files: matched last, refused when read
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX")
         for fname in sorted(filenames):
@@ -394,6 +398,8 @@ def find_benchmark_images(
                 continue
             full = Path(dirpath) / fname
             rel = full.relative_to(root).as_posix()
+            if not full.is_file():
+                irregular.add(rel)
             by_rel[rel] = full
             by_base.setdefault(fname, []).append(rel)
             by_stem.setdefault(fname.rsplit(".", 1)[0], []).append(rel)
@@ -418,7 +424,10 @@ def find_benchmark_images(
             continue
         if len(cands) > 1:
             n_ambiguous += 1
-        found[name] = by_rel[min(cands, key=lambda r: (len(r), r))]
+        found[name] = by_rel[min(cands, key=lambda r: (r in irregular, len(r), r))]
+    if irregular:
+        log.warning("%s: %d image name(s) are not regular files (fifo, device, ...), e.g. %s; they are "
+                    "never read", root, len(irregular), min(irregular))
     if n_ambiguous:
         log.warning("%s: %d image name(s) match several files; took the shortest path", root, n_ambiguous)
     return found, missing

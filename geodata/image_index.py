@@ -188,7 +188,8 @@ def decode_checker(store: ImageStore, workers: int, jpg: list[bytes | None] | No
                 store.open(container, member, offset=offset, size=size)
         except Exception as exc:  # any failure to read or decode is a quarantine reason
             cause = exc.__cause__ or exc  # ImageStore wraps PIL's error; report PIL's
-            return f"{container}:{member}: {type(cause).__name__}: {cause}"
+            reason = getattr(exc, "reason", None)  # ours (geodata.capped_io.InputError): without the file name
+            return f"{container}:{member}: {reason or f'{type(cause).__name__}: {cause}'}"
         return None
 
     def checker(rows: np.ndarray, refs: pa.Table) -> list[str | None]:

@@ -13,6 +13,11 @@ name inside the zip, or the file name inside the folder).
 - `split_duplicate_ids` / `index_images` keep the first image per id.
 - `ImageStore` opens images as RGB from those (container, member) pairs; it is picklable
   and keeps one open handle per zip / tar per process.
+
+Byte caps (geodata.capped_io, re-exported here): an image over MAX_IMAGE_BYTES (64 MiB) by
+its declared size (zip central directory, tar header, file size) is listed as refused and
+never read; reads stop past the cap even when a zip member lies about its size. Only
+regular files are opened: fifos, devices and sockets are listed as refused, never read.
 """
 
 from __future__ import annotations
@@ -35,7 +40,22 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from geodata.capped_io import (
+    MAX_IMAGE_BYTES,
+    InputError,
+    InputTooLargeError as InputTooLargeError,  # re-exported: the errors of capped reads
+    NotRegularFileError as NotRegularFileError,
+    check_size,
+    open_regular,
+    path_refusal,
+    read_capped,
+    read_stream_capped,
+    regular_refusal,
+    require_regular,
+    size_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +77,7 @@ class UnsafeMemberError(ValueError):
     """A zip member or container path that would escape its folder (absolute or '..')."""
 
 
-class ImageDecodeError(OSError):
+class ImageDecodeError(InputError):
     """An image that cannot be read or fully decoded (truncated, corrupt, not an image)."""
 
 
@@ -187,11 +207,12 @@ def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _list_zip(zip_path: Path, container: str) -> pa.Table:
+def _list_zip(zip_path: Path, container: str, max_image_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
     """List the JPEG members of one zip (its central directory only; nothing is extracted).
 
     Every member name is checked, not only JPEGs: an archive holding an escaping name
-    is refused as a whole. Symlink/device members are listed with `refused` set.
+    is refused as a whole. Symlink/device members and members declaring more than
+    `max_image_bytes` uncompressed are listed with `refused` set.
     """
     try:
         with zipfile.ZipFile(zip_path) as zf:
@@ -202,7 +223,8 @@ def _list_zip(zip_path: Path, container: str) -> pa.Table:
         ) from exc
     return _listing_table(
         [i.filename for i in infos], container, [i.file_size for i in infos], [None] * len(infos),
-        [_zip_refusal(i) for i in infos], f"zip {zip_path}",
+        [_zip_refusal(i) or size_refusal(i.file_size, max_image_bytes, declared=True) for i in infos],
+        f"zip {zip_path}",
     )
 
 
@@ -237,8 +259,9 @@ def iter_tar_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
             tf.members = []  # headers are not needed again: keep memory flat on big shards
 
 
-def _list_tar(tar_path: Path, container: str) -> pa.Table:
-    """List the JPEG members of one tar with data offset and size; links/devices refused."""
+def _list_tar(tar_path: Path, container: str, max_image_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
+    """List the JPEG members of one tar with data offset and size; links/devices and members
+    over `max_image_bytes` refused."""
     names, sizes, offsets, refused = [], [], [], []
     for info in iter_tar_members(tar_path):
         if info.isdir():
@@ -246,17 +269,31 @@ def _list_tar(tar_path: Path, container: str) -> pa.Table:
         names.append(info.name)
         sizes.append(info.size)
         offsets.append(info.offset_data)
-        refused.append(tar_refusal(info))
+        refused.append(tar_refusal(info) or size_refusal(info.size, max_image_bytes))
     return _listing_table(names, container, sizes, offsets, refused, f"tar {tar_path}")
 
 
-def _list_dir(folder: Path, container: str) -> pa.Table:
-    """The image files directly in `folder` (symlinked files are followed: the folder is the user's own)."""
+def _entry_stat(entry: os.DirEntry) -> os.stat_result | None:
+    """An image-named folder entry's stat (symlinks followed); None for a folder or a dangling link."""
+    if not _is_image_name(entry.name) or entry.is_dir():
+        return None
+    try:
+        return entry.stat()
+    except FileNotFoundError:  # a dangling symlink: the image is missing, not refused
+        return None
+
+
+def _list_dir(folder: Path, container: str, max_image_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
+    """The image files directly in `folder` (symlinked files are followed: the folder is the user's own).
+
+    Fifos, devices and sockets with an image name, and files over `max_image_bytes`, are
+    listed with `refused` set (never opened).
+    """
     with os.scandir(folder) as it:
-        entries = sorted((e for e in it if e.is_file() and _is_image_name(e.name)), key=lambda e: e.name)
-    names = [e.name for e in entries]
+        found = sorted(((e, st) for e in it if (st := _entry_stat(e)) is not None), key=lambda x: x[0].name)
     return _listing_table(
-        names, container, [e.stat().st_size for e in entries], [None] * len(names), [None] * len(names),
+        [e.name for e, _ in found], container, [st.st_size for _, st in found], [None] * len(found),
+        [regular_refusal(st.st_mode) or size_refusal(st.st_size, max_image_bytes) for _, st in found],
         f"folder {folder}",
     )
 
@@ -273,30 +310,31 @@ def find_containers(images_dir: Path, root: Path) -> list[Container]:
             entries = sorted(it, key=lambda e: e.name)
         has_images = False
         for entry in entries:
-            if not has_images and entry.is_file() and _is_image_name(entry.name):
+            if not has_images and _is_image_name(entry.name) and _entry_stat(entry) is not None:
                 # The folder's own images go where its first image sorts among its entries.
                 has_images = True
                 found.append(Container("dir", _relative_posix(folder, root), folder))
             if entry.is_dir(follow_symlinks=False):
                 walk(Path(entry.path))
-            elif entry.is_file():
-                lower = entry.name.lower()
-                kind: ContainerKind | None = "zip" if lower.endswith(".zip") else "tar" if lower.endswith(".tar") else None
-                if kind is not None:
-                    path = Path(entry.path)
-                    found.append(Container(kind, _relative_posix(path, root), path))
+            elif entry.name.lower().endswith((".zip", ".tar")) and not entry.is_dir():
+                if not entry.is_file():  # a fifo or device would block or never end: never opened
+                    log.warning("%s: not a regular file (or a dangling link); shard skipped", entry.path)
+                    continue
+                kind: ContainerKind = "zip" if entry.name.lower().endswith(".zip") else "tar"
+                path = Path(entry.path)
+                found.append(Container(kind, _relative_posix(path, root), path))
 
     walk(images_dir)
     return found
 
 
-def list_container(container: Container) -> pa.Table:
+def list_container(container: Container, max_image_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
     """The image members of one container as a LISTING_SCHEMA table (archive / name order)."""
     if container.kind == "zip":
-        return _list_zip(container.path, container.rel)
+        return _list_zip(container.path, container.rel, max_image_bytes)
     if container.kind == "tar":
-        return _list_tar(container.path, container.rel)
-    return _list_dir(container.path, container.rel)
+        return _list_tar(container.path, container.rel, max_image_bytes)
+    return _list_dir(container.path, container.rel, max_image_bytes)
 
 
 def list_images_table(images_dir: Path, *, relative_to: Path | None = None) -> pa.Table:
@@ -328,6 +366,8 @@ def list_images(images_dir: Path, *, relative_to: Path | None = None) -> pd.Data
     """
     table = list_images_table(images_dir, relative_to=relative_to)
     refused = table.filter(pc.is_valid(table["refused"]))
+    if refused.num_rows:
+        log.warning("%s: %d image(s) refused (never read), e.g.:", images_dir, refused.num_rows)
     for row in refused.slice(0, 5).to_pylist():
         log.warning("%s:%s: %s", row["container"], row["member"], row["refused"])
     table = table.filter(pc.is_null(table["refused"])).select(list(IMAGE_INDEX_COLUMNS))
@@ -410,12 +450,18 @@ class ImageStore:
     Archive members that are links or devices are refused (UnsafeMemberError), never
     followed. Images with more than `max_image_pixels` pixels raise PIL's
     DecompressionBombError before any pixel is decoded. The limit is checked per store, so
-    PIL's global Image.MAX_IMAGE_PIXELS is left untouched.
+    PIL's global Image.MAX_IMAGE_PIXELS is left untouched. Images over `max_image_bytes`
+    (declared size: zip directory, tar header, file size) raise InputTooLargeError before
+    any byte is read, and no read goes past it; files that are not regular files (fifo,
+    device) raise NotRegularFileError, never opened for reading.
     """
 
-    def __init__(self, root: Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self, root: Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES
+    ) -> None:
         self.root = Path(root)
         self.max_image_pixels = int(max_image_pixels)
+        self.max_image_bytes = int(max_image_bytes)
         self._zips: OrderedDict[str, zipfile.ZipFile] = OrderedDict()
         self._tar_fds: dict[str, int] = {}
         self._tar_index: dict[str, dict[str, tuple[int, int, str | None]]] = {}
@@ -424,15 +470,17 @@ class ImageStore:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle only the configuration; open handles and the lock stay behind."""
-        return {"root": self.root, "max_image_pixels": self.max_image_pixels}
+        return {"root": self.root, "max_image_pixels": self.max_image_pixels, "max_image_bytes": self.max_image_bytes}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(  # type: ignore[misc]
-            state["root"], max_image_pixels=state["max_image_pixels"]
+            state["root"], max_image_pixels=state["max_image_pixels"],
+            max_image_bytes=state.get("max_image_bytes", MAX_IMAGE_BYTES),
         )
 
     def __repr__(self) -> str:
-        return f"ImageStore(root={str(self.root)!r}, max_image_pixels={self.max_image_pixels})"
+        return (f"ImageStore(root={str(self.root)!r}, max_image_pixels={self.max_image_pixels}, "
+                f"max_image_bytes={self.max_image_bytes})")
 
     def __enter__(self) -> ImageStore:
         return self
@@ -465,6 +513,7 @@ class ImageStore:
             self._own_handles()
             zf = self._zips.get(container)
             if zf is None:
+                require_regular(self.root / container)  # a fifo would block the open
                 zf = zipfile.ZipFile(self.root / container)
                 self._zips[container] = zf
                 while len(self._zips) > MAX_OPEN_ZIPS:
@@ -480,7 +529,7 @@ class ImageStore:
             self._own_handles()
             fd = self._tar_fds.get(container)
             if fd is None:
-                fd = os.open(self.root / container, os.O_RDONLY)
+                fd = open_regular(self.root / container)
                 self._tar_fds[container] = fd
             return fd
 
@@ -525,6 +574,7 @@ class ImageStore:
                     f"({info.size} bytes, type {info.type!r}), not {member!r} ({size} bytes); "
                     "re-run the ingest to refresh the image index"
                 )
+        check_size(size, self.max_image_bytes, f"{self.root / container}: member {member!r}", declared=True)
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise ImageDecodeError(f"{self.root / container}: {member!r} cut short ({len(data)} of {size} bytes)")
@@ -559,40 +609,52 @@ class ImageStore:
             refused = _zip_refusal(info)
             if refused is not None:
                 raise UnsafeMemberError(f"{self.root / container}: member {member!r}: {refused}")
+            where = f"{self.root / container}: member {member!r}"
+            check_size(info.file_size, self.max_image_bytes, where, declared=True)
             for _ in range(3):
                 try:
-                    return zf.read(info)
+                    return self._read_zip_member(zf, info, where)
                 except ValueError:  # closed by another thread's LRU eviction in between: reopen
                     if zf.fp is not None:
                         raise
                     zf = self._zip(container)
-            return zf.read(info)
+            return self._read_zip_member(zf, info, where)
         path = self.root / container / member
         try:
-            return path.read_bytes()
+            return read_capped(path, self.max_image_bytes)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{path}: image file not found; re-run the image index"
             ) from None
 
+    def _read_zip_member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
+        """A zip member through its decompressing stream, never more than declared + 1 bytes (capped)."""
+        with zf.open(info) as fh:
+            return read_stream_capped(fh, info.file_size, self.max_image_bytes, where)
+
     def open(self, container: str, member: str, *, offset: int | None = None, size: int | None = None) -> Image.Image:
         """Decode one image fully and return it as RGB with EXIF orientation applied.
 
         Raises PIL.Image.DecompressionBombError when it has more than max_image_pixels,
-        ImageDecodeError (an OSError) when it is truncated, corrupt or not an image; the
-        message names the container and member.
+        ImageDecodeError (an OSError) when it is truncated, corrupt or not an image,
+        InputTooLargeError / NotRegularFileError (see the class); the message names the
+        container and member.
         """
         data = self.read_bytes(container, member, offset=offset, size=size)
-        return decode_image(data, f"{container}:{member}", self.max_image_pixels)
+        return decode_image(data, f"{container}:{member}", self.max_image_pixels, self.max_image_bytes)
 
 
-def decode_image(data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES
+) -> Image.Image:
     """Decode image bytes fully; return RGB with EXIF orientation applied.
 
-    Raises PIL.Image.DecompressionBombError above ``max_image_pixels`` (checked from the
+    Raises InputTooLargeError when ``data`` is over ``max_image_bytes`` (nothing decoded),
+    PIL.Image.DecompressionBombError above ``max_image_pixels`` (checked from the
     header, before any pixel is decoded) and ImageDecodeError (an OSError) when the data
     is truncated, corrupt or not an image; messages start with ``where``.
     """
+    check_size(len(data), max_image_bytes, where)
     try:
         image = Image.open(io.BytesIO(data))
         n_pixels = image.width * image.height
@@ -607,9 +669,11 @@ def decode_image(data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IM
     except Image.DecompressionBombError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        # PIL names an in-memory file by its repr ('<_io.BytesIO object at 0x...>'): say what it means
+        detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        reason = f"{type(exc).__name__}: {detail}"
         raise ImageDecodeError(
-            f"{where}: cannot decode image ({type(exc).__name__}: {exc}); "
-            "the file is truncated, corrupt or not an image"
+            f"{where}: cannot decode image ({reason}); the file is truncated, corrupt or not an image", reason
         ) from exc
 
 
@@ -620,25 +684,35 @@ PHOTO_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".t
 def expand_photo_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files named directly, plus the photos (by suffix) found under named folders, sorted.
 
-    Returns (files, errors): errors are (path, reason) for paths that do not exist.
+    Returns (files, errors): errors are (path, reason) for paths that do not exist, and for
+    photo-named fifos, devices and sockets (never opened: a fifo would block the reader).
     A file named directly is kept whatever its suffix: decoding decides.
     """
     files: list[Path] = []
     errors: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES
-                           and not f.name.startswith("._"))
-            if not found:
+            named = sorted(f for f in p.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES
+                           and not f.name.startswith("._") and not f.is_dir())
+            refusals = {f: path_refusal(f) for f in named}  # None: a regular file (or a dangling link)
+            found = [f for f in named if refusals[f] is None and f.is_file()]
+            refused = [(f, reason) for f, reason in refusals.items() if reason is not None]
+            if not found and not refused:
                 errors.append((p, f"no photos ({', '.join(PHOTO_SUFFIXES)}) under this folder"))
+            errors += refused
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
-            errors.append((p, "no such file or folder"))
+            errors.append((p, path_refusal(p) or "no such file or folder"))
     return files, errors
 
 
-def open_photo(path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open one photo file as RGB (EXIF rotation applied; bomb guard; clear errors)."""
-    return decode_image(Path(path).read_bytes(), str(path), max_image_pixels)
+def open_photo(
+    path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES
+) -> Image.Image:
+    """Open one photo file as RGB (EXIF rotation applied; bomb guard; clear errors).
+
+    Only a regular file of at most ``max_image_bytes`` is read (NotRegularFileError,
+    InputTooLargeError otherwise, before any byte is read)."""
+    return decode_image(read_capped(path, max_image_bytes), str(path), max_image_pixels, max_image_bytes)

@@ -18,6 +18,11 @@ or feature is refused (a quarantine reason); a member name that could escape (ab
 drive letter, '..') refuses the whole shard (`shard_refusal`): none of its members is
 read, its samples are quarantined as image_unsafe (`refused_shard_rows`) and the ingest
 goes on with the other shards.
+
+Byte caps (geodata.capped_io), checked on the header's size before reading: a .jpg over
+MAX_IMAGE_BYTES (64 MiB) is refused like a link (image_unsafe), a .json over MAX_JSON_BYTES
+(64 KiB) is metadata_invalid, a .npy over `feature_cap(D)` is feature_invalid; a .npy header
+is checked against the member's size before numpy allocates the array it declares.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from geodata.capped_io import MAX_IMAGE_BYTES, MAX_JSON_BYTES, InputTooLargeError, check_size, feature_cap, size_refusal
 from geodata.images import is_safe_relative_name, iter_tar_members, tar_refusal
 from geodata.osv5m import OSV5M_COLUMNS
 from geodata.quarantine import REASON_CODE, quarantine_table, truncate
@@ -118,10 +124,27 @@ def _samples(tar_path: Path, members: Iterator[tarfile.TarInfo] | None = None) -
         yield current
 
 
-def _read(fh: io.BufferedReader, info: tarfile.TarInfo) -> bytes:
-    """Bytes of a regular member at its data offset (the caller has refused non-regular ones)."""
+def _read(fh: io.BufferedReader, info: tarfile.TarInfo, cap: int, what: str) -> bytes:
+    """Bytes of a regular member at its data offset (the caller has refused non-regular ones);
+    InputTooLargeError, nothing read, when its header's size is over `cap`."""
+    check_size(info.size, cap, info.name, what)
     fh.seek(info.offset_data)
     return fh.read(info.size)
+
+
+def _npy_array(data: bytes) -> np.ndarray:
+    """A .npy member's array; its header's shape and dtype must account for exactly the bytes
+    that follow it, checked before numpy allocates the array the header declares."""
+    fh = io.BytesIO(data)
+    version = np.lib.format.read_magic(fh)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} not supported")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(fh)
+    declared, held = math.prod(shape) * dtype.itemsize, len(data) - fh.tell()
+    if declared != held:
+        raise ValueError(f"header declares shape {shape} {dtype} ({declared:,} bytes), holds {held:,}")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _metadata(fh: io.BufferedReader, sample: _Sample) -> tuple[dict[str, object] | None, str]:
@@ -133,8 +156,10 @@ def _metadata(fh: io.BufferedReader, sample: _Sample) -> tuple[dict[str, object]
     if refused is not None:
         return None, f"{info.name}: {refused}"
     try:
-        meta = json.loads(_read(fh, info).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        meta = json.loads(_read(fh, info, MAX_JSON_BYTES, "metadata").decode("utf-8"))
+    except InputTooLargeError as exc:
+        return None, str(exc)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return None, f"{info.name}: not valid UTF-8 JSON ({exc})"
     if not isinstance(meta, dict):
         return None, f"{info.name}: JSON {type(meta).__name__}, expected an object"
@@ -150,7 +175,9 @@ def _feature(fh: io.BufferedReader, sample: _Sample, name: str, dims: dict[str, 
     if refused is not None:
         return None, f"{info.name}: {refused}"
     try:
-        arr = np.load(io.BytesIO(_read(fh, info)), allow_pickle=False)
+        arr = _npy_array(_read(fh, info, feature_cap(dims.get(name)), "feature"))
+    except InputTooLargeError as exc:
+        return None, str(exc)
     except (ValueError, OSError, EOFError) as exc:
         return None, f"{info.name}: not a .npy array ({exc})"
     if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != 1):
@@ -219,9 +246,9 @@ def _to_batch(
         refs["member"].append(info.name if info is not None else None)
         refs["offset"].append(info.offset_data if info is not None else None)
         refs["size"].append(info.size if info is not None else None)
-        refused = tar_refusal(info) if info is not None else None
+        refused = (tar_refusal(info) or size_refusal(info.size, MAX_IMAGE_BYTES)) if info is not None else None
         refs["refused"].append(refused)
-        jpg.append(_read(fh, info) if read_images and info is not None and refused is None else None)
+        jpg.append(_read(fh, info, MAX_IMAGE_BYTES, "image") if read_images and info is not None and refused is None else None)
         problems = []
         for name in features:
             vec, problem = _feature(fh, sample, name, dims)

@@ -367,3 +367,45 @@ def test_evaluate_osv5m_quarantines_bad_rows(demo_bundle, select, tmp_path):
     assert r["format"] == "osv5m" and r["n_quarantined"] == 2 and r["n_evaluated"] == 6 and r["n_rows"] == 51
     reasons = {s["line"]: s["reason"] for s in r["skipped_examples"] if s["kind"] == "quarantined"}
     assert "outside [-90, 90]" in reasons[5] and reasons[52] == "duplicate id, kept line 11"
+
+
+# --- special and huge files (issue 12, item 4) ---------------------------------------------
+@pytest.mark.timeout(120)
+def test_predict_refuses_fifos_devices_and_huge_files_without_reading_them(demo_bundle, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(PHOTOS[0], folder / "a.jpg")
+    os.mkfifo(folder / "b.jpg")
+    (folder / "c.jpg").symlink_to("/dev/zero")
+    with open(folder / "d.jpg", "wb") as fh:
+        fh.truncate(1_500_000_000)  # sparse: 1.5 GB of zeros that take no disk
+    os.mkfifo(tmp_path / "named.jpg")
+    docs, res = predict_json(folder, tmp_path / "named.jpg", "--model", demo_bundle)
+    err = {Path(e["file"]).name: e["error"] for e in docs}
+    assert set(err) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg", "named.jpg"} and err["a.jpg"] is None
+    assert err["b.jpg"] == err["named.jpg"] == "not a regular file (fifo); refused, never read"
+    assert err["c.jpg"] == "not a regular file (character device); refused, never read"
+    assert err["d.jpg"] == "image is 1.4 GiB (1,500,000,000 bytes), over the 64 MiB image cap; refused, not read"
+    assert res.exit_code == 1 and "answered 1 of 5" in res.stderr
+    assert f"error: {folder / 'd.jpg'}: image is 1.4 GiB" in res.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_evaluate_counts_fifo_and_device_images_as_unreadable(demo_bundle, im2gps_like, tmp_path, kind):
+    meta, images, known = im2gps_like
+    name = known["image"][0]
+    (images / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(images / name)
+    else:
+        (images / name).symlink_to("/dev/zero")
+    out = tmp_path / "out"
+    r, res = evaluate_json("--model", demo_bundle, "--meta", meta, "--images", images, "--out", out,
+                           "--max-bad-fraction", 0.5)
+    assert res.exit_code == 0, res.stderr
+    assert (r["n_evaluated"], r["n_unreadable_images"], r["n_missing_images"]) == (5, 1, 1)
+    skipped = pd.read_csv(out / "skipped.csv", dtype=str, keep_default_na=False)
+    (row,) = skipped[skipped["kind"] == "unreadable_image"].itertuples()
+    expect = "fifo" if kind == "fifo" else "character device"
+    assert (row.image, row.reason) == (name, f"not a regular file ({expect}); refused, never read")

@@ -299,3 +299,20 @@ def test_rows_feed_find_benchmark_images(tmp_path):
     found, missing = find_benchmark_images(tmp_path / "imgs", table.rows["image"])
     assert len(found) == len(ATLANTIC) - 1
     assert missing == [ATLANTIC[-1][0]]
+
+
+@pytest.mark.timeout(60)
+def test_find_benchmark_images_prefers_regular_files_over_fifos_and_devices(tmp_path, caplog):
+    import logging
+    import os
+
+    root = tmp_path / "yfcc4k"
+    (root / "x").mkdir(parents=True)
+    (root / "deep/er").mkdir(parents=True)
+    os.mkfifo(root / "x/a.jpg")  # shorter path than the real a.jpg: it used to win
+    (root / "deep/er/a.jpg").write_bytes(b"\xff\xd8")
+    (root / "b.jpg").symlink_to("/dev/zero")  # the only b.jpg: mapped, and refused when read
+    with caplog.at_level(logging.WARNING):
+        found, missing = find_benchmark_images(root, ["a.jpg", "b.jpg"])
+    assert found == {"a.jpg": root / "deep/er/a.jpg", "b.jpg": root / "b.jpg"} and missing == []
+    assert "2 image name(s) are not regular files" in caplog.text

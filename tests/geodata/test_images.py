@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -339,3 +340,181 @@ def test_image_store_keeps_a_bounded_number_of_zips_open(tmp_path, monkeypatch):
             assert store.read_bytes(f"{i:02d}.zip", f"{i}.jpg") == buf.getvalue()
             assert len(store._zips) <= 2
     assert list(store._zips) == ["02.zip", "03.zip"]
+
+
+# --- byte caps and special files (issue 12, items 3 and 4) ---------------------------------
+MIB = 2**20
+
+
+def test_zip_bomb_refused_by_its_declared_size_before_any_byte_is_inflated(
+    tmp_path: Path, zip_bombs: dict[str, Path], traced_peak
+) -> None:
+    from geodata.images import InputTooLargeError, list_images_table
+
+    shutil.copy(zip_bombs["declared"], tmp_path / "02.zip")
+    (row,) = list_images_table(tmp_path).to_pylist()
+    assert row["member"] == "2.jpg" and row["size_bytes"] > 300 * MIB
+    assert "image declares 300.0 MiB" in row["refused"] and "over the 64 MiB image cap" in row["refused"]
+    assert list_images(tmp_path).empty  # refused rows are not readable images
+    with traced_peak() as peak, ImageStore(tmp_path) as store:
+        with pytest.raises(InputTooLargeError, match=r"02\.zip: member '2\.jpg': image declares 300\.0 MiB"):
+            store.open("02.zip", "2.jpg")
+    assert peak[0] < 4 * MIB, peak
+
+
+def test_zip_member_lying_about_its_size_is_never_inflated_past_it(
+    tmp_path: Path, zip_bombs: dict[str, Path], traced_peak
+) -> None:
+    from geodata.images import list_images_table
+
+    shutil.copy(zip_bombs["lying"], tmp_path / "03.zip")
+    (row,) = list_images_table(tmp_path).to_pylist()
+    assert row["size_bytes"] == 100_000 and row["refused"] is None  # the lie is under the cap
+    with traced_peak() as peak, ImageStore(tmp_path) as store:
+        # at most the declared bytes are inflated; they are not the member's data (CRC mismatch)
+        with pytest.raises(zipfile.BadZipFile, match="CRC"):
+            store.read_bytes("03.zip", "3.jpg")
+    assert peak[0] < 4 * MIB, peak
+
+
+def test_capped_stream_read_refuses_more_than_declared() -> None:
+    from geodata.capped_io import InputTooLargeError, read_stream_capped
+
+    assert read_stream_capped(io.BytesIO(b"x" * 10), 10, 64, "s") == b"x" * 10
+    with pytest.raises(InputTooLargeError, match="s: image holds more than the 10 bytes it declares"):
+        read_stream_capped(io.BytesIO(b"x" * 11), 10, 64, "s")
+    with pytest.raises(InputTooLargeError, match="s: image declares 65 bytes, over the 64 bytes image cap"):
+        read_stream_capped(io.BytesIO(b"x" * 65), 65, 64, "s")
+
+
+def test_tar_member_over_the_cap_listed_as_refused_and_never_read(tmp_path: Path, sparse_tar) -> None:
+    from geodata.images import InputTooLargeError, list_images_table
+
+    photo = jpeg_bytes()
+    sparse_tar(tmp_path / "00.tar", [("1.jpg", photo), ("2.jpg", 2**31), ("3.jpg", photo)])
+    rows = {r["id"]: r for r in list_images_table(tmp_path).to_pylist()}
+    assert rows["1"]["refused"] is None and rows["3"]["refused"] is None
+    assert rows["2"]["refused"] == (
+        "image is 2 GiB (2,147,483,648 bytes), over the 64 MiB image cap; refused, not read"
+    )
+    with ImageStore(tmp_path) as store:
+        assert store.read_bytes("00.tar", "3.jpg") == photo  # the hole was skipped, not read
+        with pytest.raises(InputTooLargeError, match=r"00\.tar: member '2\.jpg': image declares 2 GiB"):
+            store.read_bytes("00.tar", "2.jpg", offset=rows["2"]["offset"], size=rows["2"]["size_bytes"])
+        with pytest.raises(InputTooLargeError, match="2 GiB"):
+            store.read_bytes("00.tar", "2.jpg")  # through the lazy header index
+
+
+def test_store_byte_cap_is_a_knob_kept_across_pickling(tmp_path: Path, sparse_tar) -> None:
+    from geodata.images import InputTooLargeError
+
+    photo = jpeg_bytes((64, 64))
+    write_zip(tmp_path / "00.zip", {"1.jpg": photo})
+    sparse_tar(tmp_path / "00.tar", [("1.jpg", photo)])
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir/1.jpg").write_bytes(photo)
+    small = pickle.loads(pickle.dumps(ImageStore(tmp_path, max_image_bytes=len(photo) - 1)))
+    assert small.max_image_bytes == len(photo) - 1 and "max_image_bytes" in repr(small)
+    for container in ("00.zip", "00.tar", "dir"):
+        with pytest.raises(InputTooLargeError, match=f"over the {len(photo) - 1} bytes image cap"):
+            small.open(container, "1.jpg")
+        assert ImageStore(tmp_path, max_image_bytes=len(photo)).open(container, "1.jpg").size == (64, 64)
+
+
+def _special_files(folder: Path) -> dict[str, str]:
+    """1.jpg a real photo, 2.jpg a fifo, 3.jpg a symlink to /dev/zero, 4.jpg a sparse 1.5 GB file;
+    returns name -> the reason expected for it (None for the photo)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "1.jpg").write_bytes(jpeg_bytes())
+    os.mkfifo(folder / "2.jpg")
+    (folder / "3.jpg").symlink_to("/dev/zero")
+    with open(folder / "4.jpg", "wb") as fh:
+        fh.truncate(1_500_000_000)
+    return {
+        "1.jpg": None,
+        "2.jpg": "not a regular file (fifo); refused, never read",
+        "3.jpg": "not a regular file (character device); refused, never read",
+        "4.jpg": "image is 1.4 GiB (1,500,000,000 bytes), over the 64 MiB image cap; refused, not read",
+    }
+
+
+@pytest.mark.timeout(60)
+def test_folder_listing_refuses_fifos_devices_and_huge_files_without_opening_them(tmp_path: Path) -> None:
+    from geodata.images import InputTooLargeError, NotRegularFileError, list_images_table
+
+    expected = _special_files(tmp_path / "images" / "sub")
+    rows = list_images_table(tmp_path / "images", relative_to=tmp_path).to_pylist()
+    assert {r["member"]: r["refused"] for r in rows} == expected
+    assert {r["container"] for r in rows} == {"images/sub"}
+    store = ImageStore(tmp_path)
+    assert store.open("images/sub", "1.jpg").size == (16, 8)
+    for member, error in (("2.jpg", NotRegularFileError), ("3.jpg", NotRegularFileError), ("4.jpg", InputTooLargeError)):
+        with pytest.raises(error) as err:
+            store.read_bytes("images/sub", member)
+        assert str(err.value) == f"{tmp_path / 'images/sub' / member}: {expected[member]}"
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_named_like_a_shard_is_skipped_not_opened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    os.mkfifo(tmp_path / "00.zip")
+    write_zip(tmp_path / "01.zip", {"1.jpg": jpeg_bytes()})
+    with caplog.at_level(logging.WARNING):
+        assert list_images(tmp_path)["container"].tolist() == ["01.zip"]
+    assert "00.zip: not a regular file" in caplog.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["2.jpg", "3.jpg", "4.jpg"])
+def test_open_photo_reads_only_regular_files_under_the_cap(tmp_path: Path, name: str) -> None:
+    from geodata.images import open_photo
+
+    expected = _special_files(tmp_path)
+    assert open_photo(tmp_path / "1.jpg").size == (16, 8)
+    with pytest.raises(OSError) as err:
+        open_photo(tmp_path / name)
+    assert str(err.value) == f"{tmp_path / name}: {expected[name]}"
+
+
+@pytest.mark.timeout(60)
+def test_photo_folders_list_special_files_as_errors(tmp_path: Path) -> None:
+    from geodata.images import expand_photo_paths
+
+    expected = _special_files(tmp_path / "photos")
+    os.mkfifo(tmp_path / "named.jpg")
+    files, errors = expand_photo_paths([tmp_path / "photos", tmp_path / "named.jpg", tmp_path / "gone.jpg"])
+    assert files == [tmp_path / "photos/1.jpg", tmp_path / "photos/4.jpg"]  # 4.jpg: refused when read
+    assert errors == [
+        (tmp_path / "photos/2.jpg", expected["2.jpg"]),
+        (tmp_path / "photos/3.jpg", expected["3.jpg"]),
+        (tmp_path / "named.jpg", expected["2.jpg"]),
+        (tmp_path / "gone.jpg", "no such file or folder"),
+    ]
+
+
+def test_decode_image_refuses_bytes_over_the_cap() -> None:
+    from geodata.images import InputTooLargeError, decode_image
+
+    photo = jpeg_bytes()
+    assert decode_image(photo, "row 0", max_image_bytes=len(photo)).size == (16, 8)
+    with pytest.raises(InputTooLargeError, match=rf"^row 0: image is {len(photo) + 1} bytes, over the {len(photo)} bytes"):
+        decode_image(photo + b"\0", "row 0", max_image_bytes=len(photo))
+
+
+def test_undecodable_bytes_are_named_by_where_not_by_a_python_repr(tmp_path: Path) -> None:
+    from geodata.image_index import decode_checker
+    from geodata.images import decode_image
+
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(b"this is not a photo", "row 3")
+    assert str(err.value).startswith("row 3: cannot decode image (UnidentifiedImageError: not a known image format)")
+    assert err.value.reason == "UnidentifiedImageError: not a known image format"
+    write_zip(tmp_path / "00.zip", {"1.jpg": b"this is not a photo"})
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "dir/2.jpg")
+    check = decode_checker(ImageStore(tmp_path), 1)
+    refs = pa.table({"container": ["00.zip", "dir"], "member": ["1.jpg", "2.jpg"], "offset": pa.array([None, None], pa.int64()),
+                     "size": pa.array([None, None], pa.int64())})
+    assert check(np.arange(2), refs) == [
+        "00.zip:1.jpg: UnidentifiedImageError: not a known image format",
+        "dir:2.jpg: not a regular file (fifo); refused, never read",
+    ]

@@ -449,3 +449,36 @@ def test_images_in_tar_shards_are_found_and_decoded(tmp_path: Path) -> None:
     ingest_osv5m(root, tmp_path / "out", splits=("train",))  # decode through ImageStore's tar reader
     m = pd.read_parquet(tmp_path / "out/manifest/train.parquet")
     assert (m["image_container"] == "images/train/00.tar").all() and m["image_offset"].notna().all()
+
+
+def test_zip_bombs_are_quarantined_without_being_inflated(tmp_path: Path, zip_bombs, traced_peak) -> None:
+    root = make_release(tmp_path / "osv", [osv_row(1), osv_row(2), osv_row(3)], images={"train": {"1": jpeg_bytes()}})
+    shutil.copy(zip_bombs["declared"], root / "images/train/02.zip")  # 2.jpg: a JPEG + 300 MiB of zeros
+    shutil.copy(zip_bombs["lying"], root / "images/train/03.zip")  # 3.jpg: the same, declaring 100,000 bytes
+    with traced_peak() as peak:
+        report = ingest_osv5m(root, tmp_path / "out", splits=("train",), max_bad_fraction=1.0)
+    assert peak[0] < 32 * 2**20, peak  # the bombs inflate to 300 MiB each
+    q = read_quarantine(tmp_path / "out")
+    assert q[["id", "field", "reason"]].values.tolist() == [["2", "image", "image_unsafe"], ["3", "image", "image_corrupt"]]
+    assert q["value"].iloc[0].startswith("image declares 300.0 MiB (") and "over the 64 MiB image cap" in q["value"].iloc[0]
+    assert q["value"].iloc[1] == "images/train/03.zip:3.jpg: BadZipFile: Bad CRC-32 for file '3.jpg'"
+    assert report.splits["train"].n_kept == 1
+
+
+@pytest.mark.timeout(60)
+def test_fifos_devices_and_huge_files_in_image_folders_are_quarantined_unread(tmp_path: Path) -> None:
+    root = make_release(tmp_path / "osv", [osv_row(i) for i in (1, 2, 3, 4)], images={"train": {"1": jpeg_bytes()}},
+                        layout="dir")
+    folder = root / "images/train/00/sub"
+    os.mkfifo(folder / "2.jpg")
+    (folder / "3.jpg").symlink_to("/dev/zero")
+    with open(folder / "4.jpg", "wb") as fh:
+        fh.truncate(1_500_000_000)
+    report = ingest_osv5m(root, tmp_path / "out", splits=("train",), max_bad_fraction=1.0)
+    q = read_quarantine(tmp_path / "out")
+    assert q[["id", "reason", "value"]].values.tolist() == [
+        ["2", "image_unsafe", "not a regular file (fifo); refused, never read"],
+        ["3", "image_unsafe", "not a regular file (character device); refused, never read"],
+        ["4", "image_unsafe", "image is 1.4 GiB (1,500,000,000 bytes), over the 64 MiB image cap; refused, not read"],
+    ]
+    assert report.splits["train"].n_kept == 1

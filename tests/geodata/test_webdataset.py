@@ -251,3 +251,51 @@ def test_new_tar_shard_is_the_only_one_read(tmp_path: Path) -> None:
     assert sorted(m["id"]) == sorted(int(x["id"]) for x in metas)
     assert len(list((tmp_path / "out/features/street_clip").glob("shard-*.npz"))) == 2
     assert ingest_osv5m(tmp_path / "wds", tmp_path / "out", splits=("train",), verify_images="exists").noop
+
+
+def _npy_claiming(shape: tuple[int, ...], values: np.ndarray) -> bytes:
+    """A .npy whose header declares `shape` but holds only `values`' bytes."""
+    buf = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(values)
+    np.lib.format.write_array_header_1_0(buf, {**header, "shape": shape})
+    return buf.getvalue() + values.tobytes()
+
+
+def test_oversized_and_lying_members_are_quarantined_never_read(tmp_path: Path, sparse_tar, traced_peak) -> None:
+    import json
+
+    from geodata.webdataset import npy_bytes
+
+    metas = sample_metadata()[:6]
+    keys = [str(m["id"]) for m in metas]
+    photo = (SAMPLE / "images" / f"{keys[0]}.jpg").read_bytes()
+
+    def sample(i: int, jpg: bytes | int = photo, meta: bytes | int | None = None, npy: bytes | int | None = None):
+        return [(f"{keys[i]}.jpg", jpg), (f"{keys[i]}.json", meta if meta is not None else json.dumps(metas[i]).encode()),
+                (f"{keys[i]}.street_clip.npy", npy if npy is not None else npy_bytes(vectors(i)["street_clip"]))]
+
+    sparse_tar(tmp_path / "wds/train/00000.tar", [
+        *sample(0),
+        *sample(1, jpg=300 * 2**20),  # a 300 MiB photo (a hole in the file)
+        *sample(2, meta=10 * 2**20),  # 10 MiB of metadata
+        *sample(3, npy=_npy_claiming((10**10,), np.ones(8, np.float32))),  # header claims 40 GB
+        *sample(4, npy=2**30),  # a 1 GiB feature
+        *sample(5, meta=b"[" * 50_000),  # nested past Python's recursion limit
+    ])
+    with traced_peak() as peak:
+        report = ingest_osv5m(tmp_path / "wds", tmp_path / "out", splits=("train",), max_bad_fraction=1.0,
+                              features=("street_clip",))
+    assert peak[0] < 32 * 2**20, peak
+    q = pd.read_parquet(tmp_path / "out/quarantine.parquet")
+    assert q[["line", "id", "reason"]].values.tolist() == [
+        [2, keys[1], "image_unsafe"], [3, keys[2], "metadata_invalid"], [4, keys[3], "feature_invalid"],
+        [5, keys[4], "feature_invalid"], [6, keys[5], "metadata_invalid"],
+    ]
+    value = dict(zip(q["line"], q["value"]))
+    assert value[2] == "image is 300 MiB (314,572,800 bytes), over the 64 MiB image cap; refused, not read"
+    assert value[3].startswith(f"{keys[2]}.json: metadata is 10 MiB (10,485,760 bytes), over the 64 KiB metadata cap")
+    assert value[4].startswith(f"{keys[3]}.street_clip.npy: not a .npy array (header declares shape (10000000000,)")
+    assert value[5].startswith(f"{keys[4]}.street_clip.npy: feature is 1 GiB (1,073,741,824 bytes), over the")
+    assert value[6].startswith(f"{keys[5]}.json: not valid UTF-8 JSON (")
+    s = report.splits["train"]
+    assert (s.n_in, s.n_kept, s.n_quarantined) == (6, 1, 5)
