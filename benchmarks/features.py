@@ -2,14 +2,14 @@
 
 Real JPEGs: the OSV-5M sample photos (/work/shared/osv5m-sample/images, 512 px tall street
 views), repeated under new ids into one release-style zip shard (``images/train/00.zip``),
-read through geodata.images.ImageStore (EXIF, RGB). The model is a random-init open_clip image
+read through geodata.ingest.images.ImageStore (EXIF, RGB). The model is a random-init open_clip image
 tower (default ViT-S-32, 22.6M parameters, 224 px; random weights cost the same as trained ones).
 
 Rows (images/s; ratio against the loop in the same run):
 
 - loop: decode + transform + forward, one image at a time (batch 1), no workers, no cache
   (on the first 128 images, quick 32: it is the slow row);
-- features, 0 workers: hierloc.features.extract_features, batched, decoding in the main process;
+- features, 0 workers: hierloc.features.extract.extract_features, batched, decoding in the main process;
 - features, N workers: the stage as the pipeline runs it (DataLoader workers decode, batches);
 - re-run, all cached: the same request again (reads shard ids only, encodes nothing);
 - +10% new images: a grown request, only the new ids are encoded.
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodata.images import ImageStore
-from hierloc.features import extract_features, load_backbone
+from geodata.ingest.images import ImageStore
+from hierloc.features.extract import extract_features, load_backbone
 
 SAMPLE = Path("/work/shared/osv5m-sample/images")
 

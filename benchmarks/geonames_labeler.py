@@ -1,4 +1,4 @@
-"""GeoNames labels: geodata.geonames.GeoNamesLabeler.label vs reverse_geocoder.search, same points.
+"""GeoNames labels: geodata.labels.geonames.GeoNamesLabeler.label vs reverse_geocoder.search, same points.
 
 The OSV-5M labels and the official metric come from ``reverse_geocoder.search(coords)``
 (default mode 2). This script times both on OSV-5M-like points (a random GeoNames place
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geodata.geonames import GeoNamesLabeler, default_labeler  # noqa: E402
+from geodata.labels.geonames import GeoNamesLabeler, default_labeler  # noqa: E402
 
 FIELDS = ("name", "admin1", "admin2", "cc")
 

@@ -3,13 +3,13 @@
 N points drawn like OSV-5M's (a random GeoNames place, weighted towards a few countries as
 the demo's draw, plus a few km to ~20 km of noise), then:
 
-1. ``geonames`` labeler (geodata.geonames) against ``reverse_geocoder.search`` on the same
+1. ``geonames`` labeler (geodata.labels.geonames) against ``reverse_geocoder.search`` on the same
    points: answers compared one by one, time ratio;
-2. ``polygons`` labeler (geodata.polygon_labeler, the embedded geoBoundaries polygons) on a
-   2-worker Dask LocalCluster over Parquet partitions (geodata.parallel), against a plain
+2. ``polygons`` labeler (geodata.labels.polygons, the embedded geoBoundaries polygons) on a
+   2-worker Dask LocalCluster over Parquet partitions (geodata.labels.parallel), against a plain
    per-level ``geopandas.sjoin`` loop on the same polygons, in one process (the baseline a
    user would write; no snapping, no consistency between levels, no cities);
-3. the entity table from the polygon labels (geodata.hierarchy.build_entities).
+3. the entity table from the polygon labels (geodata.labels.hierarchy.build_entities).
 
     python benchmarks/hierarchy.py --quick      # 500k points
     python benchmarks/hierarchy.py              # 4.9M points (OSV-5M train)
@@ -32,12 +32,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from geonames_labeler import compare_with_reverse_geocoder  # noqa: E402
 
-from geodata.admin import load_admin  # noqa: E402
-from geodata.geonames import default_labeler  # noqa: E402
-from geodata.hierarchy import build_entities  # noqa: E402
-from geodata.labeling import disambiguate_names, label_points, polygons_partition  # noqa: E402
-from geodata.parallel import map_partitions  # noqa: E402
-from geodata.polygon_labeler import PolygonLabeler  # noqa: E402
+from geodata.admin.schema import load_admin  # noqa: E402
+from geodata.labels.geonames import default_labeler  # noqa: E402
+from geodata.labels.hierarchy import build_entities  # noqa: E402
+from geodata.labels.label import disambiguate_names, label_points, polygons_partition  # noqa: E402
+from geodata.labels.parallel import map_partitions  # noqa: E402
+from geodata.labels.polygons import PolygonLabeler  # noqa: E402
 
 
 def osv5m_like_points(n: int, seed: int = 0) -> pd.DataFrame:

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import OSV5M_LEVEL_SIZES, make_hierarchy, make_queries  # noqa: E402
 
-from hierloc.search import EntityIndex  # noqa: E402
+from hierloc.infer.search import EntityIndex  # noqa: E402
 
 RETRIEVAL_DIM = 128
 

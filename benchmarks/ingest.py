@@ -8,7 +8,7 @@
 - Times, each in its own subprocess (peak RSS from the child's getrusage):
   1. `pyarrow.csv.read_csv(path)`: the bare parse baseline (threads, type inference,
      whole table in memory);
-  2. `geodata.ingest.ingest_osv5m(..., verify_images="none")`: streaming validation +
+  2. `geodata.ingest.run.ingest_osv5m(..., verify_images="none")`: streaming validation +
      quarantine + Parquet manifest + content hash (images are not looked up: listing zips
      is benchmarked nowhere here, it costs ~0.3 s per 50k-member shard);
   3. the same ingest again on the unchanged input: the incremental no-op.
@@ -146,7 +146,7 @@ def generate_csv(path: Path, n_rows: int, seed: int = 0, chunk: int = 250_000) -
 
 def _child(mode: str, data: str, out: str) -> None:
     """Run one measured step in this (fresh) process and print a JSON line."""
-    from geodata.ingest import ingest_osv5m  # imported before the clock starts, like pyarrow
+    from geodata.ingest.run import ingest_osv5m  # imported before the clock starts, like pyarrow
 
     t0 = time.perf_counter()
     extra: dict = {}

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hierloc.inference import beam_search
-from hierloc.search import EntityIndex
-from hierloc.model import ModelConfig
-from hierloc.train import EntityData, TrainConfig, TrainData, entity_mean_features, load_model, train
+from hierloc.infer.beam import beam_search
+from hierloc.infer.search import EntityIndex
+from hierloc.model.model import ModelConfig
+from hierloc.train.loop import EntityData, TrainConfig, TrainData, entity_mean_features, load_model, train
 
 
 def synthetic(levels: list[int], n: int, d_img: int, seed: int = 0) -> tuple[TrainData, EntityData]:

@@ -3,10 +3,10 @@
 - a synthetic entity hierarchy of OSV-5M's size (233 / 4.9k / 29k / 210k, heavy-tailed
   fan-out: benchmarks/synthetic.py), d_img = 1024 cached features (Img_i per entity and
   per image), the default model (d = 128, hidden 512, anchors), full-table negatives;
-- NAIVE: the paper's loss written plainly (hierloc.train.naive_batch_loss): the entity
+- NAIVE: the paper's loss written plainly (hierloc.train.loop.naive_batch_loss): the entity
   branch over all 244k entities with autograd every step, then per level the (B, N_l)
   distances, broadcast haversine km and weights materialised, one optimiser step;
-- OURS: hierloc.train's step with ``entity_refresh_every = k`` (TableCycle): per cycle of
+- OURS: hierloc.train.loop's step with ``entity_refresh_every = k`` (TableCycle): per cycle of
   k steps the table is computed once without autograd (``start``), each step runs the
   image branch and the streamed loss (GeoWeightedInfoNCE.forward_points) against it
   and steps the image branch (``step``), and the accumulated table gradient goes through
@@ -49,12 +49,12 @@ from synthetic import OSV5M_LEVEL_SIZES, skewed_parents  # noqa: E402
 
 import geoopt  # noqa: E402
 
-from hierloc.loss import GeoWeightedInfoNCE  # noqa: E402
-from hierloc.model import ModelConfig  # noqa: E402
-from hierloc.train import (  # noqa: E402
+from hierloc.model.loss import GeoWeightedInfoNCE  # noqa: E402
+from hierloc.model.model import ModelConfig  # noqa: E402
+from hierloc.train.loop import (  # noqa: E402
     EntityData, TableCycle, TrainData, batch_loss, build_model, naive_batch_loss, optimizer_step, param_groups,
 )
-from hierloc.distributed import DistContext  # noqa: E402
+from hierloc.train.distributed import DistContext  # noqa: E402
 
 
 def synthetic_problem(levels: list[int], n_img: int, d_img: int, seed: int = 0) -> tuple[TrainData, EntityData]:

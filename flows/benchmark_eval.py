@@ -4,7 +4,7 @@ For ``hierloc evaluate``. One function, ``evaluate_benchmark``, wires geodata (g
 readers, image finding, GeoNames labels) to hierloc (the Predictor's backbone and beam search)
 and to flows.scoring (the official metrics):
 
-1. read the ground truth: ``geodata.benchmarks.read_geo_benchmark`` for im2gps3k / yfcc4k /
+1. read the ground truth: ``geodata.eval_sets.read_geo_benchmark`` for im2gps3k / yfcc4k /
    generic files (latitude/longitude order decided and explained, bad rows quarantined with
    their line); ``read_osv5m_truth`` for an OSV-5M ``test.csv``;
 2. find every row's image under the images folder; a row without its image is counted and
@@ -12,7 +12,7 @@ and to flows.scoring (the official metrics):
 3. decode photos in batches (a thread pool, one batch ahead), backbone features, beam search;
    a photo that does not decode is counted and listed like a missing one;
 4. metrics with ``flows.scoring.score_points``: truth keys are the file's OSV-5M labels
-   (osv5m), or GeoNames labels of the true coordinates (``geodata.geonames.label_frame``,
+   (osv5m), or GeoNames labels of the true coordinates (``geodata.labels.geonames.label_frame``,
    the way OSV-5M labelled its release) for benchmarks that have none. Distance thresholds
    count ``d <= r`` for im2gps3k / yfcc4k / generic (their code) and ``d < r`` for osv5m
    (its code), unless ``inclusive`` says otherwise. The entity picked at each level by the
@@ -40,20 +40,20 @@ import pyarrow as pa
 
 from flows.plots import error_cdf, error_map
 from flows.scoring import score_points
-from geodata.benchmarks import (
+from geodata.eval_sets import (
     INCLUSIVE_BY_FORMAT,
     LATLON_ORDERS,
     detect_format,
     find_benchmark_images,
     read_geo_benchmark,
 )
-from geodata.geonames import label_frame
-from geodata.hierarchy import level_keys
-from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, open_photo
+from geodata.labels.geonames import label_frame
+from geodata.labels.hierarchy import level_keys
+from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS, open_photo
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS, unique_keys
-from hierloc.geo import geoscore
-from hierloc.predictor import Predictor
+from hierloc.geometry.geo import geoscore
+from hierloc.infer.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _osv5m_columns(header: Sequence[str]) -> dict[str, str] | None:
 
 def detect_eval_format(meta_csv: Path) -> str:
     """"osv5m" when the header has OSV-5M's id, coordinates and label columns; else the
-    benchmark named in the file name (geodata.benchmarks.detect_format)."""
+    benchmark named in the file name (geodata.eval_sets.detect_format)."""
     with open(meta_csv, encoding="utf-8-sig", newline="") as fh:
         header = [h.strip() for h in next(csv.reader(fh), [])]
     return "osv5m" if _osv5m_columns(header) else detect_format(Path(meta_csv))
@@ -304,7 +304,7 @@ def evaluate_benchmark(
 ) -> dict:
     """Predict every benchmark photo found and score the predictions (see module doc).
 
-    bundle_or_predictor: a bundle folder (hierloc.predictor) or a loaded Predictor with its
+    bundle_or_predictor: a bundle folder (hierloc.infer.predictor) or a loaded Predictor with its
     backbone. fmt: one of EVAL_FORMATS. inclusive: None = the benchmark's own rule
     (d <= r for im2gps3k / yfcc4k / generic, d < r for osv5m). progress(done, total,
     seconds) is called after each batch.

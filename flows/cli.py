@@ -26,7 +26,7 @@ def demo_data(
     relief: bool = typer.Option(False, help="stack the shaded relief under each Blue Marble crop"),
 ) -> None:
     """Write the embedded 'Earth tiles' dataset in the OSV-5M release layout."""
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     try:
         stats = build_demo_dataset(out, n_train=n_train, n_test=n_test, seed=seed, relief=relief)
@@ -54,12 +54,12 @@ def label(
     """
     try:
         if method == "geonames":
-            from geodata.geonames import label_csv
+            from geodata.labels.geonames import label_csv
 
             n = label_csv(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col)
             typer.echo(f"labelled {n} rows -> {out_csv}")
         elif method == "polygons":
-            from geodata.labeling import label_csv_polygons
+            from geodata.labels.label import label_csv_polygons
 
             rep = label_csv_polygons(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col, admin_source=admin_source,
                                      admin_path=admin_path, max_snap_km=max_snap_km, scheduler=dask_scheduler)
@@ -160,7 +160,7 @@ def _load_predictor(model: Optional[str], device: str):
     """Bundle folder or MLflow URI (or the last `make demo` export) -> Predictor; errors exit 2."""
     from flows import settings
     from flows.serving import resolve_bundle
-    from hierloc.predictor import Predictor
+    from hierloc.infer.predictor import Predictor
 
     try:
         bundle = resolve_bundle(model, settings.WORK_DIR)
@@ -223,7 +223,7 @@ def predict(
     import time
 
     from flows.benchmark_eval import decoded_batches
-    from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, expand_photo_paths
+    from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS, expand_photo_paths
 
     limit = max_pixels or DEFAULT_MAX_IMAGE_PIXELS
     _, predictor = _load_predictor(model, device)
@@ -337,9 +337,9 @@ def evaluate(
 
     from flows.benchmark_eval import EVAL_FORMATS, evaluate_benchmark
     from flows.scoring import format_metrics_table
-    from geodata.benchmarks import LATLON_ORDERS
-    from geodata.images import DEFAULT_MAX_IMAGE_PIXELS
-    from hierloc.metrics import VARIANTS
+    from geodata.eval_sets import LATLON_ORDERS
+    from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS
+    from hierloc.infer.metrics import VARIANTS
 
     for name, value, allowed in (("--format", fmt, EVAL_FORMATS), ("--latlon-order", latlon_order, LATLON_ORDERS),
                                  ("--variant", variant, VARIANTS)):

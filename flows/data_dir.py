@@ -1,9 +1,9 @@
 """What a pipeline's data folder holds, and the one case where the demo data is built into it.
 
 A data folder holds the OSV-5M release layout (``train.csv``, ``test.csv``, ``images/``), or
-the WebDataset copy (``train/**/*.tar``, ``test/**/*.tar``; geodata.webdataset). The
+the WebDataset copy (``train/**/*.tar``, ``test/**/*.tar``; geodata.ingest.webdataset). The
 embedded demo data is built only into the project's own demo folder (flows.settings.
-DEMO_DATA_DIR), into an earlier demo build (geodata.demo_folder's marker) or into an
+DEMO_DATA_DIR), into an earlier demo build (geodata.demo.folder's marker) or into an
 empty or absent folder: a user's folder is never written to. Any other folder without
 either layout is an error that names the folder, what was looked for and what it holds.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geodata.demo_folder import owns_folder
+from geodata.demo.folder import owns_folder
 
 SPLITS = ("train", "test")
 

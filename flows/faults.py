@@ -42,7 +42,7 @@ def retry_transient(task, task_run, state) -> bool:
 
 
 def check_splits_have_rows(report: dict) -> None:
-    """Raise EmptySplitError when a split of an ingest report (geodata.ingest.IngestReport.to_dict)
+    """Raise EmptySplitError when a split of an ingest report (geodata.ingest.run.IngestReport.to_dict)
     kept no rows: the later stages cannot work on an empty split."""
     for split, rep in (report.get("splits") or {}).items():
         if rep.get("kept_total", 0) > 0:

@@ -62,7 +62,7 @@ def source_digest(data_dir: Path) -> str:
     """Fingerprint of a dataset folder (OSV-5M CSVs + image shards, or the WebDataset copy):
     the top-level CSVs by content, every other file by (relative path, size, mtime). Shards are
     fingerprinted by metadata, not hashed: hashing ~250 GB of zips every run would cost more
-    than the ingest itself (the ingest hashes what it reads; geodata.incremental). A shard
+    than the ingest itself (the ingest hashes what it reads; geodata.ingest.incremental). A shard
     rewritten in place with the same size and mtime is the one change this does not see."""
     data_dir = Path(data_dir)
     h = hashlib.sha256()

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.registry import PromotionRule
 from flows.settings import DEMO_DATA_DIR, WORK_DIR
-from hierloc.model import ModelConfig
-from hierloc.train import TrainConfig
+from hierloc.model.model import ModelConfig
+from hierloc.train.loop import TrainConfig
 
 
 class DemoDataParams(BaseModel):

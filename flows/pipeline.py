@@ -86,7 +86,7 @@ def _run_exists(run_id: str) -> bool:
 @task(name="demo-data", retries=1, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def demo_data_task(cfg: PipelineConfig) -> str:
     """Check that data_dir holds a dataset; build the demo data only where flows.data_dir allows it."""
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     data_dir = Path(cfg.data_dir)
     claim = demo_target(data_dir, cfg.ingest.layout, cfg.demo_data.build_if_missing)  # DataDirError: neither layout
@@ -110,7 +110,7 @@ def ingest_task(data_dir: str, work_dir: str, params: IngestParams, source: str,
         for name in ("ingest_report.json", "quarantine.parquet"):
             if (out / name).exists():
                 run.artifact(out / name)
-        # the manifests' content digests (geodata.incremental): no need to re-read gigabytes of Parquet
+        # the manifests' content digests (geodata.ingest.incremental): no need to re-read gigabytes of Parquet
         digests = {split: rep["manifest_digest"] for split, rep in report["splits"].items()}
         return _finish(run, "ingest", {"dir": str(out), "data_dir": data_dir, "source_digest": source,
                                        "digest": digest_of(digests), "manifest_digests": digests})
@@ -132,7 +132,7 @@ def partition_task(call, args: tuple) -> int:
 
 
 def prefect_partition_runner(call, arglist: list[tuple]) -> None:
-    """geodata.parallel's partition runner as Prefect tasks: each partition is a task run
+    """geodata.labels.parallel's partition runner as Prefect tasks: each partition is a task run
     (visible in the UI, retried on failure) on the flow's DaskTaskRunner."""
     futures = [partition_task.submit(call, args) for args in arglist]
     for f in futures:
@@ -176,7 +176,7 @@ def hierarchy_on_dask(**kwargs) -> tuple[dict, bool]:
 def _dask_task_runner(params: HierarchyParams, n_rows: int):
     """A DaskTaskRunner when the labelling is worth a cluster and Dask workers can report
     task runs to a Prefect server; None: label in-process (or on geodata's own Dask path)."""
-    from geodata.parallel import MIN_ROWS_FOR_CLUSTER, default_scheduler
+    from geodata.labels.parallel import MIN_ROWS_FOR_CLUSTER, default_scheduler
 
     address = params.dask_scheduler or default_scheduler()
     # Dask worker processes inherit the environment, not this process's Prefect settings: without
@@ -201,7 +201,7 @@ def _outputs_exist(*names: str):
 
 def _features_exist(out: dict) -> bool:
     """The split views and the cache they point at (a view outlives a deleted cache)."""
-    from hierloc.features import resolve_feature_dir
+    from hierloc.features.extract import resolve_feature_dir
 
     try:
         return all(resolve_feature_dir(Path(d)).exists() for d in out["dirs"].values()) and _run_exists(out["run_id"])
@@ -247,7 +247,7 @@ def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeaturePar
             run.metrics({f"{split}_{k}": out[split][k] for k in ("n", "encoded", "cached", "failures", "images_per_s")})
         run.metrics({"dim": out["dim"]})
         run.json(out, "features.json")
-        # digest: backbone spec + weights content + each split's ids (hierloc.features.features_digest)
+        # digest: backbone spec + weights content + each split's ids (hierloc.features.extract.features_digest)
         return _finish(run, "features", {"dirs": out["dirs"], "backbone": f.backbone, "pretrained": f.pretrained,
                                          "dim": out["dim"], "digests": out["digests"],
                                          "digest": digest_of([out["digests"][s] for s in stages.SPLITS])})

@@ -4,7 +4,7 @@ Figures are ``matplotlib.figure.Figure`` objects on an explicit Agg canvas: no p
 backend switch, no global state, safe in worker threads. Each public plot validates its
 inputs (ValueError naming the argument), writes its PNG atomically (temp file in the same
 folder, then os.replace) and returns the Path. Maps are plate carrée: x = lon_deg,
-y = lat_deg (EPSG:4326), with Natural Earth country outlines (geodata.outlines).
+y = lat_deg (EPSG:4326), with Natural Earth country outlines (geodata.admin.outlines).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
 from geodata.atomic import atomic_write_path
-from geodata.outlines import world_outlines
-from hierloc.geo import EARTH_RADIUS_KM, haversine_km
-from hierloc.lorentz import to_poincare
+from geodata.admin.outlines import world_outlines
+from hierloc.geometry.geo import EARTH_RADIUS_KM, haversine_km
+from hierloc.geometry.lorentz import to_poincare
 
 LEVEL_NAMES: tuple[str, ...] = ("country", "region", "subregion", "city")
 DPI = 120
@@ -263,7 +263,7 @@ def lorentz_to_ball(points: Any, curvature: float) -> np.ndarray:
             f"points: {bad.size} of {len(x)} rows are off the hyperboloid <x,x>_L = -K, K={curvature} "
             f"(row {bad[0]}: <x,x>_L = {inner[bad[0]]:.4g}); pass the model's curvature, or geometry='euclidean'"
         )
-    # hierloc.lorentz.to_poincare maps to the ball of radius sqrt(K): scale it to the unit ball.
+    # hierloc.geometry.lorentz.to_poincare maps to the ball of radius sqrt(K): scale it to the unit ball.
     return to_poincare(torch.from_numpy(x), k=curvature).numpy() / np.sqrt(curvature)
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 
 from geodata.atomic import atomic_write_path
-from geodata.geonames import (
+from geodata.labels.geonames import (
     GeoNamesLabeler,
     default_labeler,
     parse_coordinates,
 )
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
-from hierloc.geo import geoscore, haversine_km
-from hierloc.metrics import (
+from hierloc.geometry.geo import geoscore, haversine_km
+from hierloc.infer.metrics import (
     METRIC_LEVELS,
     RADII_KM,
     osv5m_metrics,
@@ -119,7 +119,7 @@ def score_prediction_csv(
     per_row_out: str | Path | None = None,
     labeler: GeoNamesLabeler | None = None,
 ) -> dict[str, float]:
-    """OSV-5M metrics of a prediction CSV (see hierloc.metrics.osv5m_metrics for the names).
+    """OSV-5M metrics of a prediction CSV (see hierloc.infer.metrics.osv5m_metrics for the names).
 
     pred_csv: columns id, latitude, longitude (degrees). truth_csv: OSV-5M format with id,
     latitude, longitude and either the unique_* columns or raw country, region, sub-region,

@@ -11,13 +11,13 @@ Input: a DataFrame with one of the columns
   that resolves outside it (``..``, a link), is missing, or is not a regular file gets one
   uniform error (which says nothing about whether it exists); a file over
   ``max_image_bytes`` is not read.
-Output: one row per input row (hierloc.predictor.predictions_frame): latitude,
+Output: one row per input row (hierloc.infer.predictor.predictions_frame): latitude,
 longitude, path, <level>_key / _name / _prob, candidates (JSON), and ``error``
 (empty when the row was answered; a bad row does not fail the batch).
 
 The model is logged as a *model from code* (flows/pyfunc_model.py, which builds a
 ``HierLocPyfunc``): loading it unpickles nothing. Its only artifact is the bundle folder
-(hierloc/predictor.py): bundle.json, model.pt (read with torch.load(weights_only=True)),
+(hierloc/infer/predictor.py): bundle.json, model.pt (read with torch.load(weights_only=True)),
 entities.parquet, and the backbone's weights when they came from a local file; its settings
 are plain values in MLmodel's model_config. ``mlflow.pyfunc.load_model("runs:/<id>/model")``
 needs nothing else from the run.
@@ -40,8 +40,8 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from geodata.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
-from hierloc.predictor import Predictor, predictions_frame
+from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from hierloc.infer.predictor import Predictor, predictions_frame
 
 INPUT_COLUMNS = ("path", "image", "features")
 OUTPUT_COLUMNS = ("latitude", "longitude", "path", *(f"{lvl}_{f}" for lvl in ("country", "region", "subregion", "city")
@@ -119,7 +119,7 @@ def read_served_path(value, root: Path | None, max_bytes: int) -> bytes:
 
 
 class HierLocPyfunc(PythonModel):
-    """pyfunc wrapper around hierloc.predictor.Predictor; settings from the model config."""
+    """pyfunc wrapper around hierloc.infer.predictor.Predictor; settings from the model config."""
 
     def __init__(self, top_k: int = 5, beam_k: int = 10, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.top_k, self.beam_k, self.max_image_pixels = top_k, beam_k, max_image_pixels

@@ -12,7 +12,7 @@ file a stage writes lives under its own folder of the work directory:
     features/cache/<backbone>-<weights key>/shard-*.npz   one incremental cache per backbone, by image id
     features/<backbone>-<digest>/{split}/view.json        what train/evaluate read
     train/<digest>/  checkpoint.pt, model.pt
-    export/<digest>/ the model bundle (hierloc.predictor); export/latest.json points at the newest
+    export/<digest>/ the model bundle (hierloc.infer.predictor); export/latest.json points at the newest
     evaluate/    predictions.parquet, metrics.json, figures/*.png (the retrieval baseline writes here too)
 """
 
@@ -32,23 +32,23 @@ import torch
 
 from flows.faults import EmptySplitError, check_feature_failures, check_splits_have_rows
 from flows.scoring import score_points
-from geodata.geonames import default_labeler
-from geodata.hierarchy import assign_images, build_entities, parent_rows
-from geodata.images import ImageStore
-from geodata.labeling import country_disagreements, label_points, polygon_report, representative_coords
+from geodata.labels.geonames import default_labeler
+from geodata.labels.hierarchy import assign_images, build_entities, parent_rows
+from geodata.ingest.images import ImageStore
+from geodata.labels.label import country_disagreements, label_points, polygon_report, representative_coords
 from geodata.atomic import write_parquet_atomic, write_text_atomic
-from geodata.incremental import file_sha256
-from geodata.label_check import check_ingested_labels, unassign, write_label_quarantine
-from geodata.ingest import ingest_osv5m
+from geodata.ingest.incremental import file_sha256
+from geodata.labels.check import check_ingested_labels, unassign, write_label_quarantine
+from geodata.ingest.run import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
-from hierloc.features import (effective_precision, extract_features, features_digest, load_backbone, load_features,
+from hierloc.features.extract import (effective_precision, extract_features, features_digest, load_backbone, load_features,
                               parse_spec, resolve_device, resolve_feature_dir, scan_cache, write_view)
-from hierloc.inference import beam_search
-from hierloc.metrics import expected_calibration_error
-from hierloc.model import ModelConfig
-from hierloc.predictor import write_bundle
-from hierloc.retrieval import RetrievalIndex
-from hierloc.train import (EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, entity_row_map,
+from hierloc.infer.beam import beam_search
+from hierloc.infer.metrics import expected_calibration_error
+from hierloc.model.model import ModelConfig
+from hierloc.infer.predictor import write_bundle
+from hierloc.infer.retrieval import RetrievalIndex
+from hierloc.train.loop import (EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, entity_row_map,
                            load_model, train)
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
 def run_ingest(data_dir: Path, out_dir: Path, verify_images: str = "decode", max_bad_fraction: float = 0.05,
                layout: str = "auto", incremental: bool = True) -> dict:
     """Read an OSV-5M folder (CSV + zips, or the WebDataset copy) into Parquet manifests and a
-    quarantine (geodata.ingest); incremental: only new CSV bytes and new shards on a re-run."""
+    quarantine (geodata.ingest.run); incremental: only new CSV bytes and new shards on a re-run."""
     report = ingest_osv5m(Path(data_dir), Path(out_dir), SPLITS, verify_images, max_bad_fraction,
                           layout=layout, incremental=incremental).to_dict()
     check_splits_have_rows(report)  # EmptySplitError: a header-only CSV, or every row quarantined
@@ -85,13 +85,13 @@ def run_hierarchy(
     """Entity table from the training labels, per-image entity ids for every split, and a QC report.
 
     labeler: "osv5m" (the dataset's own label columns), "geonames" (relabel with the GeoNames
-    labeler) or "polygons" (admin polygons from ``admin_source``/``admin_path``, geodata.admin);
-    the labelers run over Parquet partitions on Dask (``scheduler``, ``runner``: geodata.parallel).
+    labeler) or "polygons" (admin polygons from ``admin_source``/``admin_path``, geodata.admin.schema);
+    the labelers run over Parquet partitions on Dask (``scheduler``, ``runner``: geodata.labels.parallel).
     ``previous``: the entity table of the model being fine-tuned: its entities keep their ids,
-    new ones are appended (geodata.hierarchy.build_entities).
-    coords: "geonames", "mean", "medoid" (geodata.hierarchy.build_entities) or "representative"
+    new ones are appended (geodata.labels.hierarchy.build_entities).
+    coords: "geonames", "mean", "medoid" (geodata.labels.hierarchy.build_entities) or "representative"
     (polygon representative points; polygons only). Rows whose coordinates contradict their
-    country label (geodata.label_check) get no entity and are listed in quarantine.parquet.
+    country label (geodata.labels.check) get no entity and are listed in quarantine.parquet.
     """
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,9 +99,9 @@ def run_hierarchy(
         raise ValueError("coords='representative' needs polygons: set labeler='polygons'")
     admin = polygon_labeler = None
     if labeler == "polygons":
-        from geodata.admin import load_admin
-        from geodata.labeling import disambiguate_names
-        from geodata.polygon_labeler import PolygonLabeler
+        from geodata.admin.schema import load_admin
+        from geodata.labels.label import disambiguate_names
+        from geodata.labels.polygons import PolygonLabeler
 
         admin = disambiguate_names(load_admin(admin_source, admin_path))
         polygon_labeler = PolygonLabeler(admin, grid_deg=grid_deg, max_snap_km=max_snap_km,
@@ -173,7 +173,7 @@ def _slug(spec: str) -> str:
 def feature_cache_dir(root: Path, backbone: str, weights: str, precision: str = "fp32") -> Path:
     """The incremental cache of one backbone: ``root/cache/<backbone>-<weights key>[-<precision>]``.
 
-    Keyed by content (hierloc.backbones.weights_key), not by image list: every run with the
+    Keyed by content (hierloc.features.backbones.weights_key), not by image list: every run with the
     same weights adds to, and reads from, the same cache.
     """
     suffix = "" if precision == "fp32" else f"-{precision}"
@@ -295,7 +295,7 @@ def run_train(
     (a fine-tune from the champion): parameters are copied, entity rows matched by stable key,
     new entities start fresh. ``data_key``: content digests of the inputs (the pipeline's), so a
     folder whose content changed trains in a new run folder instead of resuming a stale one.
-    ``text``: {"spec", "pretrained", "batch_size"} to give the entities Text_i (hierloc.text), or None.
+    ``text``: {"spec", "pretrained", "batch_size"} to give the entities Text_i (hierloc.model.text), or None.
     """
     _, feats, targets, latlon, dropped = _split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["train"]), "train",
                                                        require_targets=True)
@@ -327,8 +327,8 @@ def run_train(
 
 def entity_text_features(ents: pd.DataFrame, spec: str, pretrained: str | None = None, batch_size: int = 256,
                          device: str = "cpu") -> np.ndarray:
-    """Text_i of every entity: the text tower on "name, parent, ..., country" (hierloc.text)."""
-    from hierloc.text import encode_texts, entity_texts
+    """Text_i of every entity: the text tower on "name, parent, ..., country" (hierloc.model.text)."""
+    from hierloc.model.text import encode_texts, entity_texts
 
     texts = entity_texts(ents["name"].fillna("").astype(str).tolist(), parent_rows(ents))
     return encode_texts(texts, spec=spec, pretrained=pretrained, batch_size=batch_size, device=device)
@@ -439,7 +439,7 @@ def score_bundle(bundle: Path, ingest_dir: Path, feature_dir: Path, beam_k: int 
 
     The bundle's own entity table gives the predicted coordinates, so a champion trained on an
     older hierarchy is scored exactly as the candidate is (same split, same function)."""
-    from hierloc.predictor import Predictor
+    from hierloc.infer.predictor import Predictor
 
     m = pd.read_parquet(Path(ingest_dir) / "manifest" / "test.parquet")
     feats = load_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))

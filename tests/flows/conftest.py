@@ -16,9 +16,9 @@ import pytest
 def demo_work(tmp_path_factory) -> Path:
     """A work folder after ingest, hierarchy, features, train and export (export/latest.json set)."""
     from flows.stages import run_export, run_features, run_hierarchy, run_ingest, run_train
-    from geodata.demo_data import build_demo_dataset
-    from hierloc.model import ModelConfig
-    from hierloc.train import TrainConfig
+    from geodata.demo.build import build_demo_dataset
+    from hierloc.model.model import ModelConfig
+    from hierloc.train.loop import TrainConfig
 
     root = tmp_path_factory.mktemp("demo_bundle")
     data, work = root / "data", root / "work"

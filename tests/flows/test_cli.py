@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from hierloc.geo import haversine_km
-from hierloc.metrics import RADII_KM
+from hierloc.geometry.geo import haversine_km
+from hierloc.infer.metrics import RADII_KM
 
 SAMPLE = Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
 PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))

@@ -20,8 +20,8 @@ def ingest_dir(demo_work) -> Path:
 def admin_subset(ingest_dir, tmp_path_factory) -> Path:
     """The embedded geoBoundaries polygons of the demo's three largest countries (so the other
     countries' points have no polygon: the unassigned path is exercised too)."""
-    from geodata.admin import write_admin_parquet
-    from geodata.gazetteer import gazetteer_levels
+    from geodata.admin.schema import write_admin_parquet
+    from geodata.admin.gazetteer import gazetteer_levels
 
     cc = pd.read_parquet(ingest_dir / "manifest" / "train.parquet", columns=["country"])["country"]
     top = cc.value_counts().index[:3].tolist()
@@ -89,7 +89,7 @@ def test_rows_whose_coordinates_contradict_their_country_get_no_entity(ingest_di
     assert clean["label_mismatch"] == {"train": 0, "test": 0} and clean["labels_train"]["label_mismatch"] == 0
     import shutil
 
-    from geodata.label_check import country_mismatch
+    from geodata.labels.check import country_mismatch
 
     bad_dir = tmp_path / "ingest"
     shutil.copytree(ingest_dir, bad_dir)

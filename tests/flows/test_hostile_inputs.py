@@ -47,7 +47,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """A tiny demo release, copied by the tests that need one."""
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     out = tmp_path_factory.mktemp("demo_src") / "data"
     build_demo_dataset(out, **SMALL)
@@ -116,7 +116,7 @@ def test_demo_data_cli_refuses_a_folder_it_did_not_write(demo, tmp_path):
 
 def _wds_folder(demo: Path, dest: Path) -> int:
     """The demo release as a WebDataset copy: {split}/00000.tar of <id>.jpg + <id>.json + <id>.street_clip.npy."""
-    from geodata.webdataset import write_shard
+    from geodata.ingest.webdataset import write_shard
 
     for split in ("train", "test"):
         rows = pd.read_csv(demo / f"{split}.csv", dtype=str, keep_default_na=False)
@@ -144,7 +144,7 @@ def test_a_webdataset_folder_runs_as_a_webdataset(env, demo, tmp_path):
 
 def test_an_absent_folder_gets_the_demo_and_the_project_demo_folder_is_rebuilt(env, tmp_path, monkeypatch):
     from flows.pipeline import ingest_flow
-    from geodata.demo_folder import DEMO_MARKER
+    from geodata.demo.folder import DEMO_MARKER
 
     absent = tmp_path / "new"
     out = ingest_flow(_cfg(absent, tmp_path / "work-new", "absent-folder"))
@@ -247,7 +247,7 @@ def test_a_missing_file_is_not_retried(env, demo, tmp_path):
 def test_the_hierarchy_stage_names_an_empty_split(demo, tmp_path):
     """A hierarchy run alone, on an ingest whose train split is empty: the split, not KeyError 'latitude'."""
     from flows.stages import run_hierarchy
-    from geodata.ingest import ingest_osv5m
+    from geodata.ingest.run import ingest_osv5m
 
     data = tmp_path / "data"
     shutil.copytree(demo, data)

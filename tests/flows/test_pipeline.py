@@ -38,7 +38,7 @@ def prefect_server(tmp_path_factory):
 def pipeline_result(tmp_path_factory, tracking, prefect_server):
     from flows.pipeline import PipelineConfig, pipeline
 
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     work = tmp_path_factory.mktemp("pipeline")
     build_demo_dataset(work / "data", n_train=1500, n_test=200, seed=3)
@@ -138,7 +138,7 @@ def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracki
     """labeler: polygons end to end: the embedded geoBoundaries polygons (built on the first run,
     ~1 min, then cached), Dask-parallel labelling, training and evaluation on the result."""
     from flows.pipeline import PipelineConfig, pipeline
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     build_demo_dataset(tmp_path / "data", n_train=1500, n_test=200, seed=4)
     cfg = PipelineConfig.model_validate({

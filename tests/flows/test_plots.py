@@ -25,7 +25,7 @@ from flows.plots import (
     poincare_disk,
     radial_pca_2d,
 )
-from hierloc.geo import haversine_km
+from hierloc.geometry.geo import haversine_km
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,9 +175,9 @@ def test_lorentz_to_ball_is_inside_the_unit_ball(curvature):
 
 
 def test_lorentz_to_ball_matches_the_library_map():
-    """Same map as hierloc.lorentz.to_poincare (radius sqrt(K) ball), divided by sqrt(K)."""
+    """Same map as hierloc.geometry.lorentz.to_poincare (radius sqrt(K) ball), divided by sqrt(K)."""
     torch = pytest.importorskip("torch")
-    from hierloc.lorentz import to_poincare
+    from hierloc.geometry.lorentz import to_poincare
 
     points, _, _ = _hierarchy(2.0)
     expected = to_poincare(torch.from_numpy(points), k=2.0).numpy() / np.sqrt(2.0)

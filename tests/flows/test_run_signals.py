@@ -94,7 +94,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _setup(tmp_path: Path, epochs: int) -> dict:
     """A tiny demo dataset, its config file, and the environment of the CLI (temp Prefect home and MLflow store)."""
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     build_demo_dataset(tmp_path / "data", n_train=300, n_test=30, seed=2)
     cfg = {"data_dir": str(tmp_path / "data"), "work_dir": str(tmp_path / "work"), "experiment": "sigterm",

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from flows.scoring import format_metrics_table, score_prediction_csv
-from geodata.geonames import default_labeler
+from geodata.labels.geonames import default_labeler
 from geodata.osv5m import UNIQUE_COLUMNS, unique_keys
-from hierloc.metrics import per_row_hits, predicted_keys, truth_keys
+from hierloc.infer.metrics import per_row_hits, predicted_keys, truth_keys
 
 SELECT_CSV = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "select.csv"
 

@@ -60,7 +60,7 @@ def services(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     data = tmp_path_factory.mktemp("e2e_data") / "data"
     build_demo_dataset(data, n_train=1200, n_test=150, seed=11)
@@ -168,7 +168,7 @@ def test_pipeline_deployment_tracks_lineage_and_registers_champion(services, dat
 
 def _add_rows(data: Path, tmp: Path) -> int:
     """New training rows and their photos in a new shard (another seed of the demo generator)."""
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     extra = tmp / "extra"
     build_demo_dataset(extra, n_train=400, n_test=20, seed=12)

@@ -104,7 +104,7 @@ def test_bad_feature_rows_are_reported_per_row_and_columns_stay(demo_bundle, tmp
     import numpy as np
 
     from flows.serving import OUTPUT_COLUMNS, save_pyfunc
-    from hierloc.predictor import Predictor
+    from hierloc.infer.predictor import Predictor
 
     dim = Predictor.load(demo_bundle, with_backbone=False).feature_dim
     model = mlflow.pyfunc.load_model(str(save_pyfunc(demo_bundle, tmp_path / "pyfunc")))

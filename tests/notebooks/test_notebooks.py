@@ -35,7 +35,7 @@ def pipeline_run(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import PipelineConfig, pipeline
-    from geodata.demo_data import build_demo_dataset
+    from geodata.demo.build import build_demo_dataset
 
     mlflow.set_tracking_uri(tracking_uri)
     try:

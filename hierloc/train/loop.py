@@ -1,0 +1,304 @@
+"""Training from cached backbone features (HIERLOC.md section 7): the config and the loop.
+
+AdamW for Euclidean parameters (weight decay on weight matrices only), geoopt's
+RiemannianAdam for manifold parameters (the anchors at a fixed K), linear warmup then
+cosine decay, gradient clipping, bf16 autocast on CUDA (hierloc.train.optim). Every step scores
+the batch against ALL entities of every level (the paper's full-table negatives,
+hierloc.train.batch_loss). With ``entity_refresh_every = k > 1`` the entity table is computed
+once per k steps and its gradient accumulated (hierloc.train.table_cycle): the loss stays exact,
+the entity branch steps every k batches. Non-finite losses or gradients stop the run
+before the optimiser step, naming the tensor (hierloc.train.finite_checks).
+
+A checkpoint is written atomically after every epoch (and every
+``checkpoint_every_steps``); a run that finds one with the same configuration resumes
+from it and ends where an uninterrupted run would (data order is a function of
+(seed, epoch), RNG states are saved per rank: hierloc.train.checkpoint). Several processes:
+torchrun (hierloc.train.distributed). Warm start: hierloc.train.warm_start. Command line:
+``python -m hierloc.train.loop --data DIR --out DIR`` (``main``), from arrays written by
+``save_arrays`` (hierloc.train.data). The model file: hierloc.model.io.
+
+The names that lived here before the split (``load_model``, ``TableCycle``,
+``entity_row_map``, ...) are still importable from this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, naive_batch_loss, weighted_total
+from hierloc.train.checkpoint import Position, config_digest, load_checkpoint, save_checkpoint
+from hierloc.train.distributed import DistContext, env_ranks, setup, shard, teardown
+from hierloc.train.distributed import resolve_device as _resolve_device
+from hierloc.train.finite_checks import check_grads_finite, check_step_finite
+from hierloc.geometry.lorentz import check_finite
+from hierloc.model.loss import GeoWeightedInfoNCE, Kernel
+from hierloc.model.model import ModelConfig
+from hierloc.model.io import MODEL_FORMAT, build_model, load_model, save_model
+from hierloc.train.optim import is_entity_table, make_optimisers, optimizer_step, param_groups
+from hierloc.train.optim import lr_lambda as _lr_lambda
+from hierloc.train.table_cycle import TableCycle
+from hierloc.train.data import EntityData, TrainData, entity_mean_features, load_arrays, save_arrays
+from hierloc.train.warm_start import entity_row_map, warm_start, warm_start_digest
+
+# Re-exported: these lived in this module before it was split, and callers import them from here.
+__all__ = [
+    "EntityData", "LogFn", "MODEL_FORMAT", "TableCycle", "TrainConfig", "TrainData", "TrainResult", "_lr_lambda",
+    "batch_loss", "build_model", "check_grads_finite", "check_step_finite", "config_digest", "entity_mean_features",
+    "entity_row_map", "is_entity_table", "load_arrays", "load_model", "main", "naive_batch_loss", "optimizer_step",
+    "param_groups", "resolve_device", "save_arrays", "save_model", "train", "warm_start",
+]
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and loss settings. Loss initial values are GAPs: see README."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=1, le=1_000_000)
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate (Euclidean parameters)")
+    riemannian_lr: float = Field(1e-2, gt=0, le=10.0, description="RiemannianAdam learning rate (anchors)")
+    weight_decay: float = Field(1e-4, ge=0, le=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda when present")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (hyperbolic maths stays float32)")
+    tau: float = Field(1.0, gt=0, description="initial temperature")
+    lam: float = Field(1.0, ge=0, description="initial lambda of the geographic weights; 0 = plain InfoNCE")
+    sigma_km: float = Field(500.0, gt=0, description="initial kernel scale (km)")
+    kernel: Kernel = "laplace"
+    learnable_loss: bool = Field(True, description="learn tau, lambda, sigma")
+    betas: tuple[float, ...] = Field((1.0, 1.0, 1.0, 1.0), min_length=1, description="per-level loss weights")
+    log_every: int = Field(20, ge=1, description="steps between logged training metrics")
+    entity_refresh_every: int = Field(
+        1, ge=1, le=100_000,
+        description="k: steps sharing one entity table (1 = the whole table with autograd every step). "
+                    "k > 1: the loss is still exact, the entity branch steps every k batches with the mean "
+                    "gradient of the k batches (TableCycle)")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every this many steps (0: epochs only)")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` wrote (checkpoint, model) and did (steps, seconds, last epoch's losses)."""
+
+    checkpoint: Path
+    model_path: Path
+    steps: int
+    epochs_run: int
+    seconds: float
+    final: dict[str, float] = field(default_factory=dict)
+    steps_run: int = 0  # steps taken by this call (steps - steps_run were done before a resume)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` = cuda when present (hierloc.train.distributed.resolve_device picks a rank's GPU)."""
+    return _resolve_device(spec)
+
+
+def train(
+    data: TrainData,
+    ents: EntityData,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    log_fn: LogFn | None = None,
+    *,
+    init_from: str | Path | None = None,
+    init_rows: np.ndarray | None = None,
+) -> TrainResult:
+    """Train and write ``out_dir/checkpoint.pt`` (resumable) and ``out_dir/model.pt``.
+
+    Under torchrun (RANK/WORLD_SIZE set) every process runs this same call: the process
+    group is initialised (nccl on CUDA, gloo on CPU), each rank takes a disjoint shard of
+    every global batch of ``cfg.batch_size`` rows, gradients are averaged over ranks,
+    and only rank 0 writes the checkpoint, the model and calls ``log_fn``; every rank
+    resumes from ``out_dir/checkpoint.pt``, so ``out_dir`` must be shared (one node).
+
+    Warm start: ``init_from`` a previous model.pt, ``init_rows`` from entity_row_map
+    (see ``warm_start``); the source file's hash and the row map are part of the
+    checkpoint digest, so a resume never mixes two warm starts (or one with a cold run).
+    """
+    out_dir = Path(out_dir)
+    ctx, device = setup(cfg.device)
+    try:
+        return _train(data, ents, model_cfg, cfg, out_dir, log_fn, init_from, init_rows, ctx, device)
+    finally:
+        teardown(ctx)
+
+
+def _train(data, ents, model_cfg, cfg, out_dir, log_fn, init_from, init_rows, ctx: DistContext, device) -> TrainResult:
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, data, ents)
+    warm = {}
+    if init_from is not None:
+        counts = warm_start(model, init_from, init_rows)
+        log.info("warm start from %s: %s", init_from, counts)
+        warm = warm_start_digest(init_from, init_rows, sum(ents.level_sizes))
+    model = model.to(device)
+    if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
+    loss_fn = GeoWeightedInfoNCE(
+        betas=cfg.betas, tau=cfg.tau, lam=cfg.lam, sigma_km=cfg.sigma_km,
+        kernel=cfg.kernel, learnable=cfg.learnable_loss, weighted=cfg.lam > 0,
+    ).to(device)
+    n = data.features.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    optims = make_optimisers(
+        model, loss_fn, lr=cfg.lr, riemannian_lr=cfg.riemannian_lr, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, total_steps=steps_per_epoch * cfg.epochs,
+    )
+    opt, ropt, sched = optims.opt, optims.ropt, optims.sched
+    named = [(n, p) for n, p in model.named_parameters()] + [("loss." + n, p) for n, p in loss_fn.named_parameters()]
+
+    digest = config_digest(model_cfg.to_dict(), cfg.to_dict(), {"n": n, "levels": ents.level_sizes, **warm})
+    ckpt_path = out_dir / "checkpoint.pt"
+    state = dict(model=model, loss_fn=loss_fn, optims=optims, ctx=ctx, device=device)
+    pos = load_checkpoint(ckpt_path, digest=digest, seed=cfg.seed, **state)
+    if pos is None:
+        pos = Position(0, 0, 0, np.zeros(1 + len(ents.level_sizes)))
+    start_epoch, start_batch, step, sums = pos.epoch, pos.batch, pos.step, pos.sums
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        save_checkpoint(ckpt_path, digest=digest, pos=Position(epoch, batch, step, sums), **state)
+
+    feats = torch.as_tensor(data.features, dtype=torch.float32)
+    targets = torch.tensor(data.targets, dtype=torch.long)  # a copy: parquet-backed arrays are read-only
+    latlon = torch.tensor(data.latlon_deg, dtype=torch.float32)  # a copy: (n, 2) is small, parquet arrays are read-only
+    use_amp = cfg.amp and device.type == "cuda"
+    cycle = TableCycle(model, device, use_amp) if cfg.entity_refresh_every > 1 else None
+    emit = log_fn if ctx.is_main else None
+    t0 = t_log = time.perf_counter()
+    steps_run, last, log_steps = 0, {}, 0
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t_epoch, epoch_steps, epoch_samples = time.perf_counter(), 0, 0
+        # The order depends only on (seed, epoch): a resumed run sees the same batches.
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        first = start_batch if epoch == start_epoch else 0
+        for b in range(first, steps_per_epoch):
+            rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            idx = shard(rows, ctx)
+            x, y, ll = feats[idx].to(device), targets[idx].to(device), latlon[idx].to(device)
+            weights = level_weights(targets[rows], targets[idx], ctx)
+            if cycle is None:  # exact: the whole table with autograd every step
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    tangent = model.entity_tangent()
+                points = model.to_space(tangent)
+            else:
+                if not cycle.active:
+                    cycle.start()
+                    check_finite("entity table (cached)", cycle.points, step=step)
+                tangent, points = cycle.tangent, cycle.points
+            z, loss, per_level = batch_loss(model, loss_fn, x, y, ll, points, tangent, amp=use_amp)
+            if weights is not None:
+                loss = weighted_total(loss_fn, per_level, weights)
+            g_loss, g_levels = global_metrics(per_level, targets[rows], targets[idx], loss_fn.betas, ctx)
+            if not ctx.active:
+                g_loss = loss.detach()
+            check_step_finite(g_loss, g_levels, {"image points": z, "entity points": points}, step, model, loss_fn)
+            loss.backward()
+            if cycle is not None:
+                cycle.stash()
+            grad_norm = optimizer_step(opt, ropt, named, cfg.grad_clip, step, ctx)
+            step += 1
+            steps_run += 1
+            epoch_steps += 1
+            epoch_samples += len(rows)
+            log_steps += 1
+            last_batch = b == steps_per_epoch - 1
+            ckpt_now = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 and not last_batch
+            if cycle is not None and (cycle.steps == cfg.entity_refresh_every or last_batch or ckpt_now):
+                table_params = set(map(id, cycle.finish()))
+                optimizer_step(opt, ropt, [(n_, p) for n_, p in named if id(p) in table_params], cfg.grad_clip, step, ctx)
+            for s in sched:
+                s.step()
+            sums += np.array([float(g_loss)] + g_levels)
+            if emit is not None and step % cfg.log_every == 0:
+                dt = time.perf_counter() - t_log
+                emit({"train_loss": float(g_loss), "grad_norm": grad_norm, "tau": loss_fn.tau.item(),
+                      "lambda": loss_fn.log_lambda.exp().item(), "sigma_km": loss_fn.sigma_km.item(),
+                      "lr": sched[0].get_last_lr()[0], "steps_per_s": log_steps / dt,
+                      "samples_per_s": log_steps * cfg.batch_size / dt}, step)
+            if step % cfg.log_every == 0:
+                t_log, log_steps = time.perf_counter(), 0
+            if ckpt_now:
+                checkpoint(epoch, b + 1)
+        means = sums / steps_per_epoch
+        dt = time.perf_counter() - t_epoch
+        last = {"epoch_loss": float(means[0])}
+        last.update({f"epoch_loss_l{l}": float(v) for l, v in enumerate(means[1:])})
+        log.info("epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, means[0])
+        if emit is not None:
+            emit({**last, "epoch": epoch + 1, "epoch_seconds": dt, "epoch_steps_per_s": epoch_steps / dt,
+                  "epoch_samples_per_s": epoch_samples / dt}, step)
+        sums = np.zeros_like(sums)
+        checkpoint(epoch + 1, 0)
+    model_path = out_dir / "model.pt"
+    if ctx.is_main:
+        save_model(model.cpu(), model_path, tau=float(loss_fn.tau.detach()))
+    return TrainResult(
+        checkpoint=ckpt_path, model_path=model_path, steps=step, epochs_run=cfg.epochs - start_epoch,
+        seconds=time.perf_counter() - t0, final=last, steps_run=steps_run,
+    )
+
+
+# --- command line: train from a folder of cached arrays (save_arrays; torchrun-ready) ---
+def _json_arg(text: str | None) -> dict:
+    if not text:
+        return {}
+    return json.loads(Path(text).read_text() if text.endswith(".json") and Path(text).exists() else text)
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m hierloc.train.loop",
+        description="Train HierLoc from cached arrays (see save_arrays). Several processes: "
+                    "python -m torch.distributed.run --nproc_per_node N -m hierloc.train.loop --data D --out O",
+    )
+    ap.add_argument("--data", required=True, help="folder with train.npz and entities.npz")
+    ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, model.pt (resumes if present)")
+    ap.add_argument("--model-config", default=None, help="ModelConfig as JSON text or a .json file")
+    ap.add_argument("--train-config", default=None, help="TrainConfig as JSON text or a .json file")
+    ap.add_argument("--init-from", default=None, help="warm start: a previous model.pt")
+    ap.add_argument("--init-rows", default=None, help="warm start: .npy row map from entity_row_map")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    data, ents = load_arrays(args.data)
+    rows = np.load(args.init_rows) if args.init_rows else None
+
+    def log_fn(metrics: dict[str, float], step: int) -> None:
+        print(json.dumps({"step": step, **metrics}), flush=True)
+
+    res = train(data, ents, ModelConfig(**_json_arg(args.model_config)), TrainConfig(**_json_arg(args.train_config)),
+                Path(args.out), log_fn=log_fn, init_from=args.init_from, init_rows=rows)
+    if env_ranks()[0] == 0:
+        print(json.dumps({"model_path": str(res.model_path), "steps": res.steps, "seconds": res.seconds, **res.final}),
+              flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
