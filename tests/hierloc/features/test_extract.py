@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from hierloc.features.extract import (
 )
 
 ROOT = Path(__file__).resolve().parents[3]
-SAMPLE_PHOTOS = Path("/work/shared/osv5m-sample/images")
+SAMPLE_PHOTOS = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
 #: An open_clip ViT small enough for tests: 2 layers of width 64 on 64 px inputs (0.15M parameters,
 #: ~18k images/s at batch 32 on 2 CPU threads; ViT-S-32 is 22.6M and ~70 images/s, RN50 ~13).
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
