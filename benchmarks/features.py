@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodata.ingest.images import ImageStore
+from geodata.ingest.image_store import ImageStore
 from hierloc.features.extract import extract_features, load_backbone
 
 SAMPLE = Path("/work/shared/osv5m-sample/images")

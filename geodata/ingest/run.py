@@ -63,7 +63,8 @@ import pyarrow.parquet as pq
 
 from geodata.atomic import atomic_write_path, write_parquet_atomic, write_text_atomic
 from geodata.ingest.image_index import ImageIndex, decode_checker, update_image_index
-from geodata.ingest.images import LISTING_SCHEMA, ImageStore
+from geodata.ingest.image_listing import LISTING_SCHEMA
+from geodata.ingest.image_store import ImageStore
 from geodata.ingest.incremental import (
     IngestState,
     PartState,

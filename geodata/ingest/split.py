@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 
 from geodata.atomic import atomic_write_path
 from geodata.ingest.image_index import ImageIndex, decode_checker, recheck_pending
-from geodata.ingest.images import LISTING_SCHEMA, ImageStore
+from geodata.ingest.image_listing import LISTING_SCHEMA
+from geodata.ingest.image_store import ImageStore
 from geodata.ingest.incremental import CsvState, PartState, container_fingerprint, file_sha256, scan_range
 from geodata.ingest.csv_lines import MAX_RECORD_LINES, CleanedReader, RecordLines, SetAside, read_lines_text, scan_records, set_aside
 from geodata.ingest.csv_read import CsvDataError, CsvStream, OSV5MFormatError, apply_line_map, count_lines
