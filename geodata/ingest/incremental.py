@@ -282,10 +282,8 @@ def container_fingerprint(kind: str, path: Path) -> str:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a whole file (streamed)."""
-    h = hashlib.sha256()
-    size = Path(path).stat().st_size
-    scan_range(path, h, 0, size, count_from=size)
-    return h.hexdigest()
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def manifest_digest(split: str, parts: list[PartState]) -> str:
