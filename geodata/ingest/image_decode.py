@@ -105,11 +105,7 @@ def expand_photo_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, 
     errors: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            named = sorted(f for f in p.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES
-                           and not f.name.startswith("._") and not f.is_dir())
-            refusals = {f: path_refusal(f) for f in named}  # None: a regular file (or a dangling link)
-            found = [f for f in named if refusals[f] is None and f.is_file()]
-            refused = [(f, reason) for f, reason in refusals.items() if reason is not None]
+            found, refused = _photos_under(p)
             if not found and not refused:
                 errors.append((p, f"no photos ({', '.join(PHOTO_SUFFIXES)}) under this folder"))
             errors += refused
@@ -119,6 +115,16 @@ def expand_photo_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, 
         else:
             errors.append((p, path_refusal(p) or "no such file or folder"))
     return files, errors
+
+
+def _photos_under(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(photo files, (path, reason) of refused photo-named special files) under `folder`, sorted."""
+    named = sorted(f for f in folder.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES
+                   and not f.name.startswith("._") and not f.is_dir())
+    refusals = {f: path_refusal(f) for f in named}  # None: a regular file (or a dangling link)
+    found = [f for f in named if refusals[f] is None and f.is_file()]
+    refused = [(f, reason) for f, reason in refusals.items() if reason is not None]
+    return found, refused
 
 
 def open_photo(
