@@ -181,7 +181,8 @@ def _write_run_tables(plan: RunPlan, runs: dict[str, SplitRun], quarantine: pa.T
         if split in plan.images:
             index = plan.images[split].table
         else:
-            old = previous_index(plan.out_dir, plan.state, split) if plan.state is not None else LISTING_SCHEMA.empty_table()
+            old = (previous_index(plan.out_dir, plan.state, split) if plan.state is not None
+                   else LISTING_SCHEMA.empty_table())
             index = pa.concat_tables([old, *runs[split].listings]).cast(LISTING_SCHEMA)
         write_parquet_atomic(index, this_run / f"image_index_{split}.parquet")
     return this_run

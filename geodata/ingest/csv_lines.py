@@ -2,7 +2,7 @@
 
 The fast ingest path (geodata.ingest.csv_read.CsvStream) lets pyarrow parse the whole range.
 When the range is not one record per line, or pyarrow stops on it, the careful path
-(geodata.ingest.split) uses this module:
+(geodata.ingest.split_csv) uses this module:
 
 - `invalid_utf8_lines`: physical lines holding bytes that are not UTF-8;
 - `scan_records`: where each CSV record starts and ends, in physical lines, following

@@ -14,8 +14,9 @@
   against an index with new containers: found ones are admitted, refused / corrupt ones
   quarantined, the rest stay pending.
 
-The index table is `geodata.ingest.image_listing.LISTING_SCHEMA` (id, container, member, size_bytes,
-offset, refused), written per run as `image_index/{split}.parquet` by `geodata.ingest.run`.
+The index table is `geodata.ingest.image_listing.LISTING_SCHEMA` (id, container, member,
+size_bytes, offset, refused), written per run as `image_index/{split}.parquet` by
+`geodata.ingest.commit`.
 """
 
 from __future__ import annotations

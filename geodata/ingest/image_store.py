@@ -22,8 +22,21 @@ from typing import Any
 
 from PIL import Image
 
-from geodata.capped_io import MAX_IMAGE_BYTES, check_size, open_regular, read_capped, read_stream_capped, require_regular
-from geodata.ingest.archive_members import UnsafeMemberError, check_safe_name, iter_tar_members, tar_refusal, zip_refusal
+from geodata.capped_io import (
+    MAX_IMAGE_BYTES,
+    check_size,
+    open_regular,
+    read_capped,
+    read_stream_capped,
+    require_regular,
+)
+from geodata.ingest.archive_members import (
+    UnsafeMemberError,
+    check_safe_name,
+    iter_tar_members,
+    tar_refusal,
+    zip_refusal,
+)
 from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 
 

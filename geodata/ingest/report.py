@@ -84,7 +84,9 @@ class IngestReport:
     elapsed_s: float = 0.0
 
     @classmethod
-    def for_ingest(cls, root: Path, out_dir: Path, verify_images: str, max_bad_fraction: float, layout: str) -> IngestReport:
+    def for_ingest(
+        cls, root: Path, out_dir: Path, verify_images: str, max_bad_fraction: float, layout: str,
+    ) -> IngestReport:
         """The report of an ingest of `root` into `out_dir` before any split is read: where it writes."""
         return cls(
             root=str(root), out_dir=str(out_dir), verify_images=verify_images, max_bad_fraction=max_bad_fraction,

@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 
 from geodata.capped_io import MAX_IMAGE_BYTES, MAX_JSON_BYTES, InputTooLargeError, check_size, feature_cap, size_refusal
 from geodata.ingest.archive_members import is_safe_relative_name, iter_tar_members, tar_refusal
-from geodata.osv5m import OSV5M_COLUMNS
 from geodata.ingest.quarantine import REASON_CODE, quarantine_table, truncate
 from geodata.ingest.validate import ID_REGEX, IMAGE_REF_SCHEMA, IdSet
+from geodata.osv5m import OSV5M_COLUMNS
 
 #: Feature names of the public osv5m-wds copy (DATA.md).
 WDS_FEATURES: tuple[str, ...] = ("street_clip", "dinov2_vitl14_registers")
