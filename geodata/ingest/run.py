@@ -45,7 +45,6 @@ no-op one publishes again). `crash_point` (geodata.ingest.commit) lets tests kil
 process at each step.
 """
 
-
 from __future__ import annotations
 
 import logging
