@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodata.ingest.images import ImageStore
+from geodata.ingest.image_store import ImageStore
 from hierloc.features.extract import extract_features, load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ from geodata.eval_sets import (
 )
 from geodata.labels.geonames import label_frame
 from geodata.labels.hierarchy import level_keys
-from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS, open_photo
+from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, open_photo
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS, unique_keys
 from hierloc.geometry.geo import geoscore

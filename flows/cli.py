@@ -223,7 +223,7 @@ def predict(
     import time
 
     from flows.benchmark_eval import decoded_batches
-    from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS, expand_photo_paths
+    from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, expand_photo_paths
 
     limit = max_pixels or DEFAULT_MAX_IMAGE_PIXELS
     _, predictor = _load_predictor(model, device)
@@ -338,7 +338,7 @@ def evaluate(
     from flows.benchmark_eval import EVAL_FORMATS, evaluate_benchmark
     from flows.scoring import format_metrics_table
     from geodata.eval_sets import LATLON_ORDERS
-    from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS
+    from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS
     from hierloc.infer.metrics import VARIANTS
 
     for name, value, allowed in (("--format", fmt, EVAL_FORMATS), ("--latlon-order", latlon_order, LATLON_ORDERS),

@@ -40,7 +40,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from geodata.ingest.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from hierloc.infer.predictor import Predictor, predictions_frame
 
 INPUT_COLUMNS = ("path", "image", "features")

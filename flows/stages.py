@@ -34,7 +34,7 @@ from flows.faults import EmptySplitError, check_feature_failures, check_splits_h
 from flows.scoring import score_points
 from geodata.labels.geonames import default_labeler
 from geodata.labels.hierarchy import assign_images, build_entities, parent_rows
-from geodata.ingest.images import ImageStore
+from geodata.ingest.image_store import ImageStore
 from geodata.labels.label import country_disagreements, label_points, polygon_report, representative_coords
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.ingest.incremental import file_sha256

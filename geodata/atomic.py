@@ -45,8 +45,3 @@ def write_text_atomic(text: str, path: str | Path) -> None:
     with atomic_write_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
-
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_write_path(path) as tmp:
-        tmp.write_bytes(data)

@@ -1,11 +1,11 @@
 """Size-capped reads of regular files and archive members: the byte caps of every image read.
 
-Every image, metadata and feature read in geodata goes through here (geodata.ingest.images
-re-exports the caps and helpers). The size a file or member *declares* (os.fstat for a
-file, ZipInfo.file_size for a zip member, the header for a tar member) is checked against
-a cap before any byte is read, and no read goes past the cap even when the declared size
-lies: a zip member is read through its decompressing stream at most `declared + 1` bytes
-(never more than the cap + 1) and refused when more come.
+Every image, metadata and feature read in geodata goes through here (the image listing, the
+ImageStore and photo decoding of geodata.ingest, the WebDataset reader). The size a file or
+member *declares* (os.fstat for a file, ZipInfo.file_size for a zip member, the header for a
+tar member) is checked against a cap before any byte is read, and no read goes past the cap
+even when the declared size lies: a zip member is read through its decompressing stream at
+most `declared + 1` bytes (never more than the cap + 1) and refused when more come.
 
 Only regular files are opened: a FIFO would block the reader forever, a device such as
 /dev/zero never ends, sockets and folders are not photos. The check is made on the path
@@ -15,7 +15,7 @@ O_NONBLOCK, so a path swapped for a FIFO in between cannot block the open).
 Caps (bytes), with reasons:
 
 - MAX_IMAGE_BYTES = 64 MiB per image. OSV-5M photos are 100-300 KB (512 px tall); a photo
-  at the 40 Mpx pixel cap (geodata.ingest.images.DEFAULT_MAX_IMAGE_PIXELS) is a 10-40 MB JPEG even
+  at the 40 Mpx pixel cap (geodata.ingest.image_decode.DEFAULT_MAX_IMAGE_PIXELS) is a 10-40 MB JPEG even
   at high quality, so 64 MiB refuses nothing real while keeping a bomb's cost bounded.
 - MAX_JSON_BYTES = 64 KiB per WebDataset metadata member: an OSV-5M sample's JSON is its 32
   short release columns, about 1 KB.

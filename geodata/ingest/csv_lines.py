@@ -2,7 +2,7 @@
 
 The fast ingest path (geodata.ingest.csv_read.CsvStream) lets pyarrow parse the whole range.
 When the range is not one record per line, or pyarrow stops on it, the careful path
-(geodata.ingest.split) uses this module:
+(geodata.ingest.split_csv) uses this module:
 
 - `invalid_utf8_lines`: physical lines holding bytes that are not UTF-8;
 - `scan_records`: where each CSV record starts and ends, in physical lines, following
@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import io
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,30 @@ def scan_records(path: Path, start: int, end: int, blank: np.ndarray | None = No
     n = end - start
     blank = np.unique(np.asarray(blank if blank is not None else [], dtype=np.int64))
     newlines, cr_before, inside = [], [], []
-    in_quote, prev, lines_before, pos = False, 10, 0, 0  # the range starts a line
+    in_quote, prev, lines_before = False, 10, 0  # the range starts a line
+    for pos, raw in _chunks(path, start, n):
+        chunk = np.frombuffer(raw, dtype=np.uint8)
+        nl, q = np.flatnonzero(chunk == 10), np.flatnonzero(chunk == 34)
+        nl_prev = np.where(nl > 0, chunk[np.maximum(nl - 1, 0)], prev)
+        q_prev = np.where(q > 0, chunk[np.maximum(q - 1, 0)], prev)
+        fs = (q_prev == 44) | (q_prev == 10) | (q_prev == 13)  # after ',', a line end or the range start
+        if len(blank) and len(q):
+            kept = ~np.isin(lines_before + 1 + np.searchsorted(nl, q), blank)
+            q, fs = q[kept], fs[kept]
+        opens, closes, in_quote = _quoted_fields(q, fs, len(raw), in_quote)
+        k = np.searchsorted(opens, nl, side="right") - 1  # a newline inside a quoted field ends no record
+        inside.append((k >= 0) & (nl < closes[np.maximum(k, 0)]) if len(opens) else np.zeros(len(nl), bool))
+        newlines.append(nl + pos)
+        cr_before.append(nl_prev == 13)
+        lines_before += len(nl)
+        prev = raw[-1]
+    return _records(newlines, cr_before, inside, n, blank)
+
+
+def _chunks(path: Path, start: int, n: int) -> Iterator[tuple[int, bytes]]:
+    """Bytes [start, start + n) of `path` as (offset from start, bytes), about CHUNK_BYTES at a time;
+    a run of quotes is never split between two chunks."""
+    pos = 0
     with open(path, "rb") as fh:
         while pos < n:
             fh.seek(start + pos)
@@ -138,22 +162,14 @@ def scan_records(path: Path, start: int, end: int, blank: np.ndarray | None = No
                 raw += fh.read(min(CHUNK_BYTES, n - pos - len(raw)))
             if pos + len(raw) < n and raw.endswith(b'"'):
                 raw = raw.rstrip(b'"')  # a run of quotes is never split: its end goes to the next chunk
-            chunk = np.frombuffer(raw, dtype=np.uint8)
-            nl, q = np.flatnonzero(chunk == 10), np.flatnonzero(chunk == 34)
-            nl_prev = np.where(nl > 0, chunk[np.maximum(nl - 1, 0)], prev)
-            q_prev = np.where(q > 0, chunk[np.maximum(q - 1, 0)], prev)
-            fs = (q_prev == 44) | (q_prev == 10) | (q_prev == 13)  # after ',', a line end or the range start
-            if len(blank) and len(q):
-                kept = ~np.isin(lines_before + 1 + np.searchsorted(nl, q), blank)
-                q, fs = q[kept], fs[kept]
-            opens, closes, in_quote = _quoted_fields(q, fs, len(raw), in_quote)
-            k = np.searchsorted(opens, nl, side="right") - 1  # a newline inside a quoted field ends no record
-            inside.append((k >= 0) & (nl < closes[np.maximum(k, 0)]) if len(opens) else np.zeros(len(nl), bool))
-            newlines.append(nl + pos)
-            cr_before.append(nl_prev == 13)
-            lines_before += len(nl)
-            prev = raw[-1]
+            yield pos, raw
             pos += len(raw)
+
+
+def _records(newlines: list[np.ndarray], cr_before: list[np.ndarray], inside: list[np.ndarray], n: int,
+             blank: np.ndarray) -> RecordLines:
+    """The RecordLines of a range of n bytes from its chunks' newline offsets, whether a '\\r'
+    precedes each, and whether each lies inside a quoted field."""
     nl = np.concatenate(newlines).astype(np.int64) if newlines else np.zeros(0, np.int64)
     cr = np.concatenate(cr_before).astype(bool) if cr_before else np.zeros(0, bool)
     term = np.flatnonzero(~np.concatenate(inside)) if inside else np.zeros(0, np.int64)

@@ -12,7 +12,7 @@ records to lines with a scan that splits records as pyarrow does
 (`geodata.ingest.csv_lines.scan_records`), telling the caller to rewrite the lines it already wrote.
 
 `CsvDataError`: pyarrow stopped on the rows (a byte that is not UTF-8, a stray quote that
-swallowed more than a block); geodata.ingest.split then reads the range again with the
+swallowed more than a block); geodata.ingest.split_csv then reads the range again with the
 offending lines set aside (`source`, a geodata.ingest.csv_lines.CleanedReader).
 """
 
@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from geodata.ingest.csv_lines import RecordLines, scan_records
-from geodata.osv5m import OSV5M_COLUMNS
 from geodata.ingest.quarantine import truncate
+from geodata.osv5m import OSV5M_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@
   against an index with new containers: found ones are admitted, refused / corrupt ones
   quarantined, the rest stay pending.
 
-The index table is `geodata.ingest.images.LISTING_SCHEMA` (id, container, member, size_bytes,
-offset, refused), written per run as `image_index/{split}.parquet` by `geodata.ingest.run`.
+The index table is `geodata.ingest.image_listing.LISTING_SCHEMA` (id, container, member,
+size_bytes, offset, refused), written per run as `image_index/{split}.parquet` by
+`geodata.ingest.commit`.
 """
 
 from __future__ import annotations
@@ -31,17 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from geodata.ingest.images import (
-    LISTING_SCHEMA,
-    Container,
-    ImageStore,
-    UnsafeMemberError,
-    _is_image_name,
-    decode_image,
-    find_containers,
-    is_safe_relative_name,
-    list_container,
-)
+from geodata.ingest.archive_members import UnsafeMemberError, is_safe_relative_name
+from geodata.ingest.image_decode import decode_image
+from geodata.ingest.image_listing import LISTING_SCHEMA, Container, find_containers, is_image_name, list_container
+from geodata.ingest.image_store import ImageStore
 from geodata.ingest.incremental import container_fingerprint
 from geodata.ingest.quarantine import REASON_CODE, quarantine_table
 from geodata.ingest.validate import ID_REGEX, IMAGE_REF_SCHEMA, MANIFEST_SCHEMA, image_checks
@@ -165,7 +159,7 @@ def refused_listing(container: Container, max_name_chars: int = 60) -> pa.Table:
     shown = bad if len(bad) <= max_name_chars else bad[: max_name_chars - 3] + "..."
     why = (f"shard {container.rel} refused: member {shown!r} could escape the dataset folder; "
            "none of its members is used")
-    images = [(n, size, off) for n, size, off in members if _is_image_name(n.replace("\\", "/"))]
+    images = [(n, size, off) for n, size, off in members if is_image_name(n.replace("\\", "/"))]
     return pa.table({
         "id": pa.array([PurePosixPath(n.replace("\\", "/")).stem for n, _, _ in images], pa.string()),
         "container": pa.array([container.rel] * len(images), pa.string()),

@@ -13,7 +13,7 @@ A re-run compares the inputs with the state (`csv_prefix_status`, container
 fingerprints) and the ingest decides what to parse. The state is the commit point (written
 atomically after the run's parts and tables): a crash before it leaves the previous state,
 part files that the state does not list are orphans of the crashed run (`orphan_parts`),
-and what is published after it is published again by the next run (geodata.ingest.run).
+and what is published after it is published again by the next run (geodata.ingest.commit).
 """
 
 from __future__ import annotations
@@ -282,10 +282,8 @@ def container_fingerprint(kind: str, path: Path) -> str:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a whole file (streamed)."""
-    h = hashlib.sha256()
-    size = Path(path).stat().st_size
-    scan_range(path, h, 0, size, count_from=size)
-    return h.hexdigest()
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def manifest_digest(split: str, parts: list[PartState]) -> str:

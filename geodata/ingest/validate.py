@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from geodata.osv5m import OSV5M_COLUMNS
 from geodata.ingest.quarantine import REASON_CODE, first_reason, quarantine_table
+from geodata.osv5m import OSV5M_COLUMNS
 
 #: Manifest schema: the 32 release columns typed, then the ingest columns.
 #: image_offset is the byte offset of the image data in a tar shard (null for zips and

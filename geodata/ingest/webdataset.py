@@ -40,10 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from geodata.capped_io import MAX_IMAGE_BYTES, MAX_JSON_BYTES, InputTooLargeError, check_size, feature_cap, size_refusal
-from geodata.ingest.images import is_safe_relative_name, iter_tar_members, tar_refusal
-from geodata.osv5m import OSV5M_COLUMNS
+from geodata.ingest.archive_members import is_safe_relative_name, iter_tar_members, tar_refusal
 from geodata.ingest.quarantine import REASON_CODE, quarantine_table, truncate
 from geodata.ingest.validate import ID_REGEX, IMAGE_REF_SCHEMA, IdSet
+from geodata.osv5m import OSV5M_COLUMNS
 
 #: Feature names of the public osv5m-wds copy (DATA.md).
 WDS_FEATURES: tuple[str, ...] = ("street_clip", "dinov2_vitl14_registers")
@@ -222,6 +222,8 @@ def _to_batch(
     fh: io.BufferedReader, samples: list[_Sample], container: str, features: tuple[str, ...],
     dims: dict[str, int], read_images: bool,
 ) -> WdsBatch:
+    """One WdsBatch of `samples`: their metadata as raw columns, image references (and jpg
+    bytes when `read_images`), feature vectors, and each sample's problems."""
     n = len(samples)
     cols: dict[str, list[str]] = {c: [] for c in OSV5M_COLUMNS}
     pre_code = np.zeros(n, np.int8)
@@ -230,7 +232,6 @@ def _to_batch(
     late_value: list[str | None] = [None] * n
     refs: dict[str, list] = {name: [] for name in IMAGE_REF_SCHEMA.names}
     jpg: list[bytes | None] = []
-    feats: dict[str, np.ndarray] = {}
     vectors: dict[str, list[np.ndarray | None]] = {name: [] for name in features}
     for i, sample in enumerate(samples):
         meta, problem = _metadata(fh, sample)
@@ -241,28 +242,11 @@ def _to_batch(
         stem = sample.key.rpartition("/")[2]
         for c in OSV5M_COLUMNS:
             cols[c].append(json_to_raw(meta.get(c, stem if c == "id" else None)))
-        info = sample.members.get("jpg")
-        refs["container"].append(container if info is not None else None)
-        refs["member"].append(info.name if info is not None else None)
-        refs["offset"].append(info.offset_data if info is not None else None)
-        refs["size"].append(info.size if info is not None else None)
-        refused = (tar_refusal(info) or size_refusal(info.size, MAX_IMAGE_BYTES)) if info is not None else None
-        refs["refused"].append(refused)
-        jpg.append(_read(fh, info, MAX_IMAGE_BYTES, "image") if read_images and info is not None and refused is None else None)
-        problems = []
-        for name in features:
-            vec, problem = _feature(fh, sample, name, dims)
-            vectors[name].append(vec)
-            if vec is None:
-                problems.append(problem)
+        jpg.append(_image_ref(fh, sample, container, refs, read_images))
+        problems = _sample_features(fh, sample, dims, vectors)
         if problems:
             late_code[i] = REASON_CODE["feature_invalid"]
             late_value[i] = truncate("; ".join(problems))
-    for name in features:
-        feats[name] = np.full((n, dims.get(name, 0)), np.nan, np.float32)
-        for i, vec in enumerate(vectors[name]):
-            if vec is not None:
-                feats[name][i] = vec
     return WdsBatch(
         raw={c: pa.array(cols[c], pa.string()) for c in OSV5M_COLUMNS},
         lines=np.asarray([s.line for s in samples], np.int64),
@@ -272,8 +256,47 @@ def _to_batch(
         pre_value=pa.array(pre_value, pa.string()),
         late_code=late_code,
         late_value=pa.array(late_value, pa.string()),
-        feats=feats,
+        feats={name: _feature_matrix(vectors[name], dims.get(name, 0)) for name in features},
     )
+
+
+def _image_ref(fh: io.BufferedReader, sample: _Sample, container: str, refs: dict[str, list],
+               read_images: bool) -> bytes | None:
+    """Append the sample's jpg reference to `refs` (IMAGE_REF_SCHEMA columns; all null without a
+    jpg); return its bytes when `read_images` and it is readable, else None."""
+    info = sample.members.get("jpg")
+    if info is None:
+        for column in refs.values():
+            column.append(None)
+        return None
+    refused = tar_refusal(info) or size_refusal(info.size, MAX_IMAGE_BYTES)
+    refs["container"].append(container)
+    refs["member"].append(info.name)
+    refs["offset"].append(info.offset_data)
+    refs["size"].append(info.size)
+    refs["refused"].append(refused)
+    return _read(fh, info, MAX_IMAGE_BYTES, "image") if read_images and refused is None else None
+
+
+def _sample_features(fh: io.BufferedReader, sample: _Sample, dims: dict[str, int],
+                     vectors: dict[str, list[np.ndarray | None]]) -> list[str]:
+    """Append the sample's vector of each feature in `vectors` (None when invalid); the problems."""
+    problems = []
+    for name, found in vectors.items():
+        vec, problem = _feature(fh, sample, name, dims)
+        found.append(vec)
+        if vec is None:
+            problems.append(problem)
+    return problems
+
+
+def _feature_matrix(vectors: list[np.ndarray | None], dim: int) -> np.ndarray:
+    """(n, dim) float32 of one feature's vectors, NaN rows where a vector is None."""
+    matrix = np.full((len(vectors), dim), np.nan, np.float32)
+    for i, vec in enumerate(vectors):
+        if vec is not None:
+            matrix[i] = vec
+    return matrix
 
 
 def shard_refusal(tar_path: Path, container: str, max_name_chars: int = 60) -> str | None:

@@ -23,10 +23,12 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
+from geodata.ingest.commit import COMMIT_STEPS
 from geodata.ingest.csv_lines import CleanedReader, invalid_utf8_lines, scan_records
-from geodata.ingest.run import COMMIT_STEPS, IngestError, SplitReport, ingest_osv5m
-from geodata.osv5m import OSV5M_COLUMNS
+from geodata.ingest.report import SplitReport
+from geodata.ingest.run import IngestError, ingest_osv5m
 from geodata.ingest.webdataset import write_shard
+from geodata.osv5m import OSV5M_COLUMNS
 from tests.geodata.ingest.test_run import jpeg_bytes, make_release, osv_row, read_quarantine
 
 REPO = Path(__file__).resolve().parents[3]

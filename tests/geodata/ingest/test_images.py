@@ -1,4 +1,5 @@
-"""Tests for geodata.ingest.images: listing zips/folders, duplicate ids, safe names, ImageStore."""
+"""Tests for the image modules of geodata.ingest: listing zips/folders (image_listing), duplicate ids,
+safe names (archive_members), ImageStore (image_store), decoding (image_decode)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from geodata.ingest.images import (
-    ImageDecodeError,
-    ImageStore,
-    UnsafeMemberError,
-    index_images,
-    is_safe_relative_name,
-    list_images,
-    split_duplicate_ids,
-)
+from geodata.ingest.archive_members import UnsafeMemberError, is_safe_relative_name
+from geodata.ingest.image_decode import ImageDecodeError
+from geodata.ingest.image_listing import index_images, list_images, split_duplicate_ids
+from geodata.ingest.image_store import ImageStore
 
 SAMPLE_IMAGES = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
 SAMPLE_IDS = ("4065883540137904", "743171673023530", "827026111505364")
@@ -122,7 +118,7 @@ def test_duplicate_ids_keep_first_and_are_reported(
     kept, dups = split_duplicate_ids(list_images(tmp_path))
     assert kept["id"].tolist() == ["5", "6"] and kept["container"].iloc[0] == "00.zip"
     assert dups[["id", "container", "member"]].values.tolist() == [["5", "01.zip", "x/5.jpg"]]
-    with caplog.at_level(logging.WARNING, logger="geodata.ingest.images"):
+    with caplog.at_level(logging.WARNING, logger="geodata.ingest.image_listing"):
         index = index_images(tmp_path)
     assert index["id"].is_unique and len(index) == 2
     assert "1 duplicate image ids" in caplog.text and "01.zip:x/5.jpg" in caplog.text
@@ -255,7 +251,7 @@ def _zip_with_symlink(path: Path, link_name: str, target: str, regular: dict[str
 
 
 def test_zip_symlink_member_listed_as_refused_and_never_read(tmp_path: Path) -> None:
-    from geodata.ingest.images import list_images_table
+    from geodata.ingest.image_listing import list_images_table
 
     _zip_with_symlink(tmp_path / "00.zip", "2.jpg", "/etc/passwd", {"1.jpg": jpeg_bytes()})
     table = list_images_table(tmp_path).to_pylist()
@@ -277,7 +273,7 @@ def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Pat
 
 
 def test_tar_shard_listed_with_offsets_and_store_reads_by_offset(tmp_path: Path) -> None:
-    from geodata.ingest.images import list_images_table
+    from geodata.ingest.image_listing import list_images_table
 
     photos = {i: (SAMPLE_IMAGES / f"{i}.jpg").read_bytes() for i in SAMPLE_IDS}
     _tar(tmp_path / "images/train/00.tar", [(tarfile.TarInfo(f"x/{i}.jpg"), d) for i, d in photos.items()])
@@ -303,7 +299,7 @@ def test_tar_shard_listed_with_offsets_and_store_reads_by_offset(tmp_path: Path)
      (tarfile.FIFOTYPE, "device or fifo")],
 )
 def test_tar_link_and_device_members_refused(tmp_path: Path, kind: bytes, expect: str) -> None:
-    from geodata.ingest.images import list_images_table
+    from geodata.ingest.image_listing import list_images_table
 
     bad = tarfile.TarInfo("2.jpg")
     bad.type, bad.linkname = kind, "1.jpg"
@@ -326,7 +322,7 @@ def test_tar_with_escaping_name_refused_whole(tmp_path: Path, bad_name: str) -> 
 
 def test_image_store_keeps_a_bounded_number_of_zips_open(tmp_path, monkeypatch):
     """Reading from more shards than MAX_OPEN_ZIPS closes the least recently used; reads still work."""
-    import geodata.ingest.images as images
+    import geodata.ingest.image_store as images
 
     monkeypatch.setattr(images, "MAX_OPEN_ZIPS", 2)
     buf = io.BytesIO()
@@ -349,7 +345,8 @@ MIB = 2**20
 def test_zip_bomb_refused_by_its_declared_size_before_any_byte_is_inflated(
     tmp_path: Path, zip_bombs: dict[str, Path], traced_peak
 ) -> None:
-    from geodata.ingest.images import InputTooLargeError, list_images_table
+    from geodata.capped_io import InputTooLargeError
+    from geodata.ingest.image_listing import list_images_table
 
     shutil.copy(zip_bombs["declared"], tmp_path / "02.zip")
     (row,) = list_images_table(tmp_path).to_pylist()
@@ -365,7 +362,7 @@ def test_zip_bomb_refused_by_its_declared_size_before_any_byte_is_inflated(
 def test_zip_member_lying_about_its_size_is_never_inflated_past_it(
     tmp_path: Path, zip_bombs: dict[str, Path], traced_peak
 ) -> None:
-    from geodata.ingest.images import list_images_table
+    from geodata.ingest.image_listing import list_images_table
 
     shutil.copy(zip_bombs["lying"], tmp_path / "03.zip")
     (row,) = list_images_table(tmp_path).to_pylist()
@@ -388,7 +385,8 @@ def test_capped_stream_read_refuses_more_than_declared() -> None:
 
 
 def test_tar_member_over_the_cap_listed_as_refused_and_never_read(tmp_path: Path, sparse_tar) -> None:
-    from geodata.ingest.images import InputTooLargeError, list_images_table
+    from geodata.capped_io import InputTooLargeError
+    from geodata.ingest.image_listing import list_images_table
 
     photo = jpeg_bytes()
     sparse_tar(tmp_path / "00.tar", [("1.jpg", photo), ("2.jpg", 2**31), ("3.jpg", photo)])
@@ -406,7 +404,7 @@ def test_tar_member_over_the_cap_listed_as_refused_and_never_read(tmp_path: Path
 
 
 def test_store_byte_cap_is_a_knob_kept_across_pickling(tmp_path: Path, sparse_tar) -> None:
-    from geodata.ingest.images import InputTooLargeError
+    from geodata.capped_io import InputTooLargeError
 
     photo = jpeg_bytes((64, 64))
     write_zip(tmp_path / "00.zip", {"1.jpg": photo})
@@ -440,7 +438,8 @@ def _special_files(folder: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(60)
 def test_folder_listing_refuses_fifos_devices_and_huge_files_without_opening_them(tmp_path: Path) -> None:
-    from geodata.ingest.images import InputTooLargeError, NotRegularFileError, list_images_table
+    from geodata.capped_io import InputTooLargeError, NotRegularFileError
+    from geodata.ingest.image_listing import list_images_table
 
     expected = _special_files(tmp_path / "images" / "sub")
     rows = list_images_table(tmp_path / "images", relative_to=tmp_path).to_pylist()
@@ -466,7 +465,7 @@ def test_a_fifo_named_like_a_shard_is_skipped_not_opened(tmp_path: Path, caplog:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", ["2.jpg", "3.jpg", "4.jpg"])
 def test_open_photo_reads_only_regular_files_under_the_cap(tmp_path: Path, name: str) -> None:
-    from geodata.ingest.images import open_photo
+    from geodata.ingest.image_decode import open_photo
 
     expected = _special_files(tmp_path)
     assert open_photo(tmp_path / "1.jpg").size == (16, 8)
@@ -477,7 +476,7 @@ def test_open_photo_reads_only_regular_files_under_the_cap(tmp_path: Path, name:
 
 @pytest.mark.timeout(60)
 def test_photo_folders_list_special_files_as_errors(tmp_path: Path) -> None:
-    from geodata.ingest.images import expand_photo_paths
+    from geodata.ingest.image_decode import expand_photo_paths
 
     expected = _special_files(tmp_path / "photos")
     os.mkfifo(tmp_path / "named.jpg")
@@ -492,7 +491,8 @@ def test_photo_folders_list_special_files_as_errors(tmp_path: Path) -> None:
 
 
 def test_decode_image_refuses_bytes_over_the_cap() -> None:
-    from geodata.ingest.images import InputTooLargeError, decode_image
+    from geodata.capped_io import InputTooLargeError
+    from geodata.ingest.image_decode import decode_image
 
     photo = jpeg_bytes()
     assert decode_image(photo, "row 0", max_image_bytes=len(photo)).size == (16, 8)
@@ -502,7 +502,7 @@ def test_decode_image_refuses_bytes_over_the_cap() -> None:
 
 def test_undecodable_bytes_are_named_by_where_not_by_a_python_repr(tmp_path: Path) -> None:
     from geodata.ingest.image_index import decode_checker
-    from geodata.ingest.images import decode_image
+    from geodata.ingest.image_decode import decode_image
 
     with pytest.raises(ImageDecodeError) as err:
         decode_image(b"this is not a photo", "row 3")

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from geodata.ingest.run import IngestError, ingest_osv5m
-from geodata.osv5m import OSV5M_COLUMNS
 from geodata.ingest.validate import IdSet
+from geodata.osv5m import OSV5M_COLUMNS
 from tests.geodata.ingest.test_run import jpeg_bytes, make_release, osv_row
 
 

@@ -21,15 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from geodata.ingest.run import (
-    QUARANTINE_COLUMNS,
-    REASONS,
-    IngestError,
-    OSV5MFormatError,
-    ingest_osv5m,
-    record_numbers,
-    record_start_lines,
-)
+from geodata.ingest.csv_read import OSV5MFormatError, record_numbers, record_start_lines
+from geodata.ingest.quarantine import QUARANTINE_COLUMNS, REASONS
+from geodata.ingest.run import IngestError, ingest_osv5m
 from geodata.osv5m import OSV5M_COLUMNS
 
 SAMPLE = Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
@@ -264,7 +258,7 @@ def test_report_and_log_name_reasons_with_examples(
 ) -> None:
     rows = [osv_row(i, lat=str(100 + i)) for i in range(7)] + [osv_row(99)]
     root = make_release(tmp_path / "osv", rows)
-    with caplog.at_level(logging.INFO, logger="geodata.ingest.run"):
+    with caplog.at_level(logging.INFO, logger="geodata.ingest.report"):
         report = ingest_osv5m(root, tmp_path / "out", verify_images="exists", max_bad_fraction=1.0)
     examples = report.splits["train"].examples["latitude_out_of_range"]
     assert len(examples) == 5

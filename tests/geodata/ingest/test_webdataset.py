@@ -16,10 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geodata.ingest.images import ImageStore, UnsafeMemberError, decode_image
+from geodata.ingest.archive_members import UnsafeMemberError
+from geodata.ingest.image_decode import decode_image
+from geodata.ingest.image_store import ImageStore
 from geodata.ingest.run import IngestError, ingest_osv5m
-from geodata.osv5m import OSV5M_COLUMNS
 from geodata.ingest.webdataset import feature_shard_path, json_to_raw, split_key, write_shard
+from geodata.osv5m import OSV5M_COLUMNS
 
 SAMPLE = Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
 DIMS = {"street_clip": 8, "dinov2_vitl14_registers": 12}

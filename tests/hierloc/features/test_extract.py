@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from geodata.ingest.images import ImageStore
+from geodata.ingest.image_store import ImageStore
 from hierloc.features.backbones import load_backbone, parse_spec
 from hierloc.features.extract import (
     effective_precision,
@@ -115,7 +115,7 @@ def test_incremental_cache_encodes_only_new_ids_and_loads_in_request_order(tmp_p
 _KILL_SCRIPT = """
 import os, signal, sys
 import numpy as np
-from geodata.ingest.images import ImageStore
+from geodata.ingest.image_store import ImageStore
 from hierloc.features.backbones import load_backbone
 from hierloc.features.extract import extract_features
 root, kill_at = sys.argv[1], int(sys.argv[2])
