@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from geodata.ingest.images import ImageStore
-from hierloc.features.extract import extract_features, load_backbone
+from hierloc.features.backbones import load_backbone
+from hierloc.features.extract import extract_features
 
 SAMPLE = Path("/work/shared/osv5m-sample/images")
 

@@ -12,7 +12,7 @@ Specs:
 - ``timm:<name>``: a timm model with ``num_classes=0`` (pooled features); ``pretrained`` is a
   local weights file (the classifier is dropped), never a hub download.
 - ``precomputed:<name>``: features written by the WebDataset ingest; no encoder
-  (hierloc.features.extract reads them; ``load_backbone`` refuses this spec).
+  (hierloc.features.views.load_features reads them; ``load_backbone`` refuses this spec).
 
 Without ``pretrained`` the weights are a random init drawn from a fixed seed, so two runs
 build the same model. ``Backbone.weights_key`` hashes the weights actually loaded (every

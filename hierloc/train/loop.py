@@ -16,9 +16,6 @@ from it and ends where an uninterrupted run would (data order is a function of
 torchrun (hierloc.train.distributed). Warm start: hierloc.train.warm_start. Command line:
 ``python -m hierloc.train.loop --data DIR --out DIR`` (``main``), from arrays written by
 ``save_arrays`` (hierloc.train.data). The model file: hierloc.model.io.
-
-The names that lived here before the split (``load_model``, ``TableCycle``,
-``entity_row_map``, ...) are still importable from this module.
 """
 
 from __future__ import annotations
@@ -35,28 +32,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, naive_batch_loss, weighted_total
-from hierloc.train.checkpoint import Position, config_digest, load_checkpoint, save_checkpoint
-from hierloc.train.distributed import DistContext, env_ranks, setup, shard, teardown
-from hierloc.train.distributed import resolve_device as _resolve_device
-from hierloc.train.finite_checks import check_grads_finite, check_step_finite
+from hierloc.digest import digest_of
 from hierloc.geometry.lorentz import check_finite
+from hierloc.model.io import build_model, save_model
 from hierloc.model.loss import GeoWeightedInfoNCE, Kernel
 from hierloc.model.model import ModelConfig
-from hierloc.model.io import MODEL_FORMAT, build_model, load_model, save_model
-from hierloc.train.optim import is_entity_table, make_optimisers, optimizer_step, param_groups
-from hierloc.train.optim import lr_lambda as _lr_lambda
+from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, weighted_total
+from hierloc.train.checkpoint import Position, load_checkpoint, save_checkpoint
+from hierloc.train.data import EntityData, TrainData, load_arrays
+from hierloc.train.distributed import DistContext, env_ranks, setup, shard, teardown
+from hierloc.train.finite_checks import check_step_finite
+from hierloc.train.optim import make_optimisers, optimizer_step
 from hierloc.train.table_cycle import TableCycle
-from hierloc.train.data import EntityData, TrainData, entity_mean_features, load_arrays, save_arrays
-from hierloc.train.warm_start import entity_row_map, warm_start, warm_start_digest
-
-# Re-exported: these lived in this module before it was split, and callers import them from here.
-__all__ = [
-    "EntityData", "LogFn", "MODEL_FORMAT", "TableCycle", "TrainConfig", "TrainData", "TrainResult", "_lr_lambda",
-    "batch_loss", "build_model", "check_grads_finite", "check_step_finite", "config_digest", "entity_mean_features",
-    "entity_row_map", "is_entity_table", "load_arrays", "load_model", "main", "naive_batch_loss", "optimizer_step",
-    "param_groups", "resolve_device", "save_arrays", "save_model", "train", "warm_start",
-]
+from hierloc.train.warm_start import warm_start, warm_start_digest
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +95,6 @@ class TrainResult:
     seconds: float
     final: dict[str, float] = field(default_factory=dict)
     steps_run: int = 0  # steps taken by this call (steps - steps_run were done before a resume)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` = cuda when present (hierloc.train.distributed.resolve_device picks a rank's GPU)."""
-    return _resolve_device(spec)
 
 
 def train(
@@ -171,7 +154,7 @@ def _train(data, ents, model_cfg, cfg, out_dir, log_fn, init_from, init_rows, ct
     opt, ropt, sched = optims.opt, optims.ropt, optims.sched
     named = [(n, p) for n, p in model.named_parameters()] + [("loss." + n, p) for n, p in loss_fn.named_parameters()]
 
-    digest = config_digest(model_cfg.to_dict(), cfg.to_dict(), {"n": n, "levels": ents.level_sizes, **warm})
+    digest = digest_of([model_cfg.to_dict(), cfg.to_dict(), {"n": n, "levels": ents.level_sizes, **warm}])
     ckpt_path = out_dir / "checkpoint.pt"
     state = dict(model=model, loss_fn=loss_fn, optims=optims, ctx=ctx, device=device)
     pos = load_checkpoint(ckpt_path, digest=digest, seed=cfg.seed, **state)

@@ -91,11 +91,9 @@ def warm_start(model: HierLocModel, init_from: str | Path, init_rows: np.ndarray
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+    """16 hex digits of the sha256 of the whole file."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def warm_start_digest(init_from: str | Path, init_rows: np.ndarray | None, n_entities: int) -> dict[str, str]:

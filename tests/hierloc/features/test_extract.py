@@ -24,15 +24,9 @@ from PIL import Image, ImageOps
 
 from geodata.ingest.images import ImageStore
 from hierloc.features.backbones import load_backbone, parse_spec
-from hierloc.features.extract import (
-    effective_precision,
-    extract_features,
-    features_digest,
-    load_features,
-    resolve_feature_dir,
-    scan_cache,
-    write_view,
-)
+from hierloc.features.cache import scan_cache
+from hierloc.features.extract import effective_precision, extract_features
+from hierloc.features.views import features_digest, load_features, resolve_feature_dir, write_view
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE_PHOTOS = Path("/work/shared/osv5m-sample/images")
