@@ -3,7 +3,7 @@
 Real JPEGs: the OSV-5M sample photos (``$HIERLOC_OSV5M_SAMPLE/images``, else
 ``../shared/osv5m-sample/images`` beside the checkout, as tests/conftest.py finds them; 512 px tall street
 views), repeated under new ids into one release-style zip shard (``images/train/00.zip``),
-read through geodata.ingest.images.ImageStore (EXIF, RGB). The model is a random-init open_clip image
+read through geodata.ingest.image_store.ImageStore (EXIF, RGB). The model is a random-init open_clip image
 tower (default ViT-S-32, 22.6M parameters, 224 px; random weights cost the same as trained ones).
 
 Rows (images/s; ratio against the loop in the same run):
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from geodata.ingest.image_store import ImageStore
-from hierloc.features.extract import extract_features, load_backbone
+from hierloc.features.backbones import load_backbone
+from hierloc.features.extract import extract_features
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,9 @@ import torch
 from hierloc.infer.beam import beam_search
 from hierloc.infer.search import EntityIndex
 from hierloc.model.model import ModelConfig
-from hierloc.train.loop import EntityData, TrainConfig, TrainData, entity_mean_features, load_model, train
+from hierloc.model.io import load_model
+from hierloc.train.data import EntityData, TrainData, entity_mean_features
+from hierloc.train.loop import TrainConfig, train
 
 
 def synthetic(levels: list[int], n: int, d_img: int, seed: int = 0) -> tuple[TrainData, EntityData]:

@@ -3,7 +3,7 @@
 - a synthetic entity hierarchy of OSV-5M's size (233 / 4.9k / 29k / 210k, heavy-tailed
   fan-out: benchmarks/synthetic.py), d_img = 1024 cached features (Img_i per entity and
   per image), the default model (d = 128, hidden 512, anchors), full-table negatives;
-- NAIVE: the paper's loss written plainly (hierloc.train.loop.naive_batch_loss): the entity
+- NAIVE: the paper's loss written plainly (hierloc.train.batch_loss.naive_batch_loss): the entity
   branch over all 244k entities with autograd every step, then per level the (B, N_l)
   distances, broadcast haversine km and weights materialised, one optimiser step;
 - OURS: hierloc.train.loop's step with ``entity_refresh_every = k`` (TableCycle): per cycle of
@@ -51,10 +51,12 @@ import geoopt  # noqa: E402
 
 from hierloc.model.loss import GeoWeightedInfoNCE  # noqa: E402
 from hierloc.model.model import ModelConfig  # noqa: E402
-from hierloc.train.loop import (  # noqa: E402
-    EntityData, TableCycle, TrainData, batch_loss, build_model, naive_batch_loss, optimizer_step, param_groups,
-)
+from hierloc.model.io import build_model  # noqa: E402
+from hierloc.train.batch_loss import batch_loss, naive_batch_loss  # noqa: E402
+from hierloc.train.data import EntityData, TrainData  # noqa: E402
 from hierloc.train.distributed import DistContext  # noqa: E402
+from hierloc.train.optim import optimizer_step, param_groups  # noqa: E402
+from hierloc.train.table_cycle import TableCycle  # noqa: E402
 
 
 def synthetic_problem(levels: list[int], n_img: int, d_img: int, seed: int = 0) -> tuple[TrainData, EntityData]:

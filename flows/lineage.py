@@ -14,12 +14,11 @@ and parameters have the same digests as an earlier, finished run is not run agai
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import mlflow
 from mlflow.data.meta_dataset import MetaDataset
@@ -42,11 +41,6 @@ def hash_file(path: Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h
-
-
-def digest_of(obj: Any) -> str:
-    """Short digest of a JSON-able object (parameters, other digests)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def files_digest(paths: Iterable[Path], root: Path | None = None) -> str:

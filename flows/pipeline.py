@@ -30,11 +30,12 @@ from flows import registry, stages
 from flows.data_dir import demo_target
 from flows.faults import retry_transient
 from flows.json_results import JsonRecordsOnly
-from flows.lineage import OUTPUTS, check_tracking, digest_of, files_digest, latest_stage_run, load_outputs, \
-    log_dataset, source_digest
+from flows.lineage import OUTPUTS, check_tracking, files_digest, latest_stage_run, load_outputs, log_dataset, \
+    source_digest
 from flows.params import FeatureParams, HierarchyParams, IngestParams, PipelineConfig, RetrainParams, UpstreamRuns
 from flows.serving import log_pyfunc, resolve_bundle
 from flows.tracking import Run, tracked_run
+from hierloc.digest import digest_of
 
 #: ingest / hierarchy / features: keyed on their inputs (digests, parameters) and their code;
 #: the MLflow parent run id is not part of the key.
@@ -201,7 +202,7 @@ def _outputs_exist(*names: str):
 
 def _features_exist(out: dict) -> bool:
     """The split views and the cache they point at (a view outlives a deleted cache)."""
-    from hierloc.features.extract import resolve_feature_dir
+    from hierloc.features.views import resolve_feature_dir
 
     try:
         return all(resolve_feature_dir(Path(d)).exists() for d in out["dirs"].values()) and _run_exists(out["run_id"])

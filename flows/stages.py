@@ -41,15 +41,21 @@ from geodata.ingest.incremental import file_sha256
 from geodata.labels.check import check_ingested_labels, unassign, write_label_quarantine
 from geodata.ingest.run import ingest_osv5m
 from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS
-from hierloc.features.extract import (effective_precision, extract_features, features_digest, load_backbone, load_features,
-                              parse_spec, resolve_device, resolve_feature_dir, scan_cache, write_view)
+from hierloc.device import resolve_device
+from hierloc.digest import digest_of
+from hierloc.features.backbones import load_backbone, parse_spec
+from hierloc.features.cache import scan_cache
+from hierloc.features.extract import effective_precision, extract_features
+from hierloc.features.views import features_digest, load_features, resolve_feature_dir, write_view
 from hierloc.infer.beam import beam_search
 from hierloc.infer.metrics import expected_calibration_error
 from hierloc.model.model import ModelConfig
 from hierloc.infer.predictor import write_bundle
 from hierloc.infer.retrieval import RetrievalIndex
-from hierloc.train.loop import (EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, entity_row_map,
-                           load_model, train)
+from hierloc.model.io import load_model
+from hierloc.train.data import EntityData, TrainData, entity_mean_features
+from hierloc.train.loop import TrainConfig, train
+from hierloc.train.warm_start import entity_row_map
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +322,8 @@ def run_train(
             raise ValueError(f"a warm start from {init_from} needs the entity table it was trained with (init_entities)")
         init_rows = entity_row_map(old_keys, ents["key"].to_numpy())
     key = data_key or {"features": feature_dirs["train"], "hierarchy": str(hierarchy_dir)}
-    run_dir = Path(out_root) / config_digest(model_cfg.to_dict(), train_cfg.to_dict(), key,
-                                             {"init_from": str(init_from) if init_from else None, "text": text})
+    run_dir = Path(out_root) / digest_of([model_cfg.to_dict(), train_cfg.to_dict(), key,
+                                          {"init_from": str(init_from) if init_from else None, "text": text}])
     res = train(data, ent_data, model_cfg, train_cfg, run_dir, log_fn=log_fn, init_from=init_from, init_rows=init_rows)
     return {"model_path": str(res.model_path), "checkpoint": str(res.checkpoint), "run_dir": str(run_dir),
             "steps": res.steps, "epochs_run": res.epochs_run, "seconds": res.seconds,

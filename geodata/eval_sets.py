@@ -380,7 +380,7 @@ def find_benchmark_images(
     name (x -> x.jpg / x.jpeg / x.png). Names are case-sensitive (suffixes are not).
     Several candidates: regular files first, then the shortest, then first, relative path
     (logged). Image-named fifos, devices and sockets are listed but never opened here: a
-    name that only they match maps to them, and reading it (geodata.ingest.images.open_photo)
+    name that only they match maps to them, and reading it (geodata.ingest.image_decode.open_photo)
     refuses it with a reason naming the file; the count is logged.
     Returns ({name: path}, [missing names, in input order]).
     """

@@ -12,7 +12,7 @@ Specs:
 - ``timm:<name>``: a timm model with ``num_classes=0`` (pooled features); ``pretrained`` is a
   local weights file (the classifier is dropped), never a hub download.
 - ``precomputed:<name>``: features written by the WebDataset ingest; no encoder
-  (hierloc.features.extract reads them; ``load_backbone`` refuses this spec).
+  (hierloc.features.views.load_features reads them; ``load_backbone`` refuses this spec).
 
 Without ``pretrained`` the weights are a random init drawn from a fixed seed, so two runs
 build the same model. ``Backbone.weights_key`` hashes the weights actually loaded (every
@@ -150,6 +150,23 @@ def _timm_state_dict(path: Path) -> dict:
     return sd
 
 
+def _load_timm_weights(model: nn.Module, name: str, pretrained: str) -> None:
+    """A local checkpoint into a timm model built with ``num_classes=0``: its classifier head is
+    dropped, every other key must fit (ValueError naming the missing / unexpected ones)."""
+    sd = _timm_state_dict(Path(pretrained))
+    own = model.state_dict()
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(heads)}  # num_classes=0 drops the head
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{pretrained}: does not fit timm:{name}: {len(missing)} missing keys (e.g. "
+                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+                         "check the model name matches the checkpoint")
+    model.load_state_dict(sd, strict=True)
+
+
 def _timm(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module, Callable, int]:
     import timm
     from timm.data import create_transform, resolve_model_data_config
@@ -161,18 +178,7 @@ def _timm(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module, Call
                                 "(timm weights are read from a local file only, never downloaded)")
     model = _seeded(lambda: timm.create_model(name, pretrained=False, num_classes=0), seed)
     if pretrained:
-        sd = _timm_state_dict(Path(pretrained))
-        own = model.state_dict()
-        head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
-        heads = tuple(h + "." for h in ([head] if isinstance(head, str) else head))
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(heads)}  # num_classes=0 drops the head
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{pretrained}: does not fit timm:{name}: {len(missing)} missing keys (e.g. "
-                             f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
-                             "check the model name matches the checkpoint")
-        model.load_state_dict(sd, strict=True)
+        _load_timm_weights(model, name, pretrained)
     transform = create_transform(**resolve_model_data_config(model))
     return model, transform, int(model.num_features)
 

@@ -226,7 +226,6 @@ def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, n_bins: in
         return float("nan")
     # Bin i holds (i/n, (i+1)/n]; a probability of exactly 0 goes to the first bin.
     bins = np.clip(np.ceil(prob * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins)
     conf = np.bincount(bins, weights=prob, minlength=n_bins)
     acc = np.bincount(bins, weights=correct.astype(float), minlength=n_bins)
     return float(np.abs(acc - conf).sum() / len(prob))

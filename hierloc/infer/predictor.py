@@ -3,7 +3,7 @@
 A *bundle* is one folder:
 
     bundle.json        format version, backbone spec, tau, where it came from
-    model.pt           the HierLoc head (hierloc.train.loop.save_model)
+    model.pt           the HierLoc head (hierloc.model.io.save_model)
     entities.parquet   the entity table, rows in the model's order (key, name, lat, lon, ...)
     backbone.pt        the backbone's weights, when they came from a local file
 
@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hierloc.features.extract import Backbone, load_backbone
-from hierloc.infer.beam import beam_search, encode_queries
+from hierloc.features.backbones import Backbone, load_backbone
+from hierloc.infer.beam import beam_search
 from hierloc.infer.search import EntityIndex
-from hierloc.train.loop import load_model
+from hierloc.model.io import load_model
 
 BUNDLE_FORMAT = 1
 LEVEL_NAMES = ("country", "region", "subregion", "city")
@@ -151,9 +151,6 @@ class Predictor:
             out.append(self.backbone.encode(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
 
-    def predict_images(self, images: Sequence, *, top_k: int = 5, beam_k: int = 10) -> list[Prediction]:
-        return self.predict_features(self.image_features(images), top_k=top_k, beam_k=beam_k)
-
     def check_features(self, features: np.ndarray) -> np.ndarray:
         """(B, D) float32 features, or ValueError naming the first bad row (shape, NaN/inf)."""
         feats = np.asarray(features, dtype=np.float32)
@@ -192,10 +189,6 @@ class Predictor:
             city = res.picks[b, -1]
             out.append(Prediction(float(self._lat[city]), float(self._lon[city]), levels, cands))
         return out
-
-    def embed(self, features: np.ndarray) -> torch.Tensor:
-        """Backbone features -> points of the model's space (for plots and debugging)."""
-        return encode_queries(self.model, features, device=self.device)
 
 
 def predictions_frame(preds: Sequence[Prediction]) -> pd.DataFrame:

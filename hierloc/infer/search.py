@@ -16,10 +16,8 @@ kernel is vectorised over queries (no Python loop per query): the children of al
 kept beams of a chunk of queries are laid out ragged, scored by one gather and a
 row-wise dot product, and the best ``k`` per query are taken from a padded matrix.
 
-``backend="faiss"`` runs the same search with FAISS: a flat inner-product index for
-the top level and, below it, an IVF index whose inverted lists are the children of
-each parent, searched with the kept beams as the pre-assigned lists. Both backends
-rank by the same inner products; tests check that they agree with brute force.
+``backend="faiss"`` runs the same search with FAISS (hierloc.infer.faiss_levels). Both
+backends rank by the same inner products; tests check that they agree with brute force.
 
 Scores: ``score="last"`` ranks beams by the final entity's distance (the paper);
 ``score="sum"`` by the sum of the squared distances along the path (our kernel only:
@@ -29,12 +27,13 @@ a sum of distances is not an inner product).
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
+from hierloc.infer.faiss_levels import FaissLevels, has_faiss
 
 Mode = Literal["beam", "flat"]
 Backend = Literal["auto", "torch", "faiss"]
@@ -60,14 +59,6 @@ class SearchResult:
     n_scored: np.ndarray
 
 
-def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _sq_dist_from_ip(ip: torch.Tensor, geometry: Geometry, curvature: float, q_sqnorm: torch.Tensor | None) -> torch.Tensor:
     """Inner-product scores -> squared distances (same shape); -inf scores give inf."""
     if geometry == "lorentz":
@@ -77,6 +68,37 @@ def _sq_dist_from_ip(ip: torch.Tensor, geometry: Geometry, curvature: float, q_s
     else:
         out = (q_sqnorm.double()[:, None] - ip.double()).clamp_min(0.0)
     return torch.where(torch.isneginf(ip), torch.full_like(out, math.inf), out).float()
+
+
+def _check_search(k: int, batch_size: int, mode: str, backend: str, score: str, device: torch.device) -> None:
+    """ValueError naming what is wrong with ``EntityIndex.search``'s arguments."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mode not in ("beam", "flat") or backend not in ("auto", "torch", "faiss") or score not in ("last", "sum"):
+        raise ValueError(f"mode {mode!r} / backend {backend!r} / score {score!r}: "
+                         "use beam|flat, auto|torch|faiss, last|sum")
+    if backend == "faiss" and score != "last":
+        raise ValueError("the faiss backend ranks by inner product: only score='last' (use backend='torch')")
+    if backend == "faiss" and device.type != "cpu":
+        raise ValueError(f"the faiss backend runs on the CPU; this index lives on {device}")
+
+
+def _sorted_by_parent(rows: torch.Tensor, parent: torch.Tensor, pos_of_row: torch.Tensor, lvl: int,
+                      offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level ``lvl``'s table rows sorted (stably) by their parent's sorted position, and the
+    children count of each sorted position of the level above. ``pos_of_row``: (N,) sorted
+    position of each table row placed so far (-1: not yet). ValueError naming an entity whose
+    parent is not a row of the level above."""
+    lo = int(offsets[lvl])
+    parent_pos = pos_of_row[parent[rows]]
+    if (parent_pos < 0).any() or (parent[rows] < offsets[lvl - 1]).any() or (parent[rows] >= lo).any():
+        bad = int(rows[(parent_pos < 0) | (parent[rows] < offsets[lvl - 1]) | (parent[rows] >= lo)][0])
+        raise ValueError(f"entity row {bad} (level {lvl}) has parent {int(parent[bad])}, "
+                         f"not a row of level {lvl - 1}")
+    order = torch.sort(parent_pos, stable=True).indices
+    return rows[order], torch.bincount(parent_pos, minlength=int(offsets[lvl] - offsets[lvl - 1]))
 
 
 class EntityIndex:
@@ -124,23 +146,13 @@ class EntityIndex:
             lo = int(self.offsets[lvl])
             rows = torch.arange(lo, lo + size)
             if lvl > 0:
-                parent_pos = pos_of_row[parent[rows]]
-                if (parent_pos < 0).any() or (parent[rows] < self.offsets[lvl - 1]).any() or (parent[rows] >= lo).any():
-                    bad = int(rows[(parent_pos < 0) | (parent[rows] < self.offsets[lvl - 1]) | (parent[rows] >= lo)][0])
-                    raise ValueError(f"entity row {bad} (level {lvl}) has parent {int(parent[bad])}, "
-                                     f"not a row of level {lvl - 1}")
-                order = torch.sort(parent_pos, stable=True).indices
-                rows = rows[order]
-                counts = torch.bincount(parent_pos, minlength=self.level_sizes[lvl - 1])
+                rows, counts = _sorted_by_parent(rows, parent, pos_of_row, lvl, self.offsets)
                 self.child_count.append(counts)
                 self.child_ptr.append(torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
             pos_of_row[rows] = torch.arange(size)
             self.rows.append(rows)
             self.keys.append(keys[rows].contiguous())
         self._parent = parent
-        self._faiss_flats: dict[int, object] = {}
-        self._faiss_ivfs: dict[int, tuple] = {}
-        self._faiss_lock = threading.Lock()
         self.device = torch.device(device)
         if self.device.type != "cpu":
             self.keys = [t.to(self.device) for t in self.keys]
@@ -148,6 +160,7 @@ class EntityIndex:
             self.child_ptr = [t if t is None else t.to(self.device) for t in self.child_ptr]
             self.child_count = [t if t is None else t.to(self.device) for t in self.child_count]
             self._parent = parent.to(self.device)
+        self._faiss = FaissLevels(self.keys, self.level_sizes, self.child_count)  # used on the CPU only
 
     @classmethod
     def from_model(cls, model, device: str | torch.device = "cpu") -> EntityIndex:
@@ -167,6 +180,10 @@ class EntityIndex:
         """Dimension of the points (queries have this many columns)."""
         d = self.keys[0].shape[1]
         return d if self.geometry == "lorentz" else d - 1
+
+    def faiss_nbytes(self) -> int:
+        """Memory of the FAISS structures built so far (vectors and ids)."""
+        return self._faiss.nbytes()
 
     def nbytes(self) -> int:
         """Memory held by the index (keys, row maps, CSR pointers)."""
@@ -197,26 +214,16 @@ class EntityIndex:
         ``backend="auto"`` takes FAISS on the CPU (when installed and ``score="last"``)
         and our kernel otherwise (CUDA, or ``score="sum"``).
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if mode not in ("beam", "flat") or backend not in ("auto", "torch", "faiss") or score not in ("last", "sum"):
-            raise ValueError(f"mode {mode!r} / backend {backend!r} / score {score!r}: "
-                             "use beam|flat, auto|torch|faiss, last|sum")
-        if backend == "faiss" and score != "last":
-            raise ValueError("the faiss backend ranks by inner product: only score='last' (use backend='torch')")
-        if backend == "faiss" and self.device.type != "cpu":
-            raise ValueError(f"the faiss backend runs on the CPU; this index lives on {self.device}")
+        _check_search(k, batch_size, mode, backend, score, self.device)
         z = torch.as_tensor(queries).detach().float().to(self.device)
         q = self._query_keys(z)
         q_sqnorm = z.pow(2).sum(1) if self.geometry == "euclidean" else None
         if backend == "auto":
-            backend = "faiss" if self.device.type == "cpu" and score == "last" and _has_faiss() else "torch"
+            backend = "faiss" if self.device.type == "cpu" and score == "last" and has_faiss() else "torch"
         if mode == "flat":  # a dense (chunk, N_level) score matrix: keep it near 256 MB
             batch_size = max(1, min(batch_size, 2**26 // max(self.level_sizes)))
         fn = {("beam", "torch"): self._beam_torch, ("flat", "torch"): self._flat_torch,
-              ("beam", "faiss"): self._beam_faiss, ("flat", "faiss"): self._flat_faiss}[(mode, backend)]
+              ("beam", "faiss"): self._faiss.beam, ("flat", "faiss"): self._faiss.flat}[(mode, backend)]
         parts = []
         for s in range(0, len(q), batch_size):
             qs = q[s : s + batch_size]
@@ -329,67 +336,3 @@ class EntityIndex:
                 val, sel = self._topk(padded, k)
             pos = torch.where(sel >= 0, torch.gather(cand_pad, 1, sel.clamp_min(0)), torch.full_like(sel, -1))
         return pos, val, acc, n_scored
-
-    # --- FAISS ----------------------------------------------------------------
-    def _faiss_flat(self, lvl: int):
-        """FAISS flat inner-product index over one level (built on first use)."""
-        import faiss
-
-        if lvl not in self._faiss_flats:
-            index = faiss.IndexFlatIP(self.keys[lvl].shape[1])
-            index.add(np.ascontiguousarray(self.keys[lvl].numpy(), dtype=np.float32))
-            self._faiss_flats[lvl] = index
-        return self._faiss_flats[lvl]
-
-    def _faiss_ivf(self, lvl: int):
-        """FAISS IVF index over level ``lvl`` >= 1 whose inverted lists are the children of
-        each entity of the level above (built on first use). Searched pre-assigned only."""
-        import faiss
-
-        if lvl not in self._faiss_ivfs:
-            x = np.ascontiguousarray(self.keys[lvl].numpy(), dtype=np.float32)
-            d, nlist = x.shape[1], self.level_sizes[lvl - 1]
-            quantizer = faiss.IndexFlatIP(d)  # never used: every search is pre-assigned
-            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            ivf.is_trained = True
-            parent_pos = np.repeat(np.arange(nlist, dtype=np.int64), self.child_count[lvl].numpy())
-            ids = np.arange(len(x), dtype=np.int64)  # FAISS ids are sorted positions
-            ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(parent_pos))
-            self._faiss_ivfs[lvl] = (ivf, quantizer)  # the IVF does not own its quantizer: keep it alive
-        return self._faiss_ivfs[lvl][0]
-
-    def faiss_nbytes(self) -> int:
-        """Memory of the FAISS structures built so far (vectors and ids)."""
-        total = sum(ix.ntotal * ix.d * 4 for ix in self._faiss_flats.values())
-        total += sum(ivf.ntotal * (ivf.code_size + 8) for ivf, _ in self._faiss_ivfs.values())
-        return int(total)
-
-    def _flat_faiss(self, q: torch.Tensor, k: int, score: BeamScore):
-        flat = self._faiss_flat(self.n_levels - 1)
-        val, pos = flat.search(np.ascontiguousarray(q.numpy()), k)
-        return self._from_faiss(val, pos) + (None, torch.full((len(q),), self.level_sizes[-1], dtype=torch.long))
-
-    def _beam_faiss(self, q: torch.Tensor, k: int, score: BeamScore):
-        with self._faiss_lock:  # nprobe is set on the shared IVF indexes: one search at a time
-            return self._beam_faiss_locked(q, k)
-
-    def _beam_faiss_locked(self, q: torch.Tensor, k: int):
-        x = np.ascontiguousarray(q.numpy())
-        val, pos = self._faiss_flat(0).search(x, k)
-        n_scored = torch.full((len(q),), self.level_sizes[0], dtype=torch.long)
-        for lvl in range(1, self.n_levels):
-            ivf = self._faiss_ivf(lvl)
-            # Never more probes than lists: FAISS answers nothing at all when asked to.
-            nprobe = min(k, self.level_sizes[lvl - 1])
-            assign = np.ascontiguousarray(pos[:, :nprobe], dtype=np.int64)
-            ivf.nprobe = nprobe
-            kept = torch.as_tensor(assign)
-            n_scored += torch.where(kept >= 0, self.child_count[lvl][kept.clamp_min(0)], 0).sum(1)
-            val, pos = ivf.search_preassigned(x, k, assign, np.zeros(assign.shape, np.float32))
-        return self._from_faiss(val, pos) + (None, n_scored)
-
-    @staticmethod
-    def _from_faiss(val: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pos_t = torch.as_tensor(pos).long()
-        val_t = torch.where(pos_t >= 0, torch.as_tensor(val).float(), torch.tensor(-math.inf))
-        return pos_t, val_t

@@ -1,6 +1,6 @@
 """Resumable training checkpoints: one atomic file holding everything a run needs to go on.
 
-A checkpoint is keyed by ``config_digest`` of the run's configuration: ``load_checkpoint``
+A checkpoint is keyed by the digest of the run's configuration (hierloc.digest.digest_of): ``load_checkpoint``
 restores the model, loss, optimisers, LR schedules and this rank's RNG state from a file
 with the same digest (and ignores one made with another configuration), so a resumed
 run ends where an uninterrupted one would. ``save_checkpoint`` gathers every rank's RNG
@@ -11,8 +11,6 @@ as uint8 tensors) and is read with ``torch.load(weights_only=True)`` (hierloc.mo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +28,6 @@ log = logging.getLogger(__name__)
 
 
 _KEYS = ("epoch", "batch", "step", "sums", "model", "loss", "opt", "ropt", "sched", "rng")
-
-
-def config_digest(*parts: dict) -> str:
-    """16 hex digits of the sha256 of ``parts`` as sorted-key JSON: the key of a checkpoint."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass

@@ -91,7 +91,7 @@ def load_arrays(folder: str | Path) -> tuple[TrainData, EntityData]:
     for name, keys in need.items():
         path = folder / name
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: write the folder with hierloc.train.loop.save_arrays")
+            raise FileNotFoundError(f"{path} is missing: write the folder with hierloc.train.data.save_arrays")
         z = dict(np.load(path))
         missing = [k for k in keys if k not in z]
         if missing:

@@ -28,6 +28,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from hierloc.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -59,15 +61,6 @@ def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world}): launch through torchrun")
     return rank, world, local
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` = cuda when present. ``auto``/``cuda`` in a multi-GPU run: the rank's own GPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(spec)
 
 
 def setup(device_spec: str = "auto") -> tuple[DistContext, torch.device]:

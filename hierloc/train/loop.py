@@ -16,9 +16,6 @@ from it and ends where an uninterrupted run would (data order is a function of
 torchrun (hierloc.train.distributed). Warm start: hierloc.train.warm_start. Command line:
 ``python -m hierloc.train.loop --data DIR --out DIR`` (``main``), from arrays written by
 ``save_arrays`` (hierloc.train.data). The model file: hierloc.model.io.
-
-The names that lived here before the split (``load_model``, ``TableCycle``,
-``entity_row_map``, ...) are still importable from this module.
 """
 
 from __future__ import annotations
@@ -35,28 +32,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, naive_batch_loss, weighted_total
-from hierloc.train.checkpoint import Position, config_digest, load_checkpoint, save_checkpoint
-from hierloc.train.distributed import DistContext, env_ranks, setup, shard, teardown
-from hierloc.train.distributed import resolve_device as _resolve_device
-from hierloc.train.finite_checks import check_grads_finite, check_step_finite
+from hierloc.digest import digest_of
 from hierloc.geometry.lorentz import check_finite
+from hierloc.model.io import build_model, save_model
 from hierloc.model.loss import GeoWeightedInfoNCE, Kernel
 from hierloc.model.model import ModelConfig
-from hierloc.model.io import MODEL_FORMAT, build_model, load_model, save_model
-from hierloc.train.optim import is_entity_table, make_optimisers, optimizer_step, param_groups
-from hierloc.train.optim import lr_lambda as _lr_lambda
+from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, weighted_total
+from hierloc.train.checkpoint import Position, load_checkpoint, save_checkpoint
+from hierloc.train.data import EntityData, TrainData, load_arrays
+from hierloc.train.distributed import DistContext, env_ranks, setup, shard, teardown
+from hierloc.train.finite_checks import check_step_finite
+from hierloc.train.optim import make_optimisers, optimizer_step
 from hierloc.train.table_cycle import TableCycle
-from hierloc.train.data import EntityData, TrainData, entity_mean_features, load_arrays, save_arrays
-from hierloc.train.warm_start import entity_row_map, warm_start, warm_start_digest
-
-# Re-exported: these lived in this module before it was split, and callers import them from here.
-__all__ = [
-    "EntityData", "LogFn", "MODEL_FORMAT", "TableCycle", "TrainConfig", "TrainData", "TrainResult", "_lr_lambda",
-    "batch_loss", "build_model", "check_grads_finite", "check_step_finite", "config_digest", "entity_mean_features",
-    "entity_row_map", "is_entity_table", "load_arrays", "load_model", "main", "naive_batch_loss", "optimizer_step",
-    "param_groups", "resolve_device", "save_arrays", "save_model", "train", "warm_start",
-]
+from hierloc.train.warm_start import warm_start, warm_start_digest
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +97,6 @@ class TrainResult:
     steps_run: int = 0  # steps taken by this call (steps - steps_run were done before a resume)
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` = cuda when present (hierloc.train.distributed.resolve_device picks a rank's GPU)."""
-    return _resolve_device(spec)
-
-
 def train(
     data: TrainData,
     ents: EntityData,
@@ -148,119 +131,175 @@ def train(
 def _train(data, ents, model_cfg, cfg, out_dir, log_fn, init_from, init_rows, ctx: DistContext, device) -> TrainResult:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, data, ents)
-    warm = {}
-    if init_from is not None:
-        counts = warm_start(model, init_from, init_rows)
-        log.info("warm start from %s: %s", init_from, counts)
-        warm = warm_start_digest(init_from, init_rows, sum(ents.level_sizes))
-    model = model.to(device)
-    if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process stream
-        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
-    loss_fn = GeoWeightedInfoNCE(
-        betas=cfg.betas, tau=cfg.tau, lam=cfg.lam, sigma_km=cfg.sigma_km,
-        kernel=cfg.kernel, learnable=cfg.learnable_loss, weighted=cfg.lam > 0,
-    ).to(device)
-    n = data.features.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    optims = make_optimisers(
-        model, loss_fn, lr=cfg.lr, riemannian_lr=cfg.riemannian_lr, weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps, total_steps=steps_per_epoch * cfg.epochs,
+    loop = _Loop(data, ents, model_cfg, cfg, out_dir / "checkpoint.pt", log_fn if ctx.is_main else None,
+                 init_from, init_rows, ctx, device)
+    start_epoch = loop.start[0]
+    last, seconds = loop.run()
+    model_path = out_dir / "model.pt"
+    if ctx.is_main:
+        save_model(loop.model.cpu(), model_path, tau=float(loop.loss_fn.tau.detach()))
+    return TrainResult(
+        checkpoint=loop.ckpt_path, model_path=model_path, steps=loop.step, epochs_run=cfg.epochs - start_epoch,
+        seconds=seconds, final=last, steps_run=loop.steps_run,
     )
-    opt, ropt, sched = optims.opt, optims.ropt, optims.sched
-    named = [(n, p) for n, p in model.named_parameters()] + [("loss." + n, p) for n, p in loss_fn.named_parameters()]
 
-    digest = config_digest(model_cfg.to_dict(), cfg.to_dict(), {"n": n, "levels": ents.level_sizes, **warm})
-    ckpt_path = out_dir / "checkpoint.pt"
-    state = dict(model=model, loss_fn=loss_fn, optims=optims, ctx=ctx, device=device)
-    pos = load_checkpoint(ckpt_path, digest=digest, seed=cfg.seed, **state)
-    if pos is None:
-        pos = Position(0, 0, 0, np.zeros(1 + len(ents.level_sizes)))
-    start_epoch, start_batch, step, sums = pos.epoch, pos.batch, pos.step, pos.sums
 
-    def checkpoint(epoch: int, batch: int) -> None:
-        save_checkpoint(ckpt_path, digest=digest, pos=Position(epoch, batch, step, sums), **state)
+class _Loop:
+    """The training loop of one ``train`` call on one rank (every rank runs the same one).
 
-    feats = torch.as_tensor(data.features, dtype=torch.float32)
-    targets = torch.tensor(data.targets, dtype=torch.long)  # a copy: parquet-backed arrays are read-only
-    latlon = torch.tensor(data.latlon_deg, dtype=torch.float32)  # a copy: (n, 2) is small, parquet arrays are read-only
-    use_amp = cfg.amp and device.type == "cuda"
-    cycle = TableCycle(model, device, use_amp) if cfg.entity_refresh_every > 1 else None
-    emit = log_fn if ctx.is_main else None
-    t0 = t_log = time.perf_counter()
-    steps_run, last, log_steps = 0, {}, 0
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+    Built in the order the RNG draws depend on: the model (warm-started when asked), the loss,
+    the optimisers; a checkpoint with the same digest then restores them and where the run
+    stands: ``start`` the next (epoch, batch), ``step`` the steps taken, ``sums`` the epoch's
+    running (total, per-level) losses. ``emit`` is the log function (rank 0 only, else None).
+    """
+
+    def __init__(self, data: TrainData, ents: EntityData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_path: Path,
+                 emit: LogFn | None, init_from, init_rows, ctx: DistContext, device: torch.device) -> None:
+        self.cfg, self.ckpt_path, self.emit, self.ctx, self.device = cfg, ckpt_path, emit, ctx, device
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg, data, ents)
+        warm = {}
+        if init_from is not None:
+            counts = warm_start(model, init_from, init_rows)
+            log.info("warm start from %s: %s", init_from, counts)
+            warm = warm_start_digest(init_from, init_rows, sum(ents.level_sizes))
+        self.model = model.to(device)
+        if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process stream
+            torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
+        self.loss_fn = GeoWeightedInfoNCE(
+            betas=cfg.betas, tau=cfg.tau, lam=cfg.lam, sigma_km=cfg.sigma_km,
+            kernel=cfg.kernel, learnable=cfg.learnable_loss, weighted=cfg.lam > 0,
+        ).to(device)
+        self.n = data.features.shape[0]
+        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        self.optims = make_optimisers(
+            self.model, self.loss_fn, lr=cfg.lr, riemannian_lr=cfg.riemannian_lr, weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps, total_steps=self.steps_per_epoch * cfg.epochs,
+        )
+        self.named = [(n, p) for n, p in self.model.named_parameters()] + \
+            [("loss." + n, p) for n, p in self.loss_fn.named_parameters()]
+
+        self.digest = digest_of([model_cfg.to_dict(), cfg.to_dict(), {"n": self.n, "levels": ents.level_sizes, **warm}])
+        pos = load_checkpoint(ckpt_path, digest=self.digest, seed=cfg.seed, **self._state())
+        if pos is None:
+            pos = Position(0, 0, 0, np.zeros(1 + len(ents.level_sizes)))
+        self.start, self.step, self.sums = (pos.epoch, pos.batch), pos.step, pos.sums
+
+        self.feats = torch.as_tensor(data.features, dtype=torch.float32)
+        self.targets = torch.tensor(data.targets, dtype=torch.long)  # a copy: parquet-backed arrays are read-only
+        self.latlon = torch.tensor(data.latlon_deg, dtype=torch.float32)  # a copy: (n, 2) is small, parquet arrays are read-only
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.cycle = TableCycle(self.model, device, self.use_amp) if cfg.entity_refresh_every > 1 else None
+        self.steps_run = self.log_steps = 0
+        self.t_log = 0.0
+
+    def _state(self) -> dict:
+        return dict(model=self.model, loss_fn=self.loss_fn, optims=self.optims, ctx=self.ctx, device=self.device)
+
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        save_checkpoint(self.ckpt_path, digest=self.digest, pos=Position(epoch, batch, self.step, self.sums),
+                        **self._state())
+
+    def run(self) -> tuple[dict[str, float], float]:
+        """Every epoch left; returns the last epoch's mean losses and the seconds taken."""
+        t0 = self.t_log = time.perf_counter()
+        start_epoch, start_batch = self.start
+        last = {}
+        for epoch in range(start_epoch, self.cfg.epochs):
+            last = self._epoch(epoch, start_batch if epoch == start_epoch else 0)
+        return last, time.perf_counter() - t0
+
+    def _epoch(self, epoch: int, first: int) -> dict[str, float]:
+        """Batches ``first``.. of one epoch (a checkpoint every ``checkpoint_every_steps``), then its
+        mean losses, logged, and a checkpoint at its end."""
+        cfg = self.cfg
+        self.model.train()
         t_epoch, epoch_steps, epoch_samples = time.perf_counter(), 0, 0
         # The order depends only on (seed, epoch): a resumed run sees the same batches.
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        first = start_batch if epoch == start_epoch else 0
-        for b in range(first, steps_per_epoch):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        for b in range(first, self.steps_per_epoch):
             rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            idx = shard(rows, ctx)
-            x, y, ll = feats[idx].to(device), targets[idx].to(device), latlon[idx].to(device)
-            weights = level_weights(targets[rows], targets[idx], ctx)
-            if cycle is None:  # exact: the whole table with autograd every step
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    tangent = model.entity_tangent()
-                points = model.to_space(tangent)
-            else:
-                if not cycle.active:
-                    cycle.start()
-                    check_finite("entity table (cached)", cycle.points, step=step)
-                tangent, points = cycle.tangent, cycle.points
-            z, loss, per_level = batch_loss(model, loss_fn, x, y, ll, points, tangent, amp=use_amp)
-            if weights is not None:
-                loss = weighted_total(loss_fn, per_level, weights)
-            g_loss, g_levels = global_metrics(per_level, targets[rows], targets[idx], loss_fn.betas, ctx)
-            if not ctx.active:
-                g_loss = loss.detach()
-            check_step_finite(g_loss, g_levels, {"image points": z, "entity points": points}, step, model, loss_fn)
-            loss.backward()
-            if cycle is not None:
-                cycle.stash()
-            grad_norm = optimizer_step(opt, ropt, named, cfg.grad_clip, step, ctx)
-            step += 1
-            steps_run += 1
+            ckpt_now = self._step(rows, last_batch=b == self.steps_per_epoch - 1)
             epoch_steps += 1
             epoch_samples += len(rows)
-            log_steps += 1
-            last_batch = b == steps_per_epoch - 1
-            ckpt_now = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 and not last_batch
-            if cycle is not None and (cycle.steps == cfg.entity_refresh_every or last_batch or ckpt_now):
-                table_params = set(map(id, cycle.finish()))
-                optimizer_step(opt, ropt, [(n_, p) for n_, p in named if id(p) in table_params], cfg.grad_clip, step, ctx)
-            for s in sched:
-                s.step()
-            sums += np.array([float(g_loss)] + g_levels)
-            if emit is not None and step % cfg.log_every == 0:
-                dt = time.perf_counter() - t_log
-                emit({"train_loss": float(g_loss), "grad_norm": grad_norm, "tau": loss_fn.tau.item(),
-                      "lambda": loss_fn.log_lambda.exp().item(), "sigma_km": loss_fn.sigma_km.item(),
-                      "lr": sched[0].get_last_lr()[0], "steps_per_s": log_steps / dt,
-                      "samples_per_s": log_steps * cfg.batch_size / dt}, step)
-            if step % cfg.log_every == 0:
-                t_log, log_steps = time.perf_counter(), 0
             if ckpt_now:
-                checkpoint(epoch, b + 1)
-        means = sums / steps_per_epoch
+                self.checkpoint(epoch, b + 1)
+        means = self.sums / self.steps_per_epoch
         dt = time.perf_counter() - t_epoch
         last = {"epoch_loss": float(means[0])}
         last.update({f"epoch_loss_l{l}": float(v) for l, v in enumerate(means[1:])})
         log.info("epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, means[0])
-        if emit is not None:
-            emit({**last, "epoch": epoch + 1, "epoch_seconds": dt, "epoch_steps_per_s": epoch_steps / dt,
-                  "epoch_samples_per_s": epoch_samples / dt}, step)
-        sums = np.zeros_like(sums)
-        checkpoint(epoch + 1, 0)
-    model_path = out_dir / "model.pt"
-    if ctx.is_main:
-        save_model(model.cpu(), model_path, tau=float(loss_fn.tau.detach()))
-    return TrainResult(
-        checkpoint=ckpt_path, model_path=model_path, steps=step, epochs_run=cfg.epochs - start_epoch,
-        seconds=time.perf_counter() - t0, final=last, steps_run=steps_run,
-    )
+        if self.emit is not None:
+            self.emit({**last, "epoch": epoch + 1, "epoch_seconds": dt, "epoch_steps_per_s": epoch_steps / dt,
+                       "epoch_samples_per_s": epoch_samples / dt}, self.step)
+        self.sums = np.zeros_like(self.sums)
+        self.checkpoint(epoch + 1, 0)
+        return last
+
+    def _step(self, rows: torch.Tensor, *, last_batch: bool) -> bool:
+        """One optimiser step on the global batch ``rows``; the entity branch steps too when its
+        table cycle ends (the k-th step, the epoch's last batch, a checkpoint). Returns whether
+        to checkpoint after it."""
+        cfg, cycle = self.cfg, self.cycle
+        g_loss, g_levels, grad_norm = self._forward_backward(rows)
+        self.step += 1
+        self.steps_run += 1
+        self.log_steps += 1
+        ckpt_now = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0 and not last_batch
+        if cycle is not None and (cycle.steps == cfg.entity_refresh_every or last_batch or ckpt_now):
+            table_params = set(map(id, cycle.finish()))
+            optimizer_step(self.optims.opt, self.optims.ropt, [(n_, p) for n_, p in self.named if id(p) in table_params],
+                           cfg.grad_clip, self.step, self.ctx)
+        for s in self.optims.sched:
+            s.step()
+        self.sums += np.array([float(g_loss)] + g_levels)
+        if self.step % cfg.log_every == 0:
+            self._log_step(g_loss, grad_norm)
+        return ckpt_now
+
+    def _forward_backward(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[float], float]:
+        """This rank's shard of ``rows``: loss, backward, the (Euclidean and manifold) optimiser
+        step. Returns the global loss, per-level losses and the gradient norm."""
+        ctx, cycle, model, loss_fn = self.ctx, self.cycle, self.model, self.loss_fn
+        idx = shard(rows, ctx)
+        x, y, ll = self.feats[idx].to(self.device), self.targets[idx].to(self.device), self.latlon[idx].to(self.device)
+        weights = level_weights(self.targets[rows], self.targets[idx], ctx)
+        tangent, points = self._entity_table()
+        z, loss, per_level = batch_loss(model, loss_fn, x, y, ll, points, tangent, amp=self.use_amp)
+        if weights is not None:
+            loss = weighted_total(loss_fn, per_level, weights)
+        g_loss, g_levels = global_metrics(per_level, self.targets[rows], self.targets[idx], loss_fn.betas, ctx)
+        if not ctx.active:
+            g_loss = loss.detach()
+        check_step_finite(g_loss, g_levels, {"image points": z, "entity points": points}, self.step, model, loss_fn)
+        loss.backward()
+        if cycle is not None:
+            cycle.stash()
+        grad_norm = optimizer_step(self.optims.opt, self.optims.ropt, self.named, self.cfg.grad_clip, self.step, ctx)
+        return g_loss, g_levels, grad_norm
+
+    def _entity_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tangent, points) of every entity: computed with autograd (exact, every step), or the
+        table cycle's cached one (``entity_refresh_every > 1``)."""
+        if self.cycle is None:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                tangent = self.model.entity_tangent()
+            return tangent, self.model.to_space(tangent)
+        if not self.cycle.active:
+            self.cycle.start()
+            check_finite("entity table (cached)", self.cycle.points, step=self.step)
+        return self.cycle.tangent, self.cycle.points
+
+    def _log_step(self, g_loss: torch.Tensor, grad_norm: float) -> None:
+        """The training metrics every ``log_every`` steps, with the speed since the last ones."""
+        if self.emit is not None:
+            dt = time.perf_counter() - self.t_log
+            loss_fn, sched = self.loss_fn, self.optims.sched
+            self.emit({"train_loss": float(g_loss), "grad_norm": grad_norm, "tau": loss_fn.tau.item(),
+                       "lambda": loss_fn.log_lambda.exp().item(), "sigma_km": loss_fn.sigma_km.item(),
+                       "lr": sched[0].get_last_lr()[0], "steps_per_s": self.log_steps / dt,
+                       "samples_per_s": self.log_steps * self.cfg.batch_size / dt}, self.step)
+        self.t_log, self.log_steps = time.perf_counter(), 0
 
 
 # --- command line: train from a folder of cached arrays (save_arrays; torchrun-ready) ---

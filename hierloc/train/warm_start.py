@@ -54,17 +54,7 @@ def warm_start(model: HierLocModel, init_from: str | Path, init_rows: np.ndarray
                          "from a model.pt written by hierloc")
     old_sd, n_old = blob["state_dict"], sum(blob["level_sizes"])
     n_new = sum(model.level_sizes)
-    if init_rows is None:
-        if n_old != n_new:
-            raise ValueError(f"{init_from} has {n_old} entities, the new table {n_new}: pass init_rows="
-                             "entity_row_map(old_keys, new_keys)")
-        init_rows = np.arange(n_new)
-    rows_np = np.asarray(init_rows, dtype=np.int64)
-    lo, hi = int(rows_np.min(initial=0)), int(rows_np.max(initial=-1))
-    if rows_np.shape != (n_new,) or hi >= n_old or lo < -1:
-        raise ValueError(f"init_rows must be ({n_new},) with values in [-1, {n_old}) (entity_row_map), got "
-                         f"shape {rows_np.shape}, values in [{lo}, {hi}]")
-    rows = torch.from_numpy(rows_np.copy())
+    rows = torch.from_numpy(_row_map(init_from, init_rows, n_old, n_new).copy())
     keep = rows >= 0
     counts = {"copied": 0, "rows_copied": int(keep.sum()), "rows_fresh": int((~keep).sum()), "skipped": 0}
     with torch.no_grad():
@@ -90,12 +80,25 @@ def warm_start(model: HierLocModel, init_from: str | Path, init_rows: np.ndarray
     return counts
 
 
+def _row_map(init_from: str | Path, init_rows: np.ndarray | None, n_old: int, n_new: int) -> np.ndarray:
+    """``init_rows`` checked against both tables, (n_new,) int64; None: the identity (same size required)."""
+    if init_rows is None:
+        if n_old != n_new:
+            raise ValueError(f"{init_from} has {n_old} entities, the new table {n_new}: pass init_rows="
+                             "entity_row_map(old_keys, new_keys)")
+        init_rows = np.arange(n_new)
+    rows_np = np.asarray(init_rows, dtype=np.int64)
+    lo, hi = int(rows_np.min(initial=0)), int(rows_np.max(initial=-1))
+    if rows_np.shape != (n_new,) or hi >= n_old or lo < -1:
+        raise ValueError(f"init_rows must be ({n_new},) with values in [-1, {n_old}) (entity_row_map), got "
+                         f"shape {rows_np.shape}, values in [{lo}, {hi}]")
+    return rows_np
+
+
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+    """16 hex digits of the sha256 of the whole file."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def warm_start_digest(init_from: str | Path, init_rows: np.ndarray | None, n_entities: int) -> dict[str, str]:

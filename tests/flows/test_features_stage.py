@@ -15,7 +15,7 @@ from PIL import Image
 
 from flows.stages import _split_arrays, run_features
 from geodata.osv5m import LEVELS
-from hierloc.features.extract import load_features
+from hierloc.features.views import load_features
 
 ID0 = 4_000_000_000_000_000 // 1000  # 13-digit ids, like Mapillary's
 

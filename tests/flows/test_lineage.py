@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from flows.lineage import TrackingUnavailable, check_tracking, digest_of, files_digest, source_digest
+from flows.lineage import TrackingUnavailable, check_tracking, files_digest, source_digest
+from hierloc.digest import digest_of
 
 
 def _osv_folder(root):

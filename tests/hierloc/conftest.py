@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierloc.train.loop import EntityData, TrainData, entity_mean_features
+from hierloc.train.data import EntityData, TrainData, entity_mean_features
 
 LEVEL_SIZES = [3, 6, 12, 24]  # fan-out 2 below the countries
 

@@ -2,7 +2,7 @@
 real photos through DataLoader workers, and backbone content keys.
 
 Images are generated in each test (or are the real OSV-5M sample photos) and packed into zip
-shards read by the real geodata.ingest.images.ImageStore; the models are weight-free (pixelstats)
+shards read by the real geodata.ingest.image_store.ImageStore; the models are weight-free (pixelstats)
 or tiny random-init open_clip / timm towers.
 """
 
@@ -25,15 +25,9 @@ from PIL import Image, ImageOps
 
 from geodata.ingest.image_store import ImageStore
 from hierloc.features.backbones import load_backbone, parse_spec
-from hierloc.features.extract import (
-    effective_precision,
-    extract_features,
-    features_digest,
-    load_features,
-    resolve_feature_dir,
-    scan_cache,
-    write_view,
-)
+from hierloc.features.cache import scan_cache
+from hierloc.features.extract import effective_precision, extract_features
+from hierloc.features.views import features_digest, load_features, resolve_feature_dir, write_view
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE_PHOTOS = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"

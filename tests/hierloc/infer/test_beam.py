@@ -6,7 +6,7 @@ import torch
 
 from hierloc.infer.beam import beam_search
 from hierloc.model.model import ModelConfig
-from hierloc.train.loop import build_model
+from hierloc.model.io import build_model
 
 
 @pytest.fixture(scope="module")

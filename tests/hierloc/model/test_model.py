@@ -11,7 +11,8 @@ from scipy.special import sph_harm_y
 from hierloc.geometry import lorentz
 from hierloc.model.location import sh_index, spherical_harmonics
 from hierloc.model.model import CURVATURE_RANGE_FACTOR, HierLocModel, ModelConfig, nearest_keys
-from hierloc.train.loop import EntityData, build_model, load_model, save_model
+from hierloc.model.io import build_model, load_model, save_model
+from hierloc.train.data import EntityData
 
 TINY = dict(dim=8, hidden=32)
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hierloc.model.model import ModelConfig
-from hierloc.train.loop import TrainConfig, load_model, train
+from hierloc.model.io import load_model
+from hierloc.train.loop import TrainConfig, train
 
 FAST = dict(epochs=2, batch_size=64, warmup_steps=5, log_every=1)
 
@@ -158,7 +159,7 @@ def test_rng_state_round_trip():
 
 @pytest.mark.parametrize("spec", ["timm:resnet18", "open_clip:RN50"])
 def test_backbone_weights_over_the_cap_are_not_read(tmp_path, spec):
-    from hierloc.features.extract import load_backbone
+    from hierloc.features.backbones import load_backbone
     from hierloc.model.io import MAX_WEIGHTS_FILE_BYTES
 
     big = tmp_path / "weights.pt"

@@ -12,7 +12,8 @@ import torch
 
 from hierloc.train.distributed import DistContext, env_ranks, shard
 from hierloc.model.model import ModelConfig
-from hierloc.train.loop import TrainConfig, load_arrays, save_arrays, train
+from hierloc.train.data import load_arrays, save_arrays
+from hierloc.train.loop import TrainConfig, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,8 @@ import torch
 
 from hierloc.infer.beam import beam_search
 from hierloc.model.model import ModelConfig
-from hierloc.train.loop import TrainConfig, load_model, train
+from hierloc.model.io import load_model
+from hierloc.train.loop import TrainConfig, train
 
 FAST = dict(epochs=4, batch_size=64, warmup_steps=5, log_every=5)
 
@@ -39,7 +40,7 @@ def test_learns_the_hierarchy(tiny, tmp_path, geometry):
 
 def test_hyperbolic_and_euclidean_points_differ(tiny):
     data, ents = tiny
-    from hierloc.train.loop import build_model
+    from hierloc.model.io import build_model
 
     h = build_model(ModelConfig(dim=8, hidden=32), data, ents).encode_entities()
     e = build_model(ModelConfig(dim=8, hidden=32, geometry="euclidean"), data, ents).encode_entities()
@@ -93,7 +94,8 @@ def test_sigkill_midway_then_resume_gives_identical_model(tmp_path):
 # --- optimisers, schedule ----------------------------------------------------------------
 def test_param_groups_decay_only_weight_matrices(tiny):
     from hierloc.model.loss import GeoWeightedInfoNCE
-    from hierloc.train.loop import build_model, param_groups
+    from hierloc.model.io import build_model
+    from hierloc.train.optim import param_groups
 
     data, ents = tiny
     for mcfg, anchors_kind in ((ModelConfig(dim=8, hidden=32), "manifold"),
@@ -112,7 +114,7 @@ def test_param_groups_decay_only_weight_matrices(tiny):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    from hierloc.train.loop import _lr_lambda
+    from hierloc.train.optim import lr_lambda as _lr_lambda
 
     f = _lr_lambda(10, 110)
     assert [f(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
@@ -124,7 +126,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 def _reference_run(data, ents, mcfg, cfg):
     """The training loop written plainly: the whole table with autograd every step, one optimiser step."""
     from hierloc.model.loss import GeoWeightedInfoNCE
-    from hierloc.train.loop import _lr_lambda, batch_loss, build_model, param_groups
+    from hierloc.model.io import build_model
+    from hierloc.train.batch_loss import batch_loss
+    from hierloc.train.optim import lr_lambda as _lr_lambda, param_groups
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, data, ents)
@@ -168,7 +172,9 @@ def test_table_cycle_gradient_is_the_gradient_of_the_summed_losses(tiny):
     """k steps against the cached table, then one backward through the entity branch, give the
     entity parameters the same gradient as autograd through one table of the k losses."""
     from hierloc.model.loss import GeoWeightedInfoNCE
-    from hierloc.train.loop import TableCycle, batch_loss, build_model
+    from hierloc.model.io import build_model
+    from hierloc.train.batch_loss import batch_loss
+    from hierloc.train.table_cycle import TableCycle
 
     data, ents = tiny
     model, loss_fn = build_model(ModelConfig(dim=8, hidden=32, dropout=0.2), data, ents), GeoWeightedInfoNCE()
@@ -220,7 +226,7 @@ def test_refresh_every_k_still_learns(tiny, tmp_path, k):
 
 # --- NaN / inf guards ----------------------------------------------------------------------
 def test_nonfinite_loss_stops_naming_the_tensor_and_keeps_the_checkpoint(tiny, tmp_path):
-    from hierloc.train.loop import TrainData
+    from hierloc.train.data import TrainData
 
     data, ents = tiny
     mcfg, cfg = ModelConfig(dim=8, hidden=32), TrainConfig(**{**FAST, "epochs": 3})
@@ -245,7 +251,7 @@ def test_nonfinite_loss_stops_naming_the_tensor_and_keeps_the_checkpoint(tiny, t
 
 
 def test_check_grads_finite_names_the_parameter():
-    from hierloc.train.loop import check_grads_finite
+    from hierloc.train.finite_checks import check_grads_finite
 
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
     a.grad, b.grad = torch.ones(3), torch.tensor([[1.0, float("nan")], [float("inf"), 0.0]])
@@ -280,7 +286,7 @@ def test_crash_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny, tmp_path,
 
 # --- warm start ---------------------------------------------------------------------------
 def test_entity_row_map():
-    from hierloc.train.loop import entity_row_map
+    from hierloc.train.warm_start import entity_row_map
 
     rows = entity_row_map(["FR", "FR/IDF", "DE"], ["DE", "IT", "FR", "FR/IDF", "FR/PACA"])
     assert rows.tolist() == [2, -1, 0, 1, -1] and rows.dtype == np.int64
@@ -294,7 +300,7 @@ def test_entity_row_map():
 
 def _grown(data, ents):
     """The same problem with two new cities appended (rows at the end of the last level)."""
-    from hierloc.train.loop import EntityData
+    from hierloc.train.data import EntityData
 
     n = sum(ents.level_sizes)
     parent = np.r_[ents.parent_index, ents.parent_index[[n - 1, n - 2]]]
@@ -305,7 +311,8 @@ def _grown(data, ents):
 
 
 def test_warm_start_copies_old_rows_and_keeps_new_ones(tiny, tmp_path):
-    from hierloc.train.loop import build_model, entity_row_map, warm_start
+    from hierloc.model.io import build_model
+    from hierloc.train.warm_start import entity_row_map, warm_start
 
     data, ents = tiny
     mcfg = ModelConfig(dim=8, hidden=32)
@@ -326,7 +333,7 @@ def test_warm_start_copies_old_rows_and_keeps_new_ones(tiny, tmp_path):
 
 
 def test_warm_start_trains_to_a_lower_loss_and_is_part_of_the_digest(tiny, tmp_path):
-    from hierloc.train.loop import entity_row_map
+    from hierloc.train.warm_start import entity_row_map
 
     data, ents = tiny
     mcfg, cfg = ModelConfig(dim=8, hidden=32), TrainConfig(**FAST)

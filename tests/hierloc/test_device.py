@@ -1,0 +1,18 @@
+"""The one device resolver, for feature extraction (no rank) and training (a rank's GPU)."""
+
+import torch
+
+from hierloc.device import resolve_device
+
+
+def test_auto_is_cuda_when_present():
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+
+
+def test_a_rank_takes_its_own_gpu_and_explicit_specs_pass_through():
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")  # extraction: the current CUDA device
+    assert resolve_device("cuda:2", 1) == torch.device("cuda", 2)
+    assert resolve_device("cpu", 0) == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
