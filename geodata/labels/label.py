@@ -123,7 +123,7 @@ def label_points(
         raise ValueError(f"unknown labeler {method!r}: use 'osv5m', 'geonames' or 'polygons'")
     if labeler is None:
         if admin is None:
-            raise ValueError("labeler 'polygons' needs admin polygons (geodata.admin.schema.load_admin)")
+            raise ValueError("labeler 'polygons' needs admin polygons (geodata.admin.load_admin)")
         from geodata.labels.polygons import PolygonLabeler
 
         labeler = PolygonLabeler(disambiguate_names(admin), grid_deg=grid_deg, max_snap_km=max_snap_km,
@@ -193,7 +193,7 @@ def label_csv_polygons(
     """``hierloc label --method polygons``: a CSV with coordinates -> the same rows plus country,
     region, sub-region, city and, per level, the polygon code and the labeler's reason. Written
     atomically; returns the polygon report (counts per level)."""
-    from geodata.admin.schema import load_admin
+    from geodata.admin import load_admin
     from geodata.atomic import atomic_write_path
     from geodata.labels.geonames import parse_coordinates
 

@@ -548,7 +548,7 @@ def test_skipping_lookups_under_a_finer_polygon_gives_the_same_labels(ne50):
     rng = np.random.default_rng(7)
     lat, lon = rng.uniform(-60, 75, 4000), rng.uniform(-180, 180, 4000)
     lat[:5], lon[:5] = [5.0, 9.8, 9.95, 50.0, 5.0], [9.9, 2.5, 7.0, 50.0, 10.0]
-    from geodata.admin.schema import default_cache_dir
+    from geodata.admin import default_cache_dir
     from geodata.admin.gazetteer import gazetteer_levels
 
     real = gazetteer_levels(default_cache_dir(), countries=["LU", "PT"])  # 3 real levels, overlapping slivers
