@@ -54,7 +54,7 @@ def label(
     """
     try:
         if method == "geonames":
-            from geodata.labels.geonames import label_csv
+            from geodata.labels.geonames_csv import label_csv
 
             n = label_csv(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col)
             typer.echo(f"labelled {n} rows -> {out_csv}")

@@ -24,9 +24,10 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from geodata.labels.geonames import GeoNamesLabeler, default_labeler, label_frame
-from geodata.osv5m import LABEL_COLUMNS
+from geodata.labels.geonames import GeoNamesLabeler, default_labeler
+from geodata.labels.geonames_csv import label_frame
 from geodata.labels.parallel import map_partitions
+from geodata.osv5m import LABEL_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def label_csv_polygons(
     atomically; returns the polygon report (counts per level)."""
     from geodata.admin import load_admin
     from geodata.atomic import atomic_write_path
-    from geodata.labels.geonames import parse_coordinates
+    from geodata.labels.coordinates import parse_coordinates
 
     try:
         frame = pd.read_csv(in_csv, dtype=str, keep_default_na=False, encoding="utf-8")

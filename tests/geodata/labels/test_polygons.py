@@ -17,13 +17,10 @@ from shapely.geometry import box
 from geodata.labels import polygons as polygon_labeler
 from geodata.labels.geonames import default_labeler
 from geodata.admin.outlines import country_polygons
-from geodata.labels.polygons import (
-    EARTH_RADIUS_KM,
-    PolygonLabeler,
-    cut_on_grid,
-    label_partition,
-    label_report,
-)
+from geodata.labels.polygon_partition import label_partition, label_report
+from geodata.labels.polygon_pieces import cut_on_grid
+from geodata.labels.polygons import PolygonLabeler
+from geodata.osv5m import EARTH_RADIUS_KM
 from hierloc.geometry.geo import haversine_km
 
 KM_PER_DEG = np.radians(1.0) * EARTH_RADIUS_KM
