@@ -37,8 +37,8 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from geodata.atomic import atomic_write_path
 from geodata.admin.outlines import NE_NO_CODE, natural_earth_countries_path, ne_iso_a2
+from geodata.atomic import atomic_write_path
 
 log = logging.getLogger(__name__)
 

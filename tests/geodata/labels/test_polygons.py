@@ -14,9 +14,9 @@ import shapely
 from scipy.spatial import cKDTree
 from shapely.geometry import box
 
+from geodata.admin.outlines import country_polygons
 from geodata.labels import polygons as polygon_labeler
 from geodata.labels.geonames import default_labeler
-from geodata.admin.outlines import country_polygons
 from geodata.labels.polygon_partition import label_partition, label_report
 from geodata.labels.polygon_pieces import cut_on_grid
 from geodata.labels.polygons import PolygonLabeler
