@@ -32,7 +32,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from geonames_labeler import compare_with_reverse_geocoder  # noqa: E402
 
-from geodata.admin.schema import load_admin  # noqa: E402
+from geodata.admin import load_admin  # noqa: E402
 from geodata.labels.geonames import default_labeler  # noqa: E402
 from geodata.labels.hierarchy import build_entities  # noqa: E402
 from geodata.labels.label import disambiguate_names, label_points, polygons_partition  # noqa: E402

@@ -54,7 +54,7 @@ def label(
     """
     try:
         if method == "geonames":
-            from geodata.labels.geonames import label_csv
+            from geodata.labels.geonames_csv import label_csv
 
             n = label_csv(in_csv, out_csv, lat_col=lat_col, lon_col=lon_col)
             typer.echo(f"labelled {n} rows -> {out_csv}")
@@ -222,7 +222,7 @@ def predict(
     """Where was each photo taken? The hierarchical path, its coordinates and the top-k candidates."""
     import time
 
-    from flows.benchmark_eval import decoded_batches
+    from geodata.eval_sets.photos import decoded_batches
     from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, expand_photo_paths
 
     limit = max_pixels or DEFAULT_MAX_IMAGE_PIXELS
@@ -335,9 +335,10 @@ def evaluate(
     """Benchmark metrics of a model on Im2GPS3k, YFCC4k, a generic CSV or OSV-5M photos."""
     import logging
 
-    from flows.benchmark_eval import EVAL_FORMATS, evaluate_benchmark
+    from flows.benchmark_eval import evaluate_benchmark
     from flows.scoring import format_metrics_table
-    from geodata.eval_sets import LATLON_ORDERS
+    from geodata.eval_sets.benchmark_csv import LATLON_ORDERS
+    from geodata.eval_sets.truth import EVAL_FORMATS
     from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS
     from hierloc.infer.metrics import VARIANTS
 

@@ -14,11 +14,8 @@ import numpy as np
 import pandas as pd
 
 from geodata.atomic import atomic_write_path
-from geodata.labels.geonames import (
-    GeoNamesLabeler,
-    default_labeler,
-    parse_coordinates,
-)
+from geodata.labels.coordinates import parse_coordinates
+from geodata.labels.geonames import GeoNamesLabeler, default_labeler
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
 from hierloc.geometry.geo import geoscore, haversine_km
 from hierloc.infer.metrics import (

@@ -105,7 +105,7 @@ def run_hierarchy(
         raise ValueError("coords='representative' needs polygons: set labeler='polygons'")
     admin = polygon_labeler = None
     if labeler == "polygons":
-        from geodata.admin.schema import load_admin
+        from geodata.admin import load_admin
         from geodata.labels.label import disambiguate_names
         from geodata.labels.polygons import PolygonLabeler
 

@@ -33,6 +33,10 @@ LEVELS: tuple[str, ...] = ("country", "region", "subregion", "city")
 #: Placeholder the release writes for a missing sub-region inside unique_city.
 MISSING_SUBREGION_TOKEN = "NaN"
 
+#: Sphere radius (km) of the benchmark's haversine (OSV-5M's metric code: R = 6371 km): geodata's
+#: one Earth radius (hierloc.geometry.geo states the same value for the torch side).
+EARTH_RADIUS_KM = 6371.0
+
 
 def unique_keys(
     cc: pd.Series, admin1: pd.Series, admin2: pd.Series, name: pd.Series

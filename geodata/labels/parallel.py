@@ -80,6 +80,36 @@ def default_scheduler() -> str | None:
     return os.environ.get("HIERLOC_DASK_SCHEDULER") or None
 
 
+def _plan(n_rows: int, scheduler: str | None, n_partitions: int | None, n_workers: int, min_rows_for_cluster: int,
+          runner: PartitionRunner | None) -> tuple[str | None, int]:
+    """(scheduler, number of partitions) of a map_partitions run: "runner" when a runner is given,
+    "sync" for a small input without a scheduler; else a multiple of the workers' partitions."""
+    scheduler = scheduler if scheduler is not None else default_scheduler()
+    if runner is not None:
+        scheduler = "runner"
+    elif scheduler is None and n_rows < min_rows_for_cluster:
+        scheduler = "sync"
+    if n_partitions is None and scheduler != "sync":  # a multiple of the workers: no lone last round
+        rounds = max(2, -(-n_rows // (ROWS_PER_PARTITION * n_workers)))
+        n_partitions = rounds * n_workers
+    n_parts = n_partitions or 1
+    return scheduler, max(1, min(n_parts, n_rows or 1))
+
+
+def _write_partitions(frame: pd.DataFrame, n_parts: int, root: Path) -> tuple[list[str], list[str]]:
+    """``frame`` cut into ``n_parts`` consecutive Parquet files in ``root``: their paths, and the
+    paths their results go to."""
+    bounds = [round(i * len(frame) / n_parts) for i in range(n_parts + 1)]
+    ins, outs = [], []
+    for i in range(n_parts):
+        part = frame.iloc[bounds[i] : bounds[i + 1]]
+        in_path, out_path = root / f"in-{i:05d}.parquet", root / f"out-{i:05d}.parquet"
+        write_parquet_atomic(pa.Table.from_pandas(part, preserve_index=False), in_path)
+        ins.append(str(in_path))
+        outs.append(str(out_path))
+    return ins, outs
+
+
 def map_partitions(
     frame: pd.DataFrame,
     fn: PartitionFn,
@@ -97,30 +127,14 @@ def map_partitions(
     importable by the workers (a module-level function); ``payload`` is shipped to workers as
     plain files (geodata.labels.payload: numbers, strings, containers, arrays, DataFrames, labelers).
     """
-    scheduler = scheduler if scheduler is not None else default_scheduler()
-    if runner is not None:
-        scheduler = "runner"
-    elif scheduler is None and len(frame) < min_rows_for_cluster:
-        scheduler = "sync"
-    if n_partitions is None and scheduler != "sync":  # a multiple of the workers: no lone last round
-        rounds = max(2, -(-len(frame) // (ROWS_PER_PARTITION * n_workers)))
-        n_partitions = rounds * n_workers
-    n_parts = n_partitions or 1
-    n_parts = max(1, min(n_parts, len(frame) or 1))
+    scheduler, n_parts = _plan(len(frame), scheduler, n_partitions, n_workers, min_rows_for_cluster, runner)
     if work_dir is None and scheduler not in ("sync", "local", "runner", None):
         raise ValueError(f"scheduler {scheduler!r} is a remote cluster: pass work_dir, a folder its workers can read")
     root = Path(tempfile.mkdtemp(prefix="hierloc-parts-")) if work_dir is None else Path(work_dir) / f"run-{uuid.uuid4().hex[:12]}"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        bounds = [round(i * len(frame) / n_parts) for i in range(n_parts + 1)]
-        ins, outs = [], []
-        for i in range(n_parts):
-            part = frame.iloc[bounds[i] : bounds[i + 1]]
-            in_path, out_path = root / f"in-{i:05d}.parquet", root / f"out-{i:05d}.parquet"
-            write_parquet_atomic(pa.Table.from_pandas(part, preserve_index=False), in_path)
-            ins.append(str(in_path))
-            outs.append(str(out_path))
+        ins, outs = _write_partitions(frame, n_parts, root)
         if scheduler == "sync":
             for a, b in zip(ins, outs):
                 _run_partition(fn, a, b, payload)

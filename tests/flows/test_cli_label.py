@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from geodata.labels.geonames import label_csv
+from geodata.labels.geonames_csv import label_csv
 
 
 def _latin1_csv(path: Path) -> Path:

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geodata.eval_sets import (
+from geodata.eval_sets.benchmark_csv import (
     INCLUSIVE_BY_FORMAT,
     QUARANTINE_COLUMNS,
     ROW_COLUMNS,
-    find_benchmark_images,
     read_geo_benchmark,
 )
+from geodata.eval_sets.photos import find_benchmark_images
 
 PLACES365_TAIL = "S3_Label,S16_Label,S365_Label,Prob_indoor,Prob_natural,Prob_urban"
 SWAPPED_HEADER = f"IMG_ID,AUTHOR,LON,LAT,{PLACES365_TAIL}"

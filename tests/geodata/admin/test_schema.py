@@ -13,18 +13,17 @@ import pytest
 import shapely
 from shapely.geometry import LineString, Point, Polygon, box
 
-from geodata.admin import gazetteer
+from geodata.admin import gazetteer, load_admin
 from geodata.admin import schema as admin
+from geodata.admin.gadm import read_gadm
+from geodata.admin.geoboundaries import read_geoboundaries
+from geodata.admin.natural_earth import read_natural_earth
 from geodata.admin.schema import (
     ADMIN_COLUMNS,
     finish_admin,
-    load_admin,
     new_report,
     polygonal,
     read_admin_parquet,
-    read_gadm,
-    read_geoboundaries,
-    read_natural_earth,
     validate_admin,
     write_admin_parquet,
 )

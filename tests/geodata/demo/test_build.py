@@ -13,19 +13,10 @@ import pytest
 import reverse_geocoder as rg
 from PIL import Image
 
-from geodata.demo.build import (
-    build_demo_dataset,
-    crop_tile,
-    draw_ids,
-    images_per_place,
-    load_blue_marble,
-    offset_points,
-    release_frame,
-    render_image,
-    sample_places,
-    wrap_lon_deg,
-    write_release_csv,
-)
+from geodata.demo.build import build_demo_dataset
+from geodata.demo.imagery import crop_tile, load_blue_marble, render_image
+from geodata.demo.locations import draw_ids, images_per_place, offset_points, sample_places, wrap_lon_deg
+from geodata.demo.release import release_frame, write_release_csv
 from geodata.osv5m import OSV5M_COLUMNS
 
 SMALL = dict(n_train=600, n_test=100, seed=3, images_per_city=12.0, image_px=32, shard_size=250)

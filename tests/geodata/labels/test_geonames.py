@@ -15,16 +15,12 @@ import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
-from geodata.labels.geonames import (
-    PLACE_COLUMNS,
-    GeoNamesLabeler,
-    bundled_places_csv,
-    default_labeler,
-    label_csv,
-    label_frame,
-    parse_coordinates,
-)
-from geodata.labels.nn_grid import GridParams, NearestGrid
+from geodata.labels.coordinates import parse_coordinates
+from geodata.labels.geonames import GeoNamesLabeler, default_labeler
+from geodata.labels.geonames_csv import label_csv, label_frame
+from geodata.labels.nn_grid import NearestGrid
+from geodata.labels.nn_grid_build import GridParams
+from geodata.labels.places import PLACE_COLUMNS, bundled_places_csv
 from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
 
 SELECT_CSV = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "select.csv"
@@ -316,7 +312,7 @@ def test_label_csv_chunks_give_the_same_file(tmp_path, select, monkeypatch):
     src = pd.DataFrame({"id": select["id"], "latitude": select["true_lat"], "longitude": select["true_lon"]})
     src.to_csv(tmp_path / "in.csv", index=False)
     label_csv(tmp_path / "in.csv", tmp_path / "whole.csv")
-    monkeypatch.setattr("geodata.labels.geonames.LABEL_CSV_CHUNK_ROWS", 7)
+    monkeypatch.setattr("geodata.labels.geonames_csv.LABEL_CSV_CHUNK_ROWS", 7)
     assert label_csv(tmp_path / "in.csv", tmp_path / "chunked.csv") == 50
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
@@ -352,7 +348,7 @@ def test_label_csv_errors_name_file_and_line(tmp_path, body, match):
 def test_label_csv_error_line_counts_across_chunks(tmp_path, monkeypatch):
     lines = ["id,latitude,longitude"] + [f"{i},1,2" for i in range(10)] + ["10,1,x"]
     in_csv = _write(tmp_path / "in.csv", "\n".join(lines) + "\n")
-    monkeypatch.setattr("geodata.labels.geonames.LABEL_CSV_CHUNK_ROWS", 4)
+    monkeypatch.setattr("geodata.labels.geonames_csv.LABEL_CSV_CHUNK_ROWS", 4)
     with pytest.raises(ValueError, match="line 12: column 'longitude' = 'x'"):
         label_csv(in_csv, tmp_path / "out.csv")
 

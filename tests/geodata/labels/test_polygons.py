@@ -14,16 +14,13 @@ import shapely
 from scipy.spatial import cKDTree
 from shapely.geometry import box
 
+from geodata.admin.outlines import country_polygons
 from geodata.labels import polygons as polygon_labeler
 from geodata.labels.geonames import default_labeler
-from geodata.admin.outlines import country_polygons
-from geodata.labels.polygons import (
-    EARTH_RADIUS_KM,
-    PolygonLabeler,
-    cut_on_grid,
-    label_partition,
-    label_report,
-)
+from geodata.labels.polygon_partition import label_partition, label_report
+from geodata.labels.polygon_pieces import cut_on_grid
+from geodata.labels.polygons import PolygonLabeler
+from geodata.osv5m import EARTH_RADIUS_KM
 from hierloc.geometry.geo import haversine_km
 
 KM_PER_DEG = np.radians(1.0) * EARTH_RADIUS_KM
@@ -548,7 +545,7 @@ def test_skipping_lookups_under_a_finer_polygon_gives_the_same_labels(ne50):
     rng = np.random.default_rng(7)
     lat, lon = rng.uniform(-60, 75, 4000), rng.uniform(-180, 180, 4000)
     lat[:5], lon[:5] = [5.0, 9.8, 9.95, 50.0, 5.0], [9.9, 2.5, 7.0, 50.0, 10.0]
-    from geodata.admin.schema import default_cache_dir
+    from geodata.admin import default_cache_dir
     from geodata.admin.gazetteer import gazetteer_levels
 
     real = gazetteer_levels(default_cache_dir(), countries=["LU", "PT"])  # 3 real levels, overlapping slivers
