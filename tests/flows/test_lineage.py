@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from flows.lineage import TrackingUnavailable, check_tracking, digest_of, files_digest, source_digest
+from flows.tracking.lineage import TrackingUnavailable, check_tracking, digest_of, files_digest, source_digest
 
 
 def _osv_folder(root):

@@ -161,12 +161,13 @@ def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracki
 
 def test_retrieval_baseline_through_the_same_stages(pipeline_result, tmp_path):
     """The paper's retrieval baseline on the same ingest/hierarchy/features as the model run."""
-    from flows import stages
+    from flows.stages.data_dir import SPLITS
+    from flows.stages.evaluate import run_retrieval
 
     cfg, result = pipeline_result
     work = Path(cfg.work_dir)
-    dirs = {s: str(next((work / "features").glob(f"*/{s}"))) for s in stages.SPLITS}  # the run's feature cache
-    m = stages.run_retrieval(work / "ingest", work / "hierarchy", dirs, tmp_path / "retrieval")
+    dirs = {s: str(next((work / "features").glob(f"*/{s}"))) for s in SPLITS}  # the run's feature cache
+    m = run_retrieval(work / "ingest", work / "hierarchy", dirs, tmp_path / "retrieval")
     for name in ("geoscore", "acc_country", "acc_1km", "pick_acc_city", "search_queries_per_s", "index_gb"):
         assert name in m
     assert m["n"] == result["metrics"]["n"] and 0 <= m["acc_country"] <= 1

@@ -2,7 +2,7 @@
 
 For ``hierloc evaluate``. One function, ``evaluate_benchmark``, wires geodata (ground-truth
 readers, image finding, GeoNames labels) to hierloc (the Predictor's backbone and beam search)
-and to flows.scoring (the official metrics):
+and to flows.report.scoring (the official metrics):
 
 1. read the ground truth: ``geodata.eval_sets.read_geo_benchmark`` for im2gps3k / yfcc4k /
    generic files (latitude/longitude order decided and explained, bad rows quarantined with
@@ -11,7 +11,7 @@ and to flows.scoring (the official metrics):
    listed (``skipped.csv``), never dropped silently;
 3. decode photos in batches (a thread pool, one batch ahead), backbone features, beam search;
    a photo that does not decode is counted and listed like a missing one;
-4. metrics with ``flows.scoring.score_points``: truth keys are the file's OSV-5M labels
+4. metrics with ``flows.report.scoring.score_points``: truth keys are the file's OSV-5M labels
    (osv5m), or GeoNames labels of the true coordinates (``geodata.labels.geonames.label_frame``,
    the way OSV-5M labelled its release) for benchmarks that have none. Distance thresholds
    count ``d <= r`` for im2gps3k / yfcc4k / generic (their code) and ``d < r`` for osv5m
@@ -38,8 +38,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from flows.plots import error_cdf, error_map
-from flows.scoring import score_points
+from flows.report.charts import error_cdf
+from flows.report.maps import error_map
+from flows.report.scoring import score_points
 from geodata.eval_sets import (
     INCLUSIVE_BY_FORMAT,
     LATLON_ORDERS,
@@ -311,7 +312,7 @@ def evaluate_benchmark(
 
     Returns a JSON-ready dict: format, variant, inclusive, swapped, swap_evidence, counts
     (n_rows, n_evaluated, n_missing_images, n_unreadable_images, n_quarantined), examples
-    of skipped rows, metrics (flows.scoring names + pick_acc_<level>), timings, and the
+    of skipped rows, metrics (flows.report.scoring names + pick_acc_<level>), timings, and the
     written files. Raises ValueError when no row could be evaluated.
     """
     t_start = time.perf_counter()
