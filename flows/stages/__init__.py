@@ -3,7 +3,8 @@
 No Prefect and no MLflow here: flows/tasks.py wraps each stage in a task and a tracked
 run; the CLI can call them directly. Stages pass paths, not frames. One module per stage
 (ingest, hierarchy, features, train, export, evaluate); files.py reads and writes what
-they share. Every file a stage writes lives under its own folder of the work directory:
+they share, data_dir.py says what a data folder holds, faults.py names the errors no retry
+cures. Every file a stage writes lives under its own folder of the work directory:
 
     ingest/      manifest/{split}.parquet/part-*.parquet (one part per incremental run), image_index/{split}.parquet,
                  quarantine.parquet, ingest_report.json, ingest_state.json,
