@@ -11,7 +11,6 @@ it resumes from its checkpoint.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -40,8 +39,6 @@ STAGE_CACHE = JsonRecordsOnly(policy=(INPUTS + TASK_SOURCE) - "parent")
 #: cached results are written as JSON and only JSON is read back (flows.tracking.result_cache); retries only
 #: for what a retry can cure (flows.stages.faults)
 CACHED = dict(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", retry_condition_fn=retry_transient)
-
-log = logging.getLogger(__name__)
 
 
 def _stage_tags(stage: str, upstream: dict[str, dict] | None = None) -> dict[str, str]:
@@ -77,6 +74,20 @@ def run_exists(run_id: str) -> bool:
         MlflowClient().get_run(run_id)
         return True
     except Exception:  # MlflowException: deleted or another store
+        return False
+
+
+def outputs_exist(*names: str):
+    return lambda out: all((Path(out["dir"]) / n).exists() for n in names) and run_exists(out["run_id"])
+
+
+def features_exist(out: dict) -> bool:
+    """The split views and the cache they point at (a view outlives a deleted cache)."""
+    from hierloc.features.extract import resolve_feature_dir
+
+    try:
+        return all(resolve_feature_dir(Path(d)).exists() for d in out["dirs"].values()) and run_exists(out["run_id"])
+    except (OSError, ValueError, KeyError):
         return False
 
 
@@ -163,20 +174,6 @@ def hierarchy_task(ingest: dict, work_dir: str, params: HierarchyParams, previou
             run.artifact(out / name)
         files = [out / "entities.parquet", *(out / f"assignments_{s}.parquet" for s in SPLITS)]
         return _finish(run, "hierarchy", {"dir": str(out), "digest": files_digest(files)})
-
-
-def outputs_exist(*names: str):
-    return lambda out: all((Path(out["dir"]) / n).exists() for n in names) and run_exists(out["run_id"])
-
-
-def features_exist(out: dict) -> bool:
-    """The split views and the cache they point at (a view outlives a deleted cache)."""
-    from hierloc.features.extract import resolve_feature_dir
-
-    try:
-        return all(resolve_feature_dir(Path(d)).exists() for d in out["dirs"].values()) and run_exists(out["run_id"])
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 @task(name="features", retries=1, **CACHED)

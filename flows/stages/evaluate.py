@@ -18,7 +18,7 @@ from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
 from hierloc.features.extract import load_features, resolve_feature_dir
 from hierloc.infer.beam import beam_search
 from hierloc.infer.retrieval import RetrievalIndex
-from hierloc.train.loop import load_model
+from hierloc.model.io import load_model
 
 
 def _majority_country_acc(ingest_dir: Path, test: pd.DataFrame) -> float:

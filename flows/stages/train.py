@@ -12,8 +12,10 @@ from flows.stages.files import load_entities, split_arrays
 from geodata.labels.hierarchy import parent_rows
 from geodata.osv5m import LEVELS
 from hierloc.model.model import ModelConfig
-from hierloc.train.loop import (EntityData, TrainConfig, TrainData, config_digest, entity_mean_features, entity_row_map,
-                                train)
+from hierloc.train.checkpoint import config_digest
+from hierloc.train.data import EntityData, TrainData, entity_mean_features
+from hierloc.train.loop import TrainConfig, train
+from hierloc.train.warm_start import entity_row_map
 
 
 def entity_text_features(ents: pd.DataFrame, spec: str, pretrained: str | None = None, batch_size: int = 256,
