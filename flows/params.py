@@ -1,7 +1,7 @@
 """Flow parameters: pydantic models with bounds and descriptions.
 
 Prefect validates them (a bad value is refused before a run starts) and renders them
-as forms in its UI; MLflow logs them whole (flows.tracking.flatten), under the same
+as forms in its UI; MLflow logs them whole (flows.tracking.runs.flatten), under the same
 names in every run, so the UI's compare view lines runs up field by field.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.registry import PromotionRule
+from flows.tracking.registry import PromotionRule
 from flows.settings import DEMO_DATA_DIR, WORK_DIR
 from hierloc.model.model import ModelConfig
 from hierloc.train.loop import TrainConfig

@@ -9,9 +9,10 @@ Both servers bind to 127.0.0.1 only; their state lives in the project folder:
 store `make demo` writes, so its runs show up in the UI), ``.run/`` (pid files, logs, and
 ``.run/env``, which a shell sources to talk to these servers).
 
-Every process is started in its own session; its pid is recorded with the command line
-it was started with, and `down` signals a pid only while that pid still runs that
-command (a recycled pid is never killed).
+Every process is started in its own session; its pid is recorded with its start time and
+command line (psutil: the kernel's view), and `down` signals a pid only while the process
+with that pid has the same start time and still runs that command (a recycled pid is never
+killed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from flows.settings import OFFLINE_DEFAULTS, PROJECT_DIR
 from geodata.atomic import write_text_atomic
@@ -109,10 +112,12 @@ class Services:
             return None
         try:
             rec = json.loads(f.read_text())
-            cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, ValueError, KeyError):
+            proc = psutil.Process(rec["pid"])
+            # the same process: same start time (a recycled pid has another), still running the same command
+            same = proc.create_time() == rec["create_time"] and proc.cmdline()[: len(rec["argv"])] == rec["argv"]
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):  # gone, a zombie, or not our record
             return None
-        return rec["pid"] if cmdline[: len(rec["argv"])] == rec["argv"] else None
+        return rec["pid"] if same else None
 
     def _start(self, name: str, argv: list[str]) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,13 +125,14 @@ class Services:
         proc = subprocess.Popen(argv, cwd=self.project_dir, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        # /proc shows the interpreter's argv: record what the kernel reports, to recognise the process later.
-        time.sleep(0.2)
+        # Popen returns once the child has exec'd; the kernel shows a script's interpreter in its
+        # argv: record what it reports, with the start time, to recognise the process later.
         try:
-            argv_seen = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-        except OSError:
-            argv_seen = argv
-        self._pid_file(name).write_text(json.dumps({"pid": proc.pid, "argv": argv_seen}))
+            seen = psutil.Process(proc.pid)
+            record = {"pid": proc.pid, "create_time": seen.create_time(), "argv": seen.cmdline()}
+        except psutil.Error:  # exited at once: recorded as started, `running` finds it gone
+            record = {"pid": proc.pid, "create_time": None, "argv": argv}
+        self._pid_file(name).write_text(json.dumps(record))
         return proc.pid
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> bool:

@@ -15,7 +15,11 @@ import pytest
 @pytest.fixture(scope="session")
 def demo_work(tmp_path_factory) -> Path:
     """A work folder after ingest, hierarchy, features, train and export (export/latest.json set)."""
-    from flows.stages import run_export, run_features, run_hierarchy, run_ingest, run_train
+    from flows.stages.export import run_export
+    from flows.stages.features import run_features
+    from flows.stages.hierarchy import run_hierarchy
+    from flows.stages.ingest import run_ingest
+    from flows.stages.train import run_train
     from geodata.demo.build import build_demo_dataset
     from hierloc.model.model import ModelConfig
     from hierloc.train.loop import TrainConfig

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from hierloc.geometry.geo import haversine_km
 from hierloc.infer.metrics import RADII_KM
 
@@ -189,7 +189,7 @@ def test_predict_from_mlflow_models(demo_bundle, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows.serving import log_pyfunc, save_pyfunc
+    from flows.serving.logged_model import log_pyfunc, save_pyfunc
 
     (direct,), _ = predict_json(PHOTOS[0], "--model", demo_bundle)
     (saved,), res = predict_json(PHOTOS[0], "--model", save_pyfunc(demo_bundle, tmp_path / "pyfunc"))
@@ -227,7 +227,7 @@ def test_predict_with_a_crafted_model_file_runs_no_code(demo_bundle, tmp_path):
     """A bundle folder, and an MLflow model folder, whose model.pt unpickles to a payload."""
     import torch
 
-    from flows.serving import save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
 
     marker = tmp_path / "pwned"
     bundle = tmp_path / "bundle"

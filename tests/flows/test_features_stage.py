@@ -1,5 +1,5 @@
 """The features stage: one incremental cache per backbone, per-split views that the train /
-evaluate / retrieval stages read through _split_arrays, digests per split, precomputed features."""
+evaluate / retrieval stages read through split_arrays, digests per split, precomputed features."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flows.stages import _split_arrays, run_features
+from flows.stages.features import run_features
+from flows.stages.files import split_arrays
 from geodata.osv5m import LEVELS
 from hierloc.features.views import load_features
 
@@ -56,7 +57,7 @@ def test_a_grown_manifest_encodes_only_its_new_images(tmp_path):
     assert (first["train"]["encoded"], first["test"]["encoded"], first["train"]["failures"]) == (14, 6, 1)
     assert first["dirs"]["train"] != first["dirs"]["test"] and Path(first["cache"]).parent == feats_root / "cache"
 
-    m, x, targets, latlon, dropped = _split_arrays(ingest, hier, Path(first["dirs"]["train"]), "train")
+    m, x, targets, latlon, dropped = split_arrays(ingest, hier, Path(first["dirs"]["train"]), "train")
     assert dropped == 1 and len(x) == 13 and int(train[3]) not in m["id"].tolist()  # the broken image: NaN, dropped
     np.testing.assert_array_equal(x, load_features(Path(first["cache"]), m["id"].to_numpy()))
     assert targets.shape == (13, len(LEVELS)) and latlon.shape == (13, 2)
@@ -68,13 +69,13 @@ def test_a_grown_manifest_encodes_only_its_new_images(tmp_path):
     assert second["cache"] == first["cache"]  # the same backbone: one cache
     assert second["digests"]["test"] == first["digests"]["test"] and second["dirs"]["test"] == first["dirs"]["test"]
     assert second["digests"]["train"] != first["digests"]["train"] and second["dirs"]["train"] != first["dirs"]["train"]
-    m2, x2, *_ = _split_arrays(ingest, hier, Path(second["dirs"]["train"]), "train")
+    m2, x2, *_ = split_arrays(ingest, hier, Path(second["dirs"]["train"]), "train")
     assert m2["id"].tolist() == [i for i in order.tolist() if i != train[3]]  # aligned with the manifest
     np.testing.assert_array_equal(x2[6:], x[::-1])  # the cached rows, unchanged
 
     _write_split(ingest, hier, "train", ID0 + np.arange(25))  # 5 ids the last features run never saw
     with pytest.raises(KeyError, match=r"5 of 25 requested ids have no cached features"):
-        _split_arrays(ingest, hier, Path(second["dirs"]["train"]), "train")
+        split_arrays(ingest, hier, Path(second["dirs"]["train"]), "train")
 
 
 def test_precomputed_features_are_checked_not_computed(tmp_path):
@@ -90,7 +91,7 @@ def test_precomputed_features_are_checked_not_computed(tmp_path):
         np.savez(folder / f"shard-{s:05d}.npz", ids=every[sl], feats=vecs[sl])
     out = run_features(tmp_path / "no-images", ingest, tmp_path / "features", backbone="precomputed:street_clip")
     assert out["dim"] == 12 and out["train"]["encoded"] == 0 and Path(out["cache"]) == folder
-    m, x, *_ = _split_arrays(ingest, hier, Path(out["dirs"]["train"]), "train")
+    m, x, *_ = split_arrays(ingest, hier, Path(out["dirs"]["train"]), "train")
     np.testing.assert_array_equal(x, vecs[[int(np.flatnonzero(every == i)[0]) for i in m["id"]]])
 
     np.savez(folder / "shard-00001.npz", ids=every[5:-1], feats=vecs[5:-1])  # the ingest lost one sample
@@ -127,7 +128,7 @@ def test_tar_rows_pass_their_offsets_to_the_reader(tmp_path):
 
 def test_a_wrong_image_root_fails_the_stage_with_the_count_and_first_failures(tmp_path):
     """Every image unreadable (the images are read from the wrong folder): no NaN features for
-    training to go on with, a clear error instead (flows.faults.FeatureFailureError)."""
+    training to go on with, a clear error instead (flows.stages.faults.FeatureFailureError)."""
     data, ingest, hier = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy"
     train, test = ID0 + np.arange(12), ID0 + 100 + np.arange(4)
     _data(data, "train", train)

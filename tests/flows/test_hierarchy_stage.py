@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import shapely
 
-from flows.stages import run_hierarchy
+from flows.stages.hierarchy import run_hierarchy
 
 
 @pytest.fixture(scope="module")

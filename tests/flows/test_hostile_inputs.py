@@ -94,7 +94,7 @@ def test_a_user_folder_without_train_csv_is_untouched_and_named_in_the_error(env
 
     user = _user_folder(demo, tmp_path / "release")
     before = _tree(user)
-    with pytest.raises(ValueError) as err:  # flows.data_dir.DataDirError
+    with pytest.raises(ValueError) as err:  # flows.stages.data_dir.DataDirError
         ingest_flow(_cfg(user, tmp_path / "work", "user-folder"))
     msg = str(err.value)
     assert str(user) in msg and "train.csv and test.csv" in msg and "train/*.tar" in msg
@@ -104,7 +104,7 @@ def test_a_user_folder_without_train_csv_is_untouched_and_named_in_the_error(env
 
 
 def test_demo_data_cli_refuses_a_folder_it_did_not_write(demo, tmp_path):
-    from flows.cli import app
+    from flows.cli.main import app
 
     user = _user_folder(demo, tmp_path / "release")
     before = _tree(user)
@@ -163,7 +163,7 @@ def test_an_absent_folder_gets_the_demo_and_the_project_demo_folder_is_rebuilt(e
 
 
 def test_folders_the_demo_may_and_may_not_be_built_in(tmp_path):
-    from flows.data_dir import DataDirError, demo_target
+    from flows.stages.data_dir import DataDirError, demo_target
 
     (tmp_path / "empty").mkdir()
     assert demo_target(tmp_path / "empty") is False and demo_target(tmp_path / "absent") is False
@@ -246,7 +246,7 @@ def test_a_missing_file_is_not_retried(env, demo, tmp_path):
 
 def test_the_hierarchy_stage_names_an_empty_split(demo, tmp_path):
     """A hierarchy run alone, on an ingest whose train split is empty: the split, not KeyError 'latitude'."""
-    from flows.stages import run_hierarchy
+    from flows.stages.hierarchy import run_hierarchy
     from geodata.ingest.run import ingest_osv5m
 
     data = tmp_path / "data"
@@ -260,7 +260,7 @@ def test_the_hierarchy_stage_names_an_empty_split(demo, tmp_path):
 def test_only_transient_failures_are_retried(env):
     from prefect import flow, task
 
-    from flows.faults import is_transient, retry_transient
+    from flows.stages.faults import is_transient, retry_transient
 
     tries: list[str] = []
 

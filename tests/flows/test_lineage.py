@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from flows.lineage import TrackingUnavailable, check_tracking, files_digest, source_digest
+from flows.tracking.lineage import TrackingUnavailable, check_tracking, files_digest, source_digest
 from hierloc.digest import digest_of
 
 

@@ -36,7 +36,8 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_result(tmp_path_factory, tracking, prefect_server):
-    from flows.pipeline import PipelineConfig, pipeline
+    from flows.params import PipelineConfig
+    from flows.pipeline import pipeline
 
     from geodata.demo.build import build_demo_dataset
 
@@ -97,7 +98,7 @@ def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, t
 def test_bad_parameters_are_rejected_before_anything_runs():
     from pydantic import ValidationError
 
-    from flows.pipeline import PipelineConfig
+    from flows.params import PipelineConfig
 
     with pytest.raises(ValidationError, match="beam_k"):
         PipelineConfig.model_validate({"evaluate": {"beam_k": 0}})
@@ -116,7 +117,7 @@ def test_logged_pyfunc_model_answers_real_photos_paths_and_bytes(pipeline_result
     photos = sorted((Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images").glob("*.jpg"))[:6]
     assert photos, "the OSV-5M sample photos are missing"
     # the path column reads only inside the folder set when the model is loaded (or served), and a
-    # missing file is refused like any other path it will not open (flows.serving.read_served_path)
+    # missing file is refused like any other path it will not open (flows.serving.pyfunc.read_served_path)
     model = mlflow.pyfunc.load_model(result["model_uri"], model_config={"path_root": str(photos[0].parent)})
     by_path = model.predict(pd.DataFrame({"path": [str(p) for p in photos] + ["/no/such/photo.jpg"]}))
     assert len(by_path) == len(photos) + 1
@@ -137,7 +138,8 @@ def test_logged_pyfunc_model_answers_real_photos_paths_and_bytes(pipeline_result
 def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracking, prefect_server):
     """labeler: polygons end to end: the embedded geoBoundaries polygons (built on the first run,
     ~1 min, then cached), Dask-parallel labelling, training and evaluation on the result."""
-    from flows.pipeline import PipelineConfig, pipeline
+    from flows.params import PipelineConfig
+    from flows.pipeline import pipeline
     from geodata.demo.build import build_demo_dataset
 
     build_demo_dataset(tmp_path / "data", n_train=1500, n_test=200, seed=4)
@@ -161,12 +163,13 @@ def test_flow_with_the_polygons_labeler_on_the_embedded_default(tmp_path, tracki
 
 def test_retrieval_baseline_through_the_same_stages(pipeline_result, tmp_path):
     """The paper's retrieval baseline on the same ingest/hierarchy/features as the model run."""
-    from flows import stages
+    from flows.stages.data_dir import SPLITS
+    from flows.stages.evaluate import run_retrieval
 
     cfg, result = pipeline_result
     work = Path(cfg.work_dir)
-    dirs = {s: str(next((work / "features").glob(f"*/{s}"))) for s in stages.SPLITS}  # the run's feature cache
-    m = stages.run_retrieval(work / "ingest", work / "hierarchy", dirs, tmp_path / "retrieval")
+    dirs = {s: str(next((work / "features").glob(f"*/{s}"))) for s in SPLITS}  # the run's feature cache
+    m = run_retrieval(work / "ingest", work / "hierarchy", dirs, tmp_path / "retrieval")
     for name in ("geoscore", "acc_country", "acc_1km", "pick_acc_city", "search_queries_per_s", "index_gb"):
         assert name in m
     assert m["n"] == result["metrics"]["n"] and 0 <= m["acc_country"] <= 1

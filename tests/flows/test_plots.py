@@ -1,4 +1,4 @@
-"""flows.plots: every figure is a real PNG, inputs are checked, the geometry helpers keep invariants."""
+"""flows.report (maps, charts, embeddings): every figure is a real PNG, inputs are checked, the geometry helpers keep invariants."""
 
 from __future__ import annotations
 
@@ -11,20 +11,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from flows.plots import (
-    WORLD,
-    candidates_map,
-    confusion_table,
-    country_confusion,
-    error_cdf,
-    error_map,
-    level_accuracy_bars,
-    lorentz_to_ball,
-    map_extent,
-    map_segments,
-    poincare_disk,
-    radial_pca_2d,
-)
+from flows.report.charts import confusion_table, country_confusion, error_cdf, level_accuracy_bars
+from flows.report.embeddings import lorentz_to_ball, poincare_disk, radial_pca_2d
+from flows.report.maps import WORLD, candidates_map, error_map, map_extent, map_segments
 from hierloc.geometry.geo import haversine_km
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,7 +264,7 @@ def test_plots_never_import_pyplot(tmp_path):
     """No pyplot: no global figure manager or backend switch, safe in Prefect worker threads."""
     code = (
         "import sys\n"
-        "from flows.plots import level_accuracy_bars\n"
+        "from flows.report.charts import level_accuracy_bars\n"
         f"level_accuracy_bars({{'acc_country': 0.5}}, {str(tmp_path / 'b.png')!r})\n"
         "print('matplotlib.pyplot' in sys.modules)\n"
     )
@@ -287,7 +276,7 @@ def test_plots_never_import_pyplot(tmp_path):
 def test_entity_map_writes_a_png_and_checks_levels(tmp_path):
     from PIL import Image
 
-    from flows.plots import entity_map
+    from flows.report.maps import entity_map
 
     lat = np.array([48.85, 45.76, 45.75, 45.74])
     lon = np.array([2.35, 4.83, 4.85, 4.86])

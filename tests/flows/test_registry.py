@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flows.registry import CHAMPION, PromotionRule, apply_decision, champion_version, decide, register
+from flows.tracking.registry import CHAMPION, PromotionRule, apply_decision, champion_version, decide, register
 
 
 def test_first_model_is_promoted_unless_told_otherwise():

@@ -1,4 +1,4 @@
-"""flows.scoring: the metrics CLI on the real OSV-5M sample (baseline predictions)."""
+"""flows.report.scoring: the metrics CLI on the real OSV-5M sample (baseline predictions)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.scoring import format_metrics_table, score_prediction_csv
+from flows.report.scoring import format_metrics_table, score_prediction_csv
 from geodata.labels.geonames import default_labeler
 from geodata.osv5m import UNIQUE_COLUMNS, unique_keys
 from hierloc.infer.metrics import per_row_hits, predicted_keys, truth_keys

@@ -29,7 +29,7 @@ def _get(url: str, timeout: float = 2.0) -> int:
 def test_pyfunc_round_trip_in_process(demo_bundle, tmp_path):
     import mlflow
 
-    from flows.serving import save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
 
     photos = sorted((Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images").glob("*.jpg"))[:3]
     # the path column reads only inside the folder set when the model is loaded (or served)
@@ -43,7 +43,7 @@ def test_pyfunc_round_trip_in_process(demo_bundle, tmp_path):
 
 
 def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
-    from flows.serving import save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
 
     model_dir = save_pyfunc(demo_bundle, tmp_path / "pyfunc")
     served = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
@@ -103,7 +103,8 @@ def test_bad_feature_rows_are_reported_per_row_and_columns_stay(demo_bundle, tmp
     import mlflow
     import numpy as np
 
-    from flows.serving import OUTPUT_COLUMNS, save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
+    from flows.serving.pyfunc import OUTPUT_COLUMNS
     from hierloc.infer.predictor import Predictor
 
     dim = Predictor.load(demo_bundle, with_backbone=False).feature_dim
@@ -122,7 +123,7 @@ def test_the_pyfunc_is_a_model_from_code_with_plain_artifacts(demo_bundle, tmp_p
     """No pickle in the model folder; it loads with MLflow's pickle loading switched off."""
     import mlflow
 
-    from flows.serving import save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
 
     model_dir = save_pyfunc(demo_bundle, tmp_path / "pyfunc")
     files = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
@@ -141,7 +142,7 @@ def test_the_path_column_reads_only_inside_the_served_folder(demo_bundle, tmp_pa
     so a client cannot tell which files exist on the server."""
     import mlflow
 
-    from flows.serving import save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
 
     sample = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
     photo = sorted(sample.glob("*.jpg"))[0]
@@ -176,7 +177,8 @@ def test_served_image_bytes_are_capped_before_decoding(demo_bundle, tmp_path):
 
     import mlflow
 
-    from flows.serving import DEFAULT_MODEL_CONFIG, SERVED_MAX_IMAGE_BYTES, save_pyfunc
+    from flows.serving.logged_model import save_pyfunc
+    from flows.serving.pyfunc import DEFAULT_MODEL_CONFIG, SERVED_MAX_IMAGE_BYTES
 
     assert DEFAULT_MODEL_CONFIG["max_image_bytes"] == SERVED_MAX_IMAGE_BYTES
     photo = sorted((Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images").glob("*.jpg"))[0].read_bytes()

@@ -30,7 +30,7 @@ def store(tmp_path, monkeypatch):
 def test_artifacts_follow_the_tracking_store_not_the_project(store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.tracking import tracked_run
+    from flows.tracking.runs import tracked_run
 
     before = _files(PROJECT_DIR / "mlartifacts")
     (tmp_path / "note.txt").write_text("hello")

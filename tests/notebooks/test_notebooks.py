@@ -34,7 +34,8 @@ def pipeline_run(tmp_path_factory):
     from mlflow.tracking import MlflowClient
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import PipelineConfig, pipeline
+    from flows.params import PipelineConfig
+    from flows.pipeline import pipeline
     from geodata.demo.build import build_demo_dataset
 
     mlflow.set_tracking_uri(tracking_uri)

@@ -1,6 +1,6 @@
-"""Score a prediction CSV against OSV-5M ground truth.
-
-For the CLI ``hierloc metrics PRED_CSV --truth TRUTH_CSV``.
+"""Score predictions against OSV-5M ground truth: points (``score_points``, the evaluate stage
+and benchmarks), a prediction CSV (the CLI ``hierloc metrics PRED_CSV --truth TRUTH_CSV``),
+and the entity picked at each level (``pick_metrics``).
 Wires geodata (CSV reading, GeoNames reverse geocoding, unique keys) to hierloc's
 haversine and OSV-5M metrics.
 """
@@ -16,11 +16,12 @@ import pandas as pd
 from geodata.atomic import atomic_write_path
 from geodata.labels.coordinates import parse_coordinates
 from geodata.labels.geonames import GeoNamesLabeler, default_labeler
-from geodata.osv5m import LABEL_COLUMNS, UNIQUE_COLUMNS, unique_keys
+from geodata.osv5m import LABEL_COLUMNS, LEVELS, UNIQUE_COLUMNS, unique_keys
 from hierloc.geometry.geo import geoscore, haversine_km
 from hierloc.infer.metrics import (
     METRIC_LEVELS,
     RADII_KM,
+    expected_calibration_error,
     osv5m_metrics,
     per_row_hits,
     predicted_keys,
@@ -107,6 +108,24 @@ def score_points(
     metrics = osv5m_metrics(dist_km, pred_keys, true_keys, variant=variant, inclusive=inclusive)
     return metrics, dist_km, per_row_hits(pred_keys, true_keys)
 
+
+def pick_metrics(level_index: np.ndarray, picks: np.ndarray, pick_prob: np.ndarray,
+                 targets: np.ndarray) -> dict[str, float]:
+    """How right the entity picked at each level is, and how calibrated its probability.
+
+    level_index: (E,) each entity row's index within its level; picks (N, L) entity rows
+    picked by the beam search, pick_prob (N, L) their probabilities; targets (N, L) the true
+    index within each level (-1: none). -> pick_acc_<level>, ece_<level> and
+    mean_prob_<level> (NaN without rows).
+    """
+    metrics: dict[str, float] = {}
+    for lvl, name in enumerate(LEVELS):
+        picked_ok = level_index[picks[:, lvl]] == targets[:, lvl]
+        metrics[f"pick_acc_{name}"] = float(picked_ok.mean()) if len(targets) else float("nan")
+        # Are the beam probabilities calibrated? 0 = a picked entity with probability p is right a share p of the time.
+        metrics[f"ece_{name}"] = expected_calibration_error(pick_prob[:, lvl], picked_ok)
+        metrics[f"mean_prob_{name}"] = float(pick_prob[:, lvl].mean()) if len(targets) else float("nan")
+    return metrics
 
 def score_prediction_csv(
     pred_csv: str | Path,

@@ -1,7 +1,7 @@
 """The model registry: every trained model is registered; the ``champion`` alias moves by rule.
 
 The gate compares the candidate with the current champion on the SAME fixed test
-split, both scored by the same function (flows.stages.score_bundle), and moves the
+split, both scored by the same function (flows.stages.evaluate.score_bundle), and moves the
 alias only when the rule says so. Both versions are tagged with the decision and the
 numbers, so the registry page tells why the alias is where it is.
 """

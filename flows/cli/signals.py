@@ -1,5 +1,4 @@
-"""What `hierloc run` does around the flow: read the config with one-line errors, and stop
-cleanly on SIGTERM.
+"""What `hierloc run` does around the flow when SIGTERM comes: stop cleanly.
 
 SIGTERM: the flow's task is interrupted where it is (Prefect turns the signal into an
 exception inside the running task: training keeps its last atomic checkpoint, and the next
@@ -12,7 +11,6 @@ SIGTERM come, the servers and worker processes are stopped and the process exits
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -20,7 +18,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 #: seconds between SIGTERM and the forced exit (under the usual 20 s before a SIGKILL)
@@ -28,67 +25,8 @@ GRACE_S = 12.0
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
-class ConfigError(ValueError):
-    """A --config file that is not valid JSON, or holds unknown keys or bad values."""
-
-
 class Terminated(BaseException):
     """SIGTERM arrived (a BaseException, like KeyboardInterrupt: no `except Exception` swallows it)."""
-
-
-def _model_at(model, loc: tuple) -> type | None:
-    """The pydantic model class at the nested field path ``loc`` of ``model``."""
-    from pydantic import BaseModel
-
-    for name in loc:
-        field = getattr(model, "model_fields", {}).get(name)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def _describe(model, err: dict) -> str:
-    loc = tuple(str(p) for p in err.get("loc", ()))
-    where = "at the top level" if len(loc) <= 1 else f"in '{'.'.join(loc[:-1])}'"
-    if err.get("type") == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
-        return f"unknown key '{loc[-1] if loc else ''}' {where}; allowed there: {allowed}"
-    got = repr(err.get("input"))
-    return f"'{'.'.join(loc)}': {err.get('msg')} (got {got if len(got) <= 80 else got[:77] + '...'})"
-
-
-def load_config(path: Path | None, overrides: dict):
-    """PipelineConfig from a JSON file and command-line overrides; ConfigError with one line
-    per problem (an unknown key names the keys allowed where it stands)."""
-    from pydantic import ValidationError
-
-    from flows.params import PipelineConfig
-
-    data: dict = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of settings, got {type(data).__name__}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError("\n".join(f"{path or 'config'}: {_describe(PipelineConfig, e)}" for e in exc.errors()))
-
-
-def load_config_or_exit(path: Path | None, overrides: dict):
-    """load_config, or one ``error:`` line per problem on stderr and exit code 2 (no traceback)."""
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        sys.stderr.write("".join(f"error: {line}\n" for line in str(exc).splitlines()))
-        raise SystemExit(2) from None
 
 
 def _servers() -> list:
@@ -178,3 +116,4 @@ def stop_on_sigterm(grace_s: float = GRACE_S) -> Iterator[None]:
         raise SystemExit(EXIT_SIGTERM) from None
     finally:
         inside[0] = False
+

@@ -11,7 +11,7 @@ and to flows.scoring (the official metrics):
    without its image is counted and listed (``skipped.csv``), never dropped silently;
 3. decode photos in batches (a thread pool, one batch ahead), backbone features, beam search;
    a photo that does not decode is counted and listed like a missing one;
-4. metrics with ``flows.scoring.score_points``: truth keys are the file's OSV-5M labels
+4. metrics with ``flows.report.scoring.score_points``: truth keys are the file's OSV-5M labels
    (osv5m), or GeoNames labels of the true coordinates (``geodata.labels.geonames_csv.label_frame``,
    the way OSV-5M labelled its release) for benchmarks that have none. Distance thresholds
    count ``d <= r`` for im2gps3k / yfcc4k / generic (their code) and ``d < r`` for osv5m
@@ -35,8 +35,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from flows.plots import error_cdf, error_map
-from flows.scoring import score_points
+from flows.report.charts import error_cdf
+from flows.report.maps import error_map
+from flows.report.scoring import score_points
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.eval_sets.benchmark_csv import INCLUSIVE_BY_FORMAT
 from geodata.eval_sets.photos import decoded_batches, find_benchmark_images

@@ -43,6 +43,23 @@ def _empty_or_absent(root: Path) -> bool:
     return not root.exists() or (root.is_dir() and not any(root.iterdir()))
 
 
+def _wanted(layout: str) -> str:
+    looked = {"csv": "train.csv and test.csv (the OSV-5M release layout)",
+              "webdataset": "train/*.tar and test/*.tar (the WebDataset copy)"}
+    return " or ".join(v for k, v in looked.items() if layout in ("auto", k))
+
+
+def _held(root: Path) -> str:
+    """What the folder holds, in a few words (its first 8 names)."""
+    if not root.exists():
+        return "it does not exist"
+    if not root.is_dir():
+        return "it is not a folder"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    return "it holds " + (", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+                          if names else "nothing")
+
+
 def demo_target(root: Path, layout: str = "auto", build_if_missing: bool = True) -> bool | None:
     """None: ``root`` holds the data (no demo needed). True / False: build the demo there,
     claiming the folder (True: the project's demo folder) or not (False: empty, absent or an
@@ -55,18 +72,7 @@ def demo_target(root: Path, layout: str = "auto", build_if_missing: bool = True)
             return True
         if _empty_or_absent(root) or owns_folder(root):
             return False
-    looked = {"csv": "train.csv and test.csv (the OSV-5M release layout)",
-              "webdataset": "train/*.tar and test/*.tar (the WebDataset copy)"}
-    wanted = " or ".join(v for k, v in looked.items() if layout in ("auto", k))
-    if not root.exists():
-        held = "it does not exist"
-    elif not root.is_dir():
-        held = "it is not a folder"
-    else:
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-        held = "it holds " + (", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-                              if names else "nothing")
     why = "" if not build_if_missing or layout == "webdataset" else (
         "; the embedded demo data is built only into the project's demo folder or an empty or absent folder, "
         "so nothing was written here")
-    raise DataDirError(f"data folder {root}: found neither layout: looked for {wanted}; {held}{why}")
+    raise DataDirError(f"data folder {root}: found neither layout: looked for {_wanted(layout)}; {_held(root)}{why}")

@@ -15,8 +15,8 @@ Output: one row per input row (hierloc.infer.predictor.predictions_frame): latit
 longitude, path, <level>_key / _name / _prob, candidates (JSON), and ``error``
 (empty when the row was answered; a bad row does not fail the batch).
 
-The model is logged as a *model from code* (flows/pyfunc_model.py, which builds a
-``HierLocPyfunc``): loading it unpickles nothing. Its only artifact is the bundle folder
+The model is logged as a *model from code* (flows/serving/pyfunc_model.py, which builds a
+``HierLocPyfunc``; flows/serving/logged_model.py): loading it unpickles nothing. Its only artifact is the bundle folder
 (hierloc/infer/predictor.py): bundle.json, model.pt (read with torch.load(weights_only=True)),
 entities.parquet, and the backbone's weights when they came from a local file; its settings
 are plain values in MLmodel's model_config. ``mlflow.pyfunc.load_model("runs:/<id>/model")``
@@ -29,16 +29,11 @@ import base64
 import binascii
 import os
 import stat
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import ParamSchema, ParamSpec
 
 from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from hierloc.infer.predictor import Predictor, predictions_frame
@@ -46,13 +41,10 @@ from hierloc.infer.predictor import Predictor, predictions_frame
 INPUT_COLUMNS = ("path", "image", "features")
 OUTPUT_COLUMNS = ("latitude", "longitude", "path", *(f"{lvl}_{f}" for lvl in ("country", "region", "subregion", "city")
                                                       for f in ("key", "name", "prob")), "candidates")
-_REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "geoopt", "faiss-cpu", "pandas", "pyarrow", "pillow", "mlflow")
 
 #: The largest photo the served model reads, per row (``image`` bytes, or a ``path`` file):
 #: checked before decoding. OSV-5M photos are under 1 MB; a 100-megapixel JPEG is about 30 MB.
 SERVED_MAX_IMAGE_BYTES = 32 << 20
-#: The model-from-code file MLflow runs to build the pyfunc (no pickled object is logged).
-MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 #: The pyfunc's settings (MLmodel's model_config); each can be overridden when the model is
 #: loaded or served. ``path_root`` "" = the ``path`` column is off.
 DEFAULT_MODEL_CONFIG = {"top_k": 5, "beam_k": 10, "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
@@ -178,102 +170,3 @@ class HierLocPyfunc(PythonModel):
         out["error"] = errors
         return out
 
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the serving environment (what this process runs with)."""
-    reqs = []
-    for name in _REQUIREMENTS:
-        try:
-            reqs.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    try:
-        reqs.append(f"hierloc=={metadata.version('hierloc')}")
-    except metadata.PackageNotFoundError:
-        pass
-    return reqs
-
-
-def log_pyfunc(client, run_id: str, bundle: Path, name: str = "model") -> str:
-    """Log the bundle as a pyfunc model under ``name`` in the run (explicit run id, no
-    fluent active run: Prefect may run tasks in threads); returns ``runs:/<id>/<name>``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pyfunc(bundle, Path(tmp) / name)
-        client.log_artifacts(run_id, str(Path(tmp) / name), name)
-    return f"runs:/{run_id}/{name}"
-
-
-def signature() -> ModelSignature:
-    """No fixed input schema (one of several input columns), but a declared ``top_k`` param
-    (MLflow drops params that the signature does not declare)."""
-    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("top_k", "long", 5)]))
-
-
-def save_pyfunc(bundle: Path, path: Path, model_config: dict | None = None) -> Path:
-    """Save the bundle as a pyfunc model folder (no tracking server needed): a model from code
-    (MODEL_CODE), the bundle folder as its artifact, ``model_config`` over DEFAULT_MODEL_CONFIG."""
-    unknown = sorted(set(model_config or {}) - set(DEFAULT_MODEL_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown model_config keys {unknown}; allowed: {sorted(DEFAULT_MODEL_CONFIG)}")
-    mlflow.pyfunc.save_model(path=str(path), python_model=str(MODEL_CODE), artifacts={"bundle": str(bundle)},
-                             model_config={**DEFAULT_MODEL_CONFIG, **(model_config or {})},
-                             pip_requirements=pip_requirements(), signature=signature())
-    return Path(path)
-
-
-def _is_mlflow_uri(model: str) -> bool:
-    return model.startswith(("runs:/", "models:/")) or "://" in model
-
-
-def resolve_bundle(model: str | None, work_dir: Path) -> Path:
-    """The bundle folder that ``model`` names, for ``hierloc predict`` / ``evaluate``.
-
-    ``model`` is one of: a bundle folder (holds bundle.json); a saved MLflow model folder
-    (MLmodel + artifacts/bundle, what save_pyfunc writes); an MLflow model URI
-    (``runs:/<run_id>/model``, ``models:/<name>/<version>``, or any artifact URI),
-    downloaded from the current tracking store into a temporary folder removed at exit;
-    or None: the bundle the last pipeline run exported under ``work_dir``
-    (flows.stages.latest_bundle). Raises FileNotFoundError / ValueError saying what to do.
-    """
-    import atexit
-    import shutil
-
-    from flows.stages import latest_bundle
-
-    if model is None:
-        found = latest_bundle(Path(work_dir))
-        if found is None:
-            raise FileNotFoundError(
-                f"no trained model found ({Path(work_dir) / 'export' / 'latest.json'} is missing or points at no "
-                "bundle): run `make demo` (or `hierloc demo`) to train one, or pass --model with a bundle folder "
-                "or an MLflow model URI such as runs:/<run_id>/model")
-        return found
-    path = Path(model).expanduser()
-    if not path.exists() and _is_mlflow_uri(model):
-        tmp = Path(tempfile.mkdtemp(prefix="hierloc-model-"))
-        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(tmp)))
-        except Exception as exc:  # MlflowException, OSError, ...: say which store was asked
-            raise ValueError(
-                f"cannot download the MLflow model {model} from the tracking store {mlflow.get_tracking_uri()} "
-                f"({type(exc).__name__}: {exc}); check the run id / model name, or set MLFLOW_TRACKING_URI") from exc
-        path = local
-    if (path / "bundle.json").is_file():
-        return path
-    if (path / "MLmodel").is_file():
-        # save_model copies the bundle to artifacts/<its folder name> and records that path in MLmodel
-        from mlflow.models import Model
-
-        flavor = Model.load(str(path / "MLmodel")).flavors.get("python_function", {})
-        rel = (flavor.get("artifacts") or {}).get("bundle", {}).get("path")
-        inner = (path / rel).resolve() if rel else None
-        if inner is not None and inner.is_relative_to(path.resolve()) and (inner / "bundle.json").is_file():
-            return inner
-        raise ValueError(f"{model}: an MLflow model, but not a hierloc one (its MLmodel names no 'bundle' artifact "
-                         "holding bundle.json); pass a model logged by the hierloc pipeline")
-    if not path.exists():
-        raise FileNotFoundError(f"{model}: no such folder; pass a bundle folder (work/export/<digest>), "
-                                "a saved MLflow model folder, or an MLflow model URI such as runs:/<run_id>/model")
-    raise ValueError(f"{model}: neither a hierloc bundle (no bundle.json) nor an MLflow model folder (no MLmodel); "
-                     "pass work/export/<digest> or runs:/<run_id>/model")

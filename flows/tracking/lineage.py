@@ -7,7 +7,7 @@ id, so a model can be traced back to the exact data and hierarchy it came from:
 model version -> train run -> (ingest, hierarchy, features run ids and digests) ->
 the raw dataset's digest and folder.
 
-The digests double as Prefect cache keys (flows/pipeline.py): a stage whose inputs
+The digests double as Prefect cache keys (flows/tasks.py): a stage whose inputs
 and parameters have the same digests as an earlier, finished run is not run again.
 """
 

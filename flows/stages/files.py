@@ -1,0 +1,53 @@
+"""What the stages share on disk: atomic JSON and Parquet writes, the manifests, the entity
+table, and one split's features aligned with its targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from flows.stages.data_dir import SPLITS
+from flows.stages.faults import EmptySplitError
+from geodata.atomic import write_parquet_atomic, write_text_atomic
+from geodata.labels.targets import SplitTargets, split_targets
+from hierloc.features.views import load_features, resolve_feature_dir
+
+
+def write_json(obj: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, default=str), path)
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
+
+
+def manifest_path(ingest_dir: Path, split: str) -> Path:
+    return Path(ingest_dir) / "manifest" / f"{split}.parquet"
+
+
+def read_manifests(ingest_dir: Path) -> dict[str, pd.DataFrame]:
+    """Every split's manifest; EmptySplitError names a split without rows."""
+    manifests = {split: pd.read_parquet(manifest_path(ingest_dir, split)) for split in SPLITS}
+    for split in (s for s, m in manifests.items() if m.empty):
+        raise EmptySplitError(f"split {split!r} has no rows to work on: {manifest_path(ingest_dir, split)} "
+                              f"is empty (see {Path(ingest_dir) / 'ingest_report.json'})")
+    return manifests
+
+
+def load_entities(hierarchy_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(hierarchy_dir) / "entities.parquet")
+
+
+def split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, split: str,
+                 require_targets: bool = False) -> SplitTargets:
+    """Features, per-level targets and coordinates of one split, aligned by image id
+    (geodata.labels.targets.split_targets: rows without features dropped and counted; with
+    ``require_targets`` also rows without an entity at some level)."""
+    m = pd.read_parquet(manifest_path(ingest_dir, split))
+    a = pd.read_parquet(Path(hierarchy_dir) / f"assignments_{split}.parquet")
+    feats = load_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))  # KeyError if missing
+    return split_targets(m, a, feats, require_targets)
