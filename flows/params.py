@@ -97,7 +97,7 @@ class EvalParams(BaseModel):
         "hierloc", description="hierloc: train the model and beam-search it; retrieval: the paper's baseline, the "
                                "location of the nearest training image by backbone feature (no training)")
     beam_k: int = Field(10, ge=1, le=10_000, description="beam width (paper: 10)")
-    variant: Literal["official", "corrected"] = Field("official", description="OSV-5M metric variant (see README)")
+    variant: Literal["official", "corrected"] = Field("official", description="OSV-5M metric variant (see docs/metrics.md)")
 
 
 class RegistryParams(BaseModel):

@@ -199,7 +199,7 @@ def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeaturePar
             run.metrics({f"{split}_{k}": out[split][k] for k in ("n", "encoded", "cached", "failures", "images_per_s")})
         run.metrics({"dim": out["dim"]})
         run.json(out, "features.json")
-        # digest: backbone spec + weights content + each split's ids (hierloc.features.extract.features_digest)
+        # digest: backbone spec + weights content + each split's ids (hierloc.features.views.features_digest)
         return _finish(run, "features", {"dirs": out["dirs"], "backbone": f.backbone, "pretrained": f.pretrained,
                                          "dim": out["dim"], "digests": out["digests"],
                                          "digest": digest_of([out["digests"][s] for s in SPLITS])})

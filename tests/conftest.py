@@ -1,8 +1,15 @@
 """Where the real OSV-5M sample lies: $HIERLOC_OSV5M_SAMPLE, else ../shared/osv5m-sample
-beside the checkout (as on developers' machines and in CI). Tests read the env var."""
+beside the checkout (as on developers' machines and in CI). Tests read the env var.
+
+Also the two harnesses of the flow tests: a temp MLflow store and a temp Prefect server whose
+result records stay in a temp folder (nothing is written into the project folder)."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,3 +19,45 @@ def pytest_configure(config):
         candidates = [ROOT.parent / "shared" / "osv5m-sample", ROOT / "shared" / "osv5m-sample"]
         found = next((c for c in candidates if (c / "select.csv").exists()), candidates[0])
         os.environ["HIERLOC_OSV5M_SAMPLE"] = str(found)
+
+
+@contextmanager
+def _tracking_store(uri: str) -> Iterator[None]:
+    """MLFLOW_TRACKING_URI (and mlflow's own setting) pointed at ``uri`` for the block, then restored."""
+    import mlflow
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+        mlflow.set_tracking_uri(old)
+
+
+@contextmanager
+def _prefect_harness(results_dir: Path) -> Iterator[None]:
+    """A temporary Prefect server for the block, with the cached stages' result records written
+    under ``results_dir`` (not the project's .prefect/storage)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(results_dir)}), \
+            prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tracking_store():
+    """``with tracking_store(uri):`` a temp MLflow store for the block."""
+    return _tracking_store
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """``with prefect_harness(results_dir):`` a temp Prefect server whose results stay in ``results_dir``."""
+    return _prefect_harness

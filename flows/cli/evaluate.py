@@ -22,7 +22,7 @@ def evaluate(
     fmt: str = typer.Option("auto", "--format", help="auto | im2gps3k | yfcc4k | generic | osv5m"),
     latlon_order: str = typer.Option("auto", "--latlon-order", help="auto (decide from ranges and GeoNames "
                                      "plausibility) | as-labelled | swapped"),
-    variant: str = typer.Option("official", help="official (published numbers) | corrected (see README)"),
+    variant: str = typer.Option("official", help="official (published numbers) | corrected (see docs/metrics.md)"),
     inclusive: Optional[bool] = typer.Option(None, "--inclusive/--strict", help="count d <= r / d < r for the km "
                                              "thresholds (default: inclusive for im2gps3k, yfcc4k, generic, as their "
                                              "code; strict for osv5m, as its code)",

@@ -2,7 +2,7 @@
 
 For ``hierloc evaluate``. One function, ``evaluate_benchmark``, wires geodata (ground-truth
 readers, image finding, GeoNames labels) to hierloc (the Predictor's backbone and beam search)
-and to flows.scoring (the official metrics):
+and to flows.report.scoring (the official metrics):
 
 1. read the ground truth (``geodata.eval_sets.truth.read_truth``): im2gps3k / yfcc4k / generic
    files (latitude/longitude order decided and explained, bad rows quarantined with their
@@ -198,7 +198,7 @@ def evaluate_benchmark(
 
     Returns a JSON-ready dict: format, variant, inclusive, swapped, swap_evidence, counts
     (n_rows, n_evaluated, n_missing_images, n_unreadable_images, n_quarantined), examples
-    of skipped rows, metrics (flows.scoring names + pick_acc_<level>), timings, and the
+    of skipped rows, metrics (flows.report.scoring names + pick_acc_<level>), timings, and the
     written files. Raises ValueError when no row could be evaluated.
     """
     t_start = time.perf_counter()

@@ -17,7 +17,7 @@ partition order, so the output rows line up with the input rows.
   workers must see ``work_dir`` (a shared filesystem) and have hierloc installed.
 The environment variable ``HIERLOC_DASK_SCHEDULER`` sets the default.
 
-``runner``: hand the partitions to someone else's executor instead (flows/pipeline.py
+``runner``: hand the partitions to someone else's executor instead (flows/tasks.py
 passes one that runs each partition as a Prefect task on the flow's DaskTaskRunner):
 ``runner(call, arglist)`` must run ``call(*args)`` for every args tuple and return when
 all are done. The partition files and the payload folder are the same as above.

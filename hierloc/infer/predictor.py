@@ -9,7 +9,7 @@ A *bundle* is one folder:
 
 ``Predictor`` loads a bundle and answers for images or for precomputed backbone
 features: the top-k hierarchical paths with probabilities and coordinates
-(hierloc.infer.beam). The MLflow pyfunc model (flows/serving.py) and the
+(hierloc.infer.beam). The MLflow pyfunc model (flows/serving/) and the
 ``hierloc predict`` tool are thin shells around it.
 """
 

@@ -109,7 +109,7 @@ class GeoWeightedInfoNCE(nn.Module):
 
     Args:
         betas: per-level weights beta_l (coarse to fine).
-        tau, lam, sigma_km: initial values (GAP in the paper: see README).
+        tau, lam, sigma_km: initial values (GAP in the paper: see docs/method.md).
         kernel: geographic weighting kernel.
         learnable: train tau/lambda/sigma (else fixed buffers).
         weighted: False gives plain InfoNCE (w_k = 1; the paper's lambda = 0 ablation).

@@ -59,7 +59,7 @@ CURVATURE_RANGE_FACTOR = 10.0
 
 
 class ModelConfig(BaseModel):
-    """Sizes and geometry of the model. Sizes are GAPs in the paper: see README.
+    """Sizes and geometry of the model. Sizes are GAPs in the paper: see docs/method.md.
 
     Defaults reproduce the models saved before attention, spherical harmonics and a
     learnable curvature existed, so old model files load unchanged.

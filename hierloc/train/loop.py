@@ -52,7 +52,7 @@ LogFn = Callable[[dict[str, float], int], None]
 
 
 class TrainConfig(BaseModel):
-    """Optimisation and loss settings. Loss initial values are GAPs: see README."""
+    """Optimisation and loss settings. Loss initial values are GAPs: see docs/method.md."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

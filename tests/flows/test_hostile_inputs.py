@@ -22,26 +22,11 @@ SMALL = {"n_train": 30, "n_test": 10, "seed": 1}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tracking_store, prefect_harness):
     """A temp MLflow store and Prefect server; Prefect's result files under a temp folder."""
-    import os
-
-    import mlflow
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
     root = tmp_path_factory.mktemp("hostile")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(root / "results")}), \
-            prefect_test_harness(server_startup_timeout=120):
+    with tracking_store(f"sqlite:///{root / 'mlflow.db'}"), prefect_harness(root / "results"):
         yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI")
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-    mlflow.set_tracking_uri(old)
 
 
 @pytest.fixture(scope="module")

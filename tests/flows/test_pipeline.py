@@ -8,29 +8,15 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
+def tracking(tmp_path_factory, tracking_store):
     root = tmp_path_factory.mktemp("mlflow")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI")
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-    mlflow.set_tracking_uri(old)
+    with tracking_store(f"sqlite:///{root / 'mlflow.db'}"):
+        yield root
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    # the cached stages' result records go to a temp folder, not the project's .prefect/
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}), \
-            prefect_test_harness(server_startup_timeout=120):
+def prefect_server(tmp_path_factory, prefect_harness):
+    with prefect_harness(tmp_path_factory.mktemp("results")):
         yield
 
 

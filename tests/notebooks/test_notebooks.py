@@ -24,22 +24,17 @@ N_TRAIN, N_TEST = 1200, 150
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, tracking_store, prefect_harness):
     """The whole flow once: demo data with one bad row, ingest .. evaluate, MLflow in a temp folder."""
-    root = tmp_path_factory.mktemp("notebooks")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    import mlflow
     from mlflow.tracking import MlflowClient
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.params import PipelineConfig
     from flows.pipeline import pipeline
     from geodata.demo.build import build_demo_dataset
 
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    root = tmp_path_factory.mktemp("notebooks")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    with tracking_store(tracking_uri):
         # Created here so that the artifacts go to the temp folder, not the project's mlartifacts/.
         MlflowClient().create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
         build_demo_dataset(root / "data", n_train=N_TRAIN, n_test=N_TEST, seed=3)
@@ -50,15 +45,9 @@ def pipeline_run(tmp_path_factory):
             "features": {"num_workers": 0}, "model": {"dim": 16, "hidden": 64},
             "train": {"epochs": 2, "batch_size": 128, "warmup_steps": 5},
         })
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_harness(root / "results"):
             result = pipeline(cfg)
         yield {"root": root, "work_dir": root / "work", "tracking_uri": tracking_uri, **result}
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-        mlflow.set_tracking_uri(old)
 
 
 def _files(*folders: Path) -> dict[str, tuple[int, int]]:
