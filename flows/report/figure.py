@@ -27,7 +27,8 @@ ERROR_RANGE_KM = (1.0, float(np.pi * EARTH_RADIUS_KM))
 
 
 def new_figure(width_in: float, height_in: float) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    """A constrained-layout figure at the saved DPI (what is measured on it is what is written)."""
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
