@@ -229,7 +229,7 @@ class Services:
             self.start_mlflow()
         with steps.step(f"creating the work pool {self.pool}", "done"):
             self.create_pool()
-        with steps.step(f"registering the deployments of {self.project_dir / 'prefect.yaml'}", "done"):
+        with steps.step("registering the deployments of prefect.yaml", "done"):
             self.register_deployments()
         with steps.step(self._starting("worker", f"a worker for pool {self.pool}"), "started"):
             self.start_worker()

@@ -184,9 +184,9 @@ def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeaturePar
         run.params(params.model_dump())
         log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "extract")
         f = params
-        # progress: hierloc.features.extract logs it (hierloc.progress), into the run's logs (flows.settings)
+        # progress: hierloc.features.extract logs it (hierloc.progress), into the run's logs (flows.run_logs)
         out = run_features(Path(data_dir), Path(ingest["dir"]), Path(work_dir) / "features", f.backbone,
-                                  f.pretrained, f.batch_size, f.num_workers, f.device, None,
+                                  f.pretrained, f.batch_size, f.num_workers, f.device,
                                   precision=f.precision, shard_size=f.shard_size, retry_failed=f.retry_failed,
                                   max_bad_fraction=f.max_bad_fraction)
         for split in SPLITS:

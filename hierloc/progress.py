@@ -67,6 +67,15 @@ def _rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
 
+def _bytes(x: float) -> str:
+    """'512 B', '16.8 MB', '2.62 GB' (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(x) < 1000:
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.3g} {unit}"
+        x /= 1000
+    return f"{x:,.3g} TB"
+
+
 def is_terminal(stream: TextIO | None) -> bool:
     try:
         return bool(stream is not None and stream.isatty())
@@ -78,7 +87,8 @@ class Progress:
     """A long step's progress (see the module docstring).
 
     total: units of work (None: unknown, no percentage or ETA); desc: what is done ("epoch 3/20");
-    unit: what is counted ("steps", "img"); logger: where the lines go (the caller's module logger);
+    unit: what is counted ("steps", "img"; "B": bytes, shown as kB / MB / GB); logger: where the lines
+    go (the caller's module logger);
     items_unit: a second count passed to ``update(items=...)``, shown as a rate; every_s: seconds
     between log lines (None: ``every_s_from_env()``); stream: the terminal test (default
     sys.stderr) and where a bar is drawn; clock: seconds (tests pass a fake one).
@@ -101,7 +111,7 @@ class Progress:
 
             # smoothing=0: the average rate since the start, as in the log lines
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=stream, delay=delay_s, smoothing=0,
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, unit_scale=unit == "B", unit_divisor=1000)
 
     def __enter__(self) -> Progress:
         return self
@@ -127,8 +137,15 @@ class Progress:
     def _elapsed(self, now: float | None = None) -> float:
         return max((self.clock() if now is None else now) - self.t0, 1e-9)
 
+    def _amount(self) -> str:
+        """'done/total unit' ('done unit' when the total is unknown)."""
+        if self.unit == "B":
+            return _bytes(self.done) + ("" if self.total is None else f"/{_bytes(self.total)}")
+        return _count(self.done) + ("" if self.total is None else f"/{_count(self.total)}") + f" {self.unit}"
+
     def _rates(self, elapsed: float) -> str:
-        text = f"{_rate(self.done / elapsed)} {self.unit}/s"
+        rate = self.done / elapsed
+        text = f"{_bytes(rate)}/s" if self.unit == "B" else f"{_rate(rate)} {self.unit}/s"
         if self.items_unit:
             text += f", {_rate(self.items / elapsed)} {self.items_unit}/s"
         return text
@@ -136,16 +153,12 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """'desc: done/total unit (pct%), rate unit/s[, rate items/s], ETA t' at ``now``."""
         elapsed = self._elapsed(now)
-        head = f"{self.desc}: {_count(self.done)}"
-        eta = ""
+        head, eta = f"{self.desc}: {self._amount()}", ""
         if self.total is not None:
-            head += f"/{_count(self.total)} {self.unit}"
             if self.total > 0:
                 head += f" ({100 * min(self.done / self.total, 1):.0f}%)"
             rate = self.done / elapsed
             eta = f", ETA {format_seconds(max(self.total - self.done, 0) / rate)}" if rate > 0 else ", ETA ?"
-        else:
-            head += f" {self.unit}"
         return f"{head}, {self._rates(elapsed)}{eta}"
 
     def close(self) -> None:
@@ -158,6 +171,4 @@ class Progress:
             return
         if self.lines:
             elapsed = self._elapsed()
-            of = f"/{_count(self.total)}" if self.total is not None else ""
-            self.log.info("%s: %s%s %s in %s (%s)", self.desc, _count(self.done), of, self.unit,
-                          format_seconds(elapsed), self._rates(elapsed))
+            self.log.info("%s: %s in %s (%s)", self.desc, self._amount(), format_seconds(elapsed), self._rates(elapsed))

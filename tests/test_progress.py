@@ -113,3 +113,19 @@ def test_the_interval_comes_from_the_environment(mod, monkeypatch, caplog):
         monkeypatch.setenv(mod.ENV_EVERY_S, bad)
         with pytest.raises(ValueError, match=f"HIERLOC_PROGRESS_EVERY_S={bad!r}"):
             mod.every_s_from_env()
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=["hierloc", "geodata"])
+def test_bytes_are_shown_in_kb_mb_gb(mod, caplog):
+    clock, logger = FakeClock(), logging.getLogger("geodata.test_progress")
+    caplog.set_level(logging.INFO, logger=logger.name)
+    p = mod.Progress(2_620_000_000, "reading train.csv", unit="B", items_unit="rows", logger=logger, every_s=0,
+                     stream=io.StringIO(), clock=clock)
+    clock.t += 20
+    p.update(1_200_000_000, items=2_250_000)
+    assert caplog.records[-1].getMessage() == ("reading train.csv: 1.2 GB/2.62 GB (46%), 60 MB/s, 112,500 rows/s, "
+                                               "ETA 24 s")
+    term = Terminal()
+    with mod.Progress(2_000_000, "reading", unit="B", logger=logger, stream=term, delay_s=0) as bar:
+        bar.update(2_000_000)
+    assert "2.00M/2.00M" in term.getvalue() and "B/s" in term.getvalue()
