@@ -209,9 +209,10 @@ def gazetteer_levels(
 ) -> gpd.GeoDataFrame:
     """The embedded default admin table: countries (0), admin-1 (1), geoBoundaries units (2).
 
-    Read from ``cache_dir/gazetteer-<key>.parquet`` when it exists (see cache_key), else built
-    (~30 s for the world on 2 cores) and written there atomically. ``countries`` restricts it to
-    some ISO alpha-2/alpha-3 codes (cached separately). ``attrs["report"]["cache"]`` is "hit" or "miss".
+    Read from ``cache_dir/gazetteer-<key>.parquet`` when it exists (see cache_key), else built (the
+    world: ~1 min on 2 busy cores, its progress logged) and written there atomically. ``countries``
+    restricts it to some ISO alpha-2/alpha-3 codes (cached separately). ``attrs["report"]["cache"]``
+    is "hit" or "miss".
     """
     countries = None if countries is None else sorted({c.upper() for c in countries})
     path = Path(cache_dir) / f"gazetteer-{cache_key(countries)}.parquet"
@@ -227,7 +228,7 @@ def gazetteer_levels(
         }
         log.info("gazetteer admin polygons from cache %s", path)
         return frame
-    log.info("gazetteer admin polygons: building them (about a minute on 2 cores, once: cached in %s)", path)
+    log.info("gazetteer admin polygons: building them (1-2 min on 2 cores, once: cached in %s)", path)
     frame = build_gazetteer_levels(countries, workers)
     write_admin_parquet(frame, path)
     frame.attrs["report"].update(cache="miss", path=str(path))
