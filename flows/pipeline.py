@@ -13,7 +13,6 @@ its checkpoint). Parameters are pydantic models (flows/params.py).
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows.params import HierarchyParams, PipelineConfig, RetrainParams, UpstreamRuns
+from flows.run_logs import route_library_logs
 from flows.stages.data_dir import SPLITS
 from flows.stages.files import manifest_path
 from flows.tasks import (demo_data_task, evaluate_task, features_exist, features_task, hierarchy_task, ingest_task,
@@ -107,7 +107,7 @@ def _stages(cfg: PipelineConfig, parent: Run, previous: Path | None = None, init
 
 
 def _start(cfg: PipelineConfig) -> None:
-    logging.getLogger("hierloc").setLevel(logging.INFO)
+    route_library_logs()  # hierloc's and geodata's lines (progress included) into this run's logs
     check_tracking()  # before any work: a dead server must not leave half a run behind
 
 

@@ -31,10 +31,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
 from flows.settings import OFFLINE_DEFAULTS, PROJECT_DIR
+from flows.steps import Steps
 from geodata.atomic import write_text_atomic
 
 POOL = "hierloc-process"
@@ -204,9 +206,12 @@ class Services:
             raise ServiceError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         return res.stdout
 
-    def deploy(self) -> None:
-        """Create the process work pool (if missing) and register every deployment of prefect.yaml."""
+    def create_pool(self) -> None:
+        """The process work pool (replaced if it exists)."""
         self.prefect("work-pool", "create", self.pool, "--type", "process", "--overwrite")
+
+    def register_deployments(self) -> None:
+        """Every deployment of prefect.yaml."""
         self.prefect("deploy", "--all", "--prefect-file", str(self.project_dir / "prefect.yaml"))
 
     def start_worker(self) -> int:
@@ -215,12 +220,25 @@ class Services:
             pid = self._start("worker", [_exe("prefect"), "worker", "start", "--pool", self.pool, "--type", "process"])
         return pid
 
-    def up(self) -> None:
-        self.start_prefect()
-        self.start_mlflow()
-        self.deploy()
-        self.start_worker()
+    def up(self, out: TextIO | None = None) -> None:
+        """Everything, saying on ``out`` (default stdout) what it does and how long each step took."""
+        steps = Steps(out)
+        with steps.step(self._starting("prefect-server", f"the Prefect server on 127.0.0.1:{self.prefect_port}")):
+            self.start_prefect()
+        with steps.step(self._starting("mlflow-server", f"the MLflow server on 127.0.0.1:{self.mlflow_port}")):
+            self.start_mlflow()
+        with steps.step(f"creating the work pool {self.pool}", "done"):
+            self.create_pool()
+        with steps.step("registering the deployments of prefect.yaml", "done"):
+            self.register_deployments()
+        with steps.step(self._starting("worker", f"a worker for pool {self.pool}"), "started"):
+            self.start_worker()
         self.write_env_file()
+        steps.say(f"up in {steps.total_s():.0f} s")
+
+    def _starting(self, name: str, what: str) -> str:
+        pid = self.running(name)
+        return f"starting {what}" if pid is None else f"{what}: running already (pid {pid})"
 
     def down(self, timeout_s: float = 15.0) -> list[str]:
         """SIGTERM to every service at once, SIGKILL to any still running after ``timeout_s``."""

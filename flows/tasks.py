@@ -180,19 +180,13 @@ def hierarchy_task(ingest: dict, work_dir: str, params: HierarchyParams, previou
 @task(name="features", retries=1, **CACHED)
 def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeatureParams, experiment: str,
                   parent: str | None) -> dict:
-    logger = get_run_logger()
     with tracked_run(experiment, "features", parent, tags=_stage_tags("features", {"ingest": ingest})) as run:
         run.params(params.model_dump())
         log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "extract")
         f = params
-
-        def progress(done: int, total: int, secs: float) -> None:
-            if done == total or done % (f.batch_size * 20) == 0:
-                rate = done / max(secs, 1e-9)
-                logger.info("features %d/%d (%.0f images/s, ETA %.0f s)", done, total, rate, (total - done) / max(rate, 1e-9))
-
+        # progress: hierloc.features.extract logs it (hierloc.progress), into the run's logs (flows.run_logs)
         out = run_features(Path(data_dir), Path(ingest["dir"]), Path(work_dir) / "features", f.backbone,
-                                  f.pretrained, f.batch_size, f.num_workers, f.device, progress,
+                                  f.pretrained, f.batch_size, f.num_workers, f.device,
                                   precision=f.precision, shard_size=f.shard_size, retry_failed=f.retry_failed,
                                   max_bad_fraction=f.max_bad_fraction)
         for split in SPLITS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -73,12 +72,20 @@ def _check_choices(fmt: str, latlon_order: str, variant: str) -> None:
 
 
 def _progress():
-    """A progress line on stderr when it is a terminal, else None."""
-    if not sys.stderr.isatty():
-        return None
+    """Photos done of all, photos/s and ETA (hierloc.progress: a bar when stderr is a terminal; the
+    log lines otherwise stay below this command's warning level)."""
+    import logging
+
+    from hierloc.progress import Progress
+
+    bar: list[Progress] = []
 
     def progress(done: int, total: int, seconds: float) -> None:
-        typer.echo(f"\r  {done}/{total} photos, {done / max(seconds, 1e-9):.1f}/s", err=True, nl=done >= total)
+        if not bar:
+            bar.append(Progress(total, "photos", unit="photo", logger=logging.getLogger(__name__)))
+        bar[0].update(done - bar[0].done)
+        if done >= total:
+            bar[0].close()
 
     return progress
 

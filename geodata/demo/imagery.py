@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import io
+import logging
 import re
 import zipfile
 from collections.abc import Sequence
@@ -19,6 +20,9 @@ from PIL import Image
 
 from geodata.atomic import atomic_write_path
 from geodata.demo.folder import owns_folder
+from geodata.progress import Progress
+
+log = logging.getLogger(__name__)
 
 #: Crop width jitter (fraction of crop_deg), brightness/contrast jitter, JPEG quality range.
 CROP_JITTER = 0.2
@@ -150,17 +154,19 @@ def write_image_shards(
     lon = frame["longitude"].to_numpy(dtype=np.float64)
 
     written: list[Path] = []
-    for k, start in enumerate(range(0, n, shard_size)):
-        members = []
-        for i in range(start, min(n, start + shard_size)):
-            image = render_image(
-                lat[i], lon[i], image_px=image_px, width_deg=width_deg[i],
-                brightness=brightness[i], contrast=contrast[i], relief=relief,
-            )
-            members.append((f"{ids[i]}.jpg", encode_jpeg(image, quality[i])))
-        path = split_dir / f"{k:02d}.zip"
-        _write_zip(path, members)
-        written.append(path)
+    with Progress(n, f"demo images ({split_dir.name})", unit="img", logger=log) as bar:
+        for k, start in enumerate(range(0, n, shard_size)):
+            members = []
+            for i in range(start, min(n, start + shard_size)):
+                image = render_image(
+                    lat[i], lon[i], image_px=image_px, width_deg=width_deg[i],
+                    brightness=brightness[i], contrast=contrast[i], relief=relief,
+                )
+                members.append((f"{ids[i]}.jpg", encode_jpeg(image, quality[i])))
+                bar.update()
+            path = split_dir / f"{k:02d}.zip"
+            _write_zip(path, members)
+            written.append(path)
     keep = {p.name for p in written}
     for stale in split_dir.glob("*.zip") if owns_folder(split_dir.parent.parent) else ():  # only in our folder
         if _SHARD_NAME.match(stale.name) and stale.name not in keep:

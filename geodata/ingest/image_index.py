@@ -21,6 +21,7 @@ size_bytes, offset, refused), written per run as `image_index/{split}.parquet` b
 
 from __future__ import annotations
 
+import logging
 import tarfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,9 @@ from geodata.ingest.image_store import ImageStore
 from geodata.ingest.incremental import container_fingerprint
 from geodata.ingest.quarantine import REASON_CODE, quarantine_table
 from geodata.ingest.validate import ID_REGEX, IMAGE_REF_SCHEMA, MANIFEST_SCHEMA, image_checks
+from geodata.progress import Progress
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ImageIndex", "PendingRecheck", "decode_checker", "recheck_pending", "update_image_index"]
 
@@ -190,8 +194,13 @@ def decode_checker(store: ImageStore, workers: int, jpg: list[bytes | None] | No
         args = zip(rows.tolist(), refs["container"].to_pylist(), refs["member"].to_pylist(),
                    refs["offset"].to_pylist(), refs["size"].to_pylist(), strict=True)
         # PIL releases the GIL while decoding, so threads scale with cores.
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(check, args, chunksize=16))
+        out: list[str | None] = []
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+                Progress(len(rows), "decoding images", unit="img", logger=log) as bar:
+            for reason in pool.map(check, args, chunksize=16):
+                out.append(reason)
+                bar.update()
+        return out
 
     return checker
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from geodata.ingest import csv_read
 from geodata.ingest.csv_lines import (
     MAX_RECORD_LINES,
     CleanedReader,
@@ -36,6 +37,7 @@ from geodata.ingest.incremental import scan_range
 from geodata.ingest.quarantine import REASON_CODE, quarantine_table, truncate
 from geodata.ingest.split import SplitRun
 from geodata.ingest.validate import MANIFEST_SCHEMA, IdSet, judge_batch
+from geodata.progress import Progress
 
 __all__ = ["ingest_csv_split", "remap_table_lines"]
 
@@ -68,16 +70,22 @@ def ingest_csv_split(
         srep.duplicate_image_examples = images.duplicate_examples(MAX_EXAMPLES)
 
 
-def _judge_stream(run: SplitRun, stream: CsvStream, seen: IdSet, images: ImageIndex | None, checker: Any) -> None:
-    """Judge every batch of `stream` into the run's part, quarantine and pending tables."""
-    for raw, lines in stream:
-        judged = judge_batch(run.report.split, stream.csv_path.name, raw, lines, seen,
-                             images.lookup if images is not None else None, checker)
-        run.writer.write(judged.kept)
-        if judged.quarantine.num_rows:
-            run.quarantine.append(judged.quarantine)
-        if judged.pending.num_rows:
-            run.pending.append(pa.Table.from_batches([judged.pending]))
+def _judge_stream(run: SplitRun, stream: CsvStream, seen: IdSet, images: ImageIndex | None, checker: Any,
+                  n_bytes: int) -> None:
+    """Judge every batch of `stream` (`n_bytes` of CSV) into the run's part, quarantine and pending tables.
+
+    Progress (geodata.progress): bytes judged, rows/s, ETA; pyarrow parses one batch per block of
+    CSV_BLOCK_BYTES, so a batch stands for a block (the last one for what is left)."""
+    with Progress(n_bytes, f"reading {stream.csv_path.name}", unit="B", items_unit="rows", logger=log) as bar:
+        for raw, lines in stream:
+            judged = judge_batch(run.report.split, stream.csv_path.name, raw, lines, seen,
+                                 images.lookup if images is not None else None, checker)
+            run.writer.write(judged.kept)
+            if judged.quarantine.num_rows:
+                run.quarantine.append(judged.quarantine)
+            if judged.pending.num_rows:
+                run.pending.append(pa.Table.from_batches([judged.pending]))
+            bar.update(min(csv_read.CSV_BLOCK_BYTES, n_bytes - bar.done), items=len(lines))
 
 
 def _swallowed(stream: CsvStream, records: RecordLines) -> dict[int, int]:
@@ -160,7 +168,7 @@ def _first_pass(
     stream = CsvStream(csv_path, plan.start, plan.line_base)
     failed: CsvDataError | None = None
     try:
-        _judge_stream(run, stream, seen, images, checker)
+        _judge_stream(run, stream, seen, images, checker, plan.end - plan.start)
     except CsvDataError as exc:
         failed = exc
     finally:
@@ -183,7 +191,7 @@ def _careful_pass(
     aside = set_aside(csv_path, plan.start, plan.end, unclosed)
     with CleanedReader(csv_path, plan.start, plan.end, aside.cut(plan.start)) as source:
         stream = CsvStream(csv_path, plan.start, plan.line_base, source=source)
-        _judge_stream(run, stream, seen, images, checker)
+        _judge_stream(run, stream, seen, images, checker, plan.end - plan.start)
     return stream, aside
 
 

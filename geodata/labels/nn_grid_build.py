@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+from geodata.progress import Progress
+
+log = logging.getLogger(__name__)
 
 #: Rectangles are widened by this much (degrees) on every side, covering the rounding of
 #: lat + 90 / lon + 180 (<= 2.9e-14) that decides which cell a query falls in.
@@ -123,6 +128,7 @@ class _Build:
         self.node_levels: list[np.ndarray] = []  # per level: int64 node values
         self.leaf_cands: list[np.ndarray] = []  # batches of (n, K) candidate sets of leaves
         self.leaf_nodes: list[np.ndarray] = []  # global node index of each leaf of a batch
+        self.bar: Progress | None = None  # run's progress
 
     def level0_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Pruned (cell, candidate) pairs of the level-0 cells, sorted by cell."""
@@ -156,6 +162,8 @@ class _Build:
                 keep &= ~(_dominated(dq, tuple(x[local] for x in d)) & (ref != q))
             cells.append(ids[local[keep]])
             cands.append(q[keep])
+            if self.bar is not None:
+                self.bar.update()
         self.node_levels.append(np.full(n_lat * n_lon, _FALLBACK, dtype=np.int64))
         self.level_ij = np.divmod(np.arange(n_lat * n_lon, dtype=np.int64), n_lon)
         return np.concatenate(cells), np.concatenate(cands)
@@ -239,11 +247,17 @@ class _Build:
         return np.concatenate(cells), np.concatenate(cands)
 
     def run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pairs = self.level0_pairs()
-        for level in range(self.p.levels + 1):
-            pairs = self.classify(level, *pairs)
-            if pairs is None:
-                break
+        n_cells0 = (180 << self.p.level0_log2) * (360 << self.p.level0_log2)
+        # progress: each chunk of level-0 cells, then each level below (about half the time each)
+        self.bar = Progress(-(-n_cells0 // _CELLS_PER_CHUNK) + self.p.levels + 1, "building the nearest-place grid",
+                            unit="parts", logger=log)
+        with self.bar:
+            pairs = self.level0_pairs()
+            for level in range(self.p.levels + 1):
+                pairs = self.classify(level, *pairs)
+                self.bar.update()
+                if pairs is None:
+                    break
         del self.level_ij
         nodes = np.concatenate(self.node_levels)
         self.node_levels.clear()

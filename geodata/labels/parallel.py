@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from geodata.atomic import write_parquet_atomic
 from geodata.labels.payload import load_payload, save_payload
+from geodata.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,17 @@ def map_partitions(
     t0 = time.perf_counter()
     try:
         ins, outs = _write_partitions(frame, n_parts, root)
-        if scheduler == "sync":
-            for a, b in zip(ins, outs):
-                _run_partition(fn, a, b, payload)
-        elif runner is not None:
-            payload_file = _write_payload(payload, ins[0])
-            runner(_run_partition, [(fn, a, b, None, payload_file) for a, b in zip(ins, outs)])
-        else:
-            _run_on_dask(fn, ins, outs, payload, scheduler, n_workers)
+        # rows of the finished partitions (geodata.progress); a runner's tasks show in its own UI
+        name = getattr(fn, "__name__", "the function")
+        with Progress(len(frame), f"{name} over {n_parts} partitions", unit="rows", logger=log) as bar:
+            if scheduler == "sync":
+                for a, b in zip(ins, outs):
+                    bar.update(_run_partition(fn, a, b, payload))
+            elif runner is not None:
+                payload_file = _write_payload(payload, ins[0])
+                runner(_run_partition, [(fn, a, b, None, payload_file) for a, b in zip(ins, outs)])
+            else:
+                _run_on_dask(fn, ins, outs, payload, scheduler, n_workers, bar)
         # One Arrow table, converted once (pyarrow reads the files on its threads): no pandas concat copy.
         result = pa.concat_tables([pq.read_table(p) for p in outs]).to_pandas()
         log.info("%d rows in %d partitions on %s in %.1f s", len(frame), n_parts, scheduler or "a LocalCluster",
@@ -161,8 +165,8 @@ def _write_payload(payload: Any, first_partition: str) -> str | None:
 
 
 def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any, scheduler: str | None,
-                 n_workers: int) -> None:
-    from distributed import Client, LocalCluster
+                 n_workers: int, bar: Progress) -> None:
+    from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if scheduler in (None, "local"):
@@ -179,7 +183,8 @@ def _run_on_dask(fn: PartitionFn, ins: list[str], outs: list[str], payload: Any,
         payload_file = _write_payload(payload, ins[0])
         n = len(ins)
         futures = client.map(_run_partition, [fn] * n, ins, outs, [None] * n, [payload_file] * n, pure=False)
-        client.gather(futures)
+        for done in as_completed(futures):
+            bar.update(done.result())  # a failed partition raises here
     finally:
         client.close()
         if cluster is not None:

@@ -43,6 +43,7 @@ deepest polygon, labelling the places themselves once with the same polygons.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import geopandas as gpd
 import numpy as np
@@ -66,6 +67,9 @@ from geodata.labels.polygon_levels import (
 )
 from geodata.labels.polygon_pieces import cut_on_grid, polygon_parts, snap_to_world_bounds
 from geodata.osv5m import EARTH_RADIUS_KM
+from geodata.progress import Progress
+
+log = logging.getLogger(__name__)
 
 #: Largest accepted max_snap_km: snapping measures every boundary chain in the cap's bounding
 #: box, so its cost grows with the cap's area; beyond this it is no longer border noise.
@@ -134,17 +138,19 @@ class PolygonLabeler:
         self.stats: dict = {"n_rows": {}, "n_pieces": {}}
         self._pieces: list[np.ndarray] = []
         self._piece_row: list[np.ndarray] = []
-        for k, level in enumerate(self.levels):
-            rows = np.flatnonzero(level_pos == k)
-            parts, index = polygon_parts(geoms[rows])
-            if self.grid_deg > 0:
-                parts, cut_index = cut_on_grid(parts, self.grid_deg)
-                index = index[cut_index]
-            shapely.prepare(parts)
-            self._pieces.append(parts)
-            self._piece_row.append(rows[index])
-            self.stats["n_rows"][level] = len(rows)
-            self.stats["n_pieces"][level] = len(parts)
+        with Progress(len(table), "cutting admin polygons into pieces", unit="polygons", logger=log) as bar:
+            for k, level in enumerate(self.levels):
+                rows = np.flatnonzero(level_pos == k)
+                parts, index = polygon_parts(geoms[rows])
+                if self.grid_deg > 0:
+                    parts, cut_index = cut_on_grid(parts, self.grid_deg)
+                    index = index[cut_index]
+                shapely.prepare(parts)
+                self._pieces.append(parts)
+                self._piece_row.append(rows[index])
+                self.stats["n_rows"][level] = len(rows)
+                self.stats["n_pieces"][level] = len(parts)
+                bar.update(len(rows))
         self._init_caches()
 
     # ------------------------------------------------------------------ pickling

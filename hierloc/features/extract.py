@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -26,10 +25,11 @@ from hierloc.device import resolve_device
 from hierloc.features.backbones import Backbone
 from hierloc.features.cache import CacheIndex, cache_lock, scan_cache, shard_number, write_failures, write_shard
 from hierloc.features.dataset import ImageDataset, ImageItems, OpenImage, compact_items, probe_shape
+from hierloc.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, float], None]  # (done, total, seconds)
+ProgressFn = Callable[[int, int, float], None]  # (done, total, seconds): a hook for callers and tests
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,17 +42,6 @@ def effective_precision(device: str | torch.device, precision: str) -> str:
         log.warning("precision %s is for CUDA; the CPU computes fp32", precision)
         return "fp32"
     return precision
-
-
-def _progress_bar(total: int):
-    """A tqdm bar (images/s, ETA) when stderr is a terminal, else None."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="img", desc="features", smoothing=0.1)
 
 
 @dataclass
@@ -90,7 +79,7 @@ def extract_features(
     retry_failed: bool = False,
     offsets: np.ndarray | None = None,
     sizes: np.ndarray | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> Extraction:
     """Encode the images (ids[i] at containers[i]:members[i]) that ``cache_dir`` lacks.
 
@@ -174,7 +163,7 @@ def _record_failures(failures: dict[int, str], ids: np.ndarray, errors: list[str
 
 def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, cache_dir: Path, index: CacheIndex, *,
                  batch_size: int, shard_size: int, num_workers: int, device: torch.device, precision: str,
-                 progress: Progress | None) -> int:
+                 progress: ProgressFn | None) -> int:
     """Encode ``items`` into new shards after the existing ones; returns shards written."""
     if index.dim and index.dim != backbone.dim:
         raise ValueError(f"{cache_dir}: cached features have D={index.dim}, backbone {backbone.spec} gives "
@@ -186,7 +175,8 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
     next_no = max((n for n in map(shard_number, index.paths) if n is not None), default=-1) + 1
     failures, pending, written, done = dict(index.failures), _Pending(), 0, 0
     total = len(items.ids)
-    t0, bar = time.perf_counter(), _progress_bar(total)
+    # images/s and ETA: a bar on a terminal, else a log line every ~10 s (hierloc.progress)
+    t0, bar = time.perf_counter(), Progress(total, "features", unit="img", logger=log)
 
     def write(n: int) -> None:
         nonlocal next_no, written
@@ -207,14 +197,12 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
                 while len(pending) >= shard_size:
                     write(shard_size)
                 done += len(errors)
-                if bar is not None:
-                    bar.update(len(errors))
+                bar.update(len(errors))
                 if progress is not None:
                     progress(done, total, time.perf_counter() - t0)
             if len(pending):
                 write(len(pending))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     write_failures(cache_dir, failures)  # in step with the shards, even after a killed run
     return written

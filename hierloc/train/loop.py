@@ -37,6 +37,7 @@ from hierloc.geometry.lorentz import check_finite
 from hierloc.model.io import build_model, save_model
 from hierloc.model.loss import GeoWeightedInfoNCE, Kernel
 from hierloc.model.model import ModelConfig
+from hierloc.progress import Progress
 from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, weighted_total
 from hierloc.train.checkpoint import Position, load_checkpoint, save_checkpoint
 from hierloc.train.data import EntityData, TrainData, load_arrays
@@ -217,13 +218,22 @@ class _Loop:
         t_epoch, epoch_steps, epoch_samples = time.perf_counter(), 0, 0
         # The order depends only on (seed, epoch): a resumed run sees the same batches.
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        for b in range(first, self.steps_per_epoch):
-            rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            ckpt_now = self._step(rows, last_batch=b == self.steps_per_epoch - 1)
-            epoch_steps += 1
-            epoch_samples += len(rows)
-            if ckpt_now:
-                self.checkpoint(epoch, b + 1)
+        # steps, samples/s and the epoch's ETA: a bar on a terminal, else a log line every ~10 s (rank 0)
+        bar = Progress(self.steps_per_epoch - first, f"epoch {epoch + 1}/{cfg.epochs}", unit="steps",
+                       items_unit="samples", logger=log) if self.ctx.is_main else None
+        try:
+            for b in range(first, self.steps_per_epoch):
+                rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                ckpt_now = self._step(rows, last_batch=b == self.steps_per_epoch - 1)
+                epoch_steps += 1
+                epoch_samples += len(rows)
+                if bar is not None:
+                    bar.update(1, items=len(rows))
+                if ckpt_now:
+                    self.checkpoint(epoch, b + 1)
+        finally:
+            if bar is not None:
+                bar.close()
         means = self.sums / self.steps_per_epoch
         dt = time.perf_counter() - t_epoch
         last = {"epoch_loss": float(means[0])}

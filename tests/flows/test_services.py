@@ -64,3 +64,31 @@ def test_env_file_values_survive_spaces_quotes_and_dollars(tmp_path):
                           "bash", str(env_file)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
                          timeout=30)
     assert out.stdout.splitlines() == [str(odd.resolve()), str(tmp_path / "pre fect;$PATH")], out
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_steps_say_what_is_being_done_and_how_long_it_took():
+    """`make up`'s lines (flows.steps.Steps): the step's text as it starts, its outcome and seconds at its end."""
+    import io
+
+    from flows.steps import Steps
+
+    out, clock = io.StringIO(), _Clock()
+    steps = Steps(out, clock=clock)
+    with steps.step("starting the Prefect server on 127.0.0.1:4200"):
+        assert out.getvalue() == "starting the Prefect server on 127.0.0.1:4200 ... "  # said before the wait
+        clock.t += 12.4
+    with pytest.raises(ServiceError, match="no answer"):
+        with steps.step("registering the deployments", "done"):
+            clock.t += 3
+            raise ServiceError("no answer")
+    steps.say(f"up in {steps.total_s():.0f} s")
+    assert out.getvalue().splitlines() == ["starting the Prefect server on 127.0.0.1:4200 ... ready in 12 s",
+                                           "registering the deployments ... failed after 3 s", "up in 15 s"]

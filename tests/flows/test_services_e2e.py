@@ -18,6 +18,7 @@ Every process started here is stopped at the end.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -47,11 +48,15 @@ def services(tmp_path_factory):
     from flows.services import Services
 
     root = tmp_path_factory.mktemp("services")
+    # HIERLOC_PROGRESS_EVERY_S=0: a progress line per step (not per ~10 s), so these short runs log some
     s = Services(project_dir=ROOT, state_dir=root / "run", prefect_home=root / "prefect", mlflow_db=root / "mlflow.db",
                  artifacts_dir=root / "artifacts", prefect_port=_free_port(), mlflow_port=_free_port(),
-                 extra_env={"PREFECT_WORKER_QUERY_SECONDS": "1", "HIERLOC_DASK_SCHEDULER": "sync"})
+                 extra_env={"PREFECT_WORKER_QUERY_SECONDS": "1", "HIERLOC_DASK_SCHEDULER": "sync",
+                            "HIERLOC_PROGRESS_EVERY_S": "0"})
+    said = io.StringIO()
     try:
-        s.up()
+        s.up(out=said)
+        s.up_said = said.getvalue()  # what `make up` printed, for test_make_up_says_each_step_and_its_seconds
         yield s
     finally:
         s.down()
@@ -94,11 +99,17 @@ def _flow_run(s, run_id: str) -> dict:
 
 
 def _logs(s, flow_run_id: str) -> str:
-    req = urllib.request.Request(f"{s.prefect_api}/logs/filter", method="POST",
-                                 data=json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return "\n".join(x["message"] for x in json.loads(r.read()))
+    messages: list[str] = []
+    while True:  # pages of 200 (the server's limit), oldest first
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": len(messages),
+                "sort": "TIMESTAMP_ASC"}
+        req = urllib.request.Request(f"{s.prefect_api}/logs/filter", method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            page = [x["message"] for x in json.loads(r.read())]
+        messages += page
+        if len(page) < 200:
+            return "\n".join(messages)
 
 
 def _client(s):
@@ -120,6 +131,17 @@ def _children(client, parent):
 
 def _completed(fr: dict, s) -> None:
     assert fr["state_type"] == "COMPLETED", f"{fr['state_type']}: {fr['state'].get('message')}\n{_logs(s, fr['id'])[-4000:]}"
+
+
+def test_make_up_says_each_step_and_its_seconds(services):
+    lines = services.up_said.splitlines()
+    expected = [rf"starting the Prefect server on 127\.0\.0\.1:{services.prefect_port} \.\.\. ready in \d+ s",
+                rf"starting the MLflow server on 127\.0\.0\.1:{services.mlflow_port} \.\.\. ready in \d+ s",
+                r"creating the work pool hierloc-process \.\.\. done in \d+ s",
+                r"registering the deployments of prefect\.yaml \.\.\. done in \d+ s",
+                r"starting a worker for pool hierloc-process \.\.\. started in \d+ s",
+                r"up in \d+ s"]
+    assert len(lines) == len(expected) and all(re.fullmatch(e, x) for e, x in zip(expected, lines)), lines
 
 
 def test_deployments_are_registered_with_forms_and_schedule(services):
@@ -164,6 +186,10 @@ def test_pipeline_deployment_tracks_lineage_and_registers_champion(services, dat
     champ = client.get_model_version_by_alias(MODEL, "champion")
     assert champ.run_id == kids["train"].info.run_id and champ.tags["gate.decision"] == "promoted"
     assert champ.tags["manifest_digest"] == train_ds["manifest"]
+    # the libraries' lines reach the run's logs: progress within each epoch and of the feature extraction
+    logs = _logs(services, fr["id"])
+    assert re.search(r"^epoch 1/2: 3/\d+ steps \(\d+%\), [\d.,]+ steps/s, [\d.,]+ samples/s, ETA ", logs, re.M), logs[-4000:]
+    assert re.search(r"^epoch 2/2: loss [\d.]+$", logs, re.M) and re.search(r"^features: [\d,]+/[\d,]+ img", logs, re.M)
 
 
 def _add_rows(data: Path, tmp: Path) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
+import sys
 import tarfile
 import tracemalloc
 import zipfile
@@ -108,3 +110,13 @@ def traced_peak() -> Callable[[], object]:
                 tracemalloc.stop()
 
     return probe
+
+
+@pytest.fixture
+def progress_lines(monkeypatch, caplog) -> Callable[[], list[str]]:
+    """The progress lines geodata logs off a terminal (geodata.progress), here one per update
+    (HIERLOC_PROGRESS_EVERY_S=0) instead of one per ~10 s: call it for the lines so far."""
+    monkeypatch.setenv("HIERLOC_PROGRESS_EVERY_S", "0")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs pytest
+    caplog.set_level(logging.INFO, logger="geodata")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("geodata.")]

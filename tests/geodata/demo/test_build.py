@@ -251,3 +251,15 @@ def test_sampling_helpers():
     assert len(np.unique(rows)) == 50
     with pytest.raises(ValueError, match="n_cities"):
         sample_places(places, 2000, rng)
+
+
+def test_rendering_the_images_reports_progress(tmp_path: Path, progress_lines) -> None:
+    """The demo's ~22,000 images take a while on a loaded machine: images rendered, rate and ETA."""
+    from geodata.demo.imagery import write_image_shards
+
+    frame = pd.DataFrame({"id": [1, 2, 3], "latitude": [0.0, 10.0, -20.0], "longitude": [0.0, 20.0, 170.0]})
+    write_image_shards(tmp_path / "images" / "train", frame, np.random.default_rng(0), image_px=8, crop_deg=4.0,
+                       relief=False, shard_size=2)
+    lines = progress_lines()
+    assert [x.split(", ")[0] for x in lines if "ETA" in x] == [f"demo images (train): {n}/3 img ({100 * n / 3:.0f}%)"
+                                                              for n in (1, 2, 3)]

@@ -518,3 +518,17 @@ def test_undecodable_bytes_are_named_by_where_not_by_a_python_repr(tmp_path: Pat
         "00.zip:1.jpg: UnidentifiedImageError: not a known image format",
         "dir:2.jpg: not a regular file (fifo); refused, never read",
     ]
+
+
+def test_decoding_reports_progress(tmp_path: Path, progress_lines) -> None:
+    """Decoding every image (the slow part of ingesting millions of rows) says how far it is."""
+    from geodata.ingest.image_index import decode_checker
+
+    write_zip(tmp_path / "00.zip", {f"{i}.jpg": jpeg_bytes() for i in range(3)})
+    refs = pa.table({"container": ["00.zip"] * 3, "member": [f"{i}.jpg" for i in range(3)],
+                     "offset": pa.array([None] * 3, pa.int64()), "size": pa.array([None] * 3, pa.int64())})
+    assert decode_checker(ImageStore(tmp_path), 2)(np.arange(3), refs) == [None] * 3
+    lines = progress_lines()
+    assert [x.split(", ")[0] for x in lines if "ETA" in x] == [f"decoding images: {n}/3 img ({100 * n / 3:.0f}%)"
+                                                              for n in (1, 2, 3)]
+    assert lines[-1].startswith("decoding images: 3/3 img in ")

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -476,3 +477,18 @@ def test_fifos_devices_and_huge_files_in_image_folders_are_quarantined_unread(tm
         ["4", "image_unsafe", "image is 1.4 GiB (1,500,000,000 bytes), over the 64 MiB image cap; refused, not read"],
     ]
     assert report.splits["train"].n_kept == 1
+
+
+def test_reading_a_large_csv_reports_bytes_rows_and_eta(tmp_path: Path, monkeypatch, progress_lines) -> None:
+    """A multi-GB train.csv takes tens of seconds: bytes judged (one parse block per batch), rows/s, ETA."""
+    import geodata.ingest.csv_read
+
+    monkeypatch.setattr(geodata.ingest.csv_read, "CSV_BLOCK_BYTES", 1 << 12)  # 4 KiB blocks: ~20 rows each
+    root = make_release(tmp_path / "osv", [osv_row(i) for i in range(1, 201)], [osv_row(1000)], images={})
+    ingest_osv5m(root, tmp_path / "out", verify_images="none")
+    size = (root / "train.csv").stat().st_size
+    lines = [x for x in progress_lines() if x.startswith("reading train.csv: ")]
+    assert len(lines) >= 10 and all(re.search(r"/\d+\.\d+ kB \(\d+%\), [\d.]+ [kM]?B/s, [\d,.]+ rows/s, ETA \d+ s$", x)
+                                    for x in lines[:-2]), lines
+    assert lines[-2].startswith(f"reading train.csv: {size / 1e3:.3g} kB/{size / 1e3:.3g} kB (100%), ")
+    assert lines[-1].startswith(f"reading train.csv: {size / 1e3:.3g} kB/{size / 1e3:.3g} kB in ")

@@ -454,3 +454,17 @@ def test_rg_mode_is_checked():
         GeoNamesLabeler(rg_mode=3)
     assert GeoNamesLabeler(rg_mode=1).tree.leafsize == 16
     assert GeoNamesLabeler().tree.leafsize == 30
+
+
+def test_building_the_grid_reports_progress(progress_lines):
+    """The first GeoNames lookup builds the nearest-place grid (seconds for the 150k places):
+    its parts (chunks of level-0 cells, then each level) done, rate and ETA."""
+    from geodata.labels.nn_grid_build import build_grid_arrays
+
+    places = default_labeler().places.iloc[::50]
+    lat, lon = places["lat"].to_numpy(np.float64), places["lon"].to_numpy(np.float64)
+    build_grid_arrays(lat, lon, cKDTree(np.column_stack([lat, lon])), SMALL_GRID)
+    lines = progress_lines()
+    total = 1 + SMALL_GRID.levels + 1  # one chunk of the 180 x 360 level-0 cells, then levels 0..2
+    assert [x.split(", ")[0] for x in lines if "ETA" in x] == [
+        f"building the nearest-place grid: {n}/{total} parts ({100 * n / total:.0f}%)" for n in range(1, total + 1)]

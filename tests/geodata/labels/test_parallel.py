@@ -150,3 +150,11 @@ def test_a_payload_names_only_known_classes_and_loads_no_object_arrays(tmp_path)
     with pytest.raises(ValueError, match="allow_pickle"):
         load_payload(folder)
     assert not marker.exists()
+
+
+def test_finished_partitions_report_their_rows(points, progress_lines):
+    map_partitions(points, add_sum, {"offset": 0.0}, scheduler="sync", n_partitions=4)
+    lines = progress_lines()
+    assert [x.split(", ")[0] for x in lines if "ETA" in x] == [
+        f"add_sum over 4 partitions: {n:,}/5,000 rows ({n // 50}%)" for n in (1_250, 2_500, 3_750, 5_000)]
+    assert any(x.startswith("add_sum over 4 partitions: 5,000/5,000 rows in ") for x in lines), lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import geopandas as gpd
 import numpy as np
@@ -116,6 +117,17 @@ def test_cut_on_grid_pieces_fit_cells_and_tile_the_polygon():
         mine = pieces[owner == i]
         assert np.isclose(shapely.area(mine).sum(), part.area, rtol=1e-9)
         assert shapely.symmetric_difference(shapely.union_all(mine), part).area < 1e-9 * part.area
+
+
+def test_preparing_the_polygons_reports_progress(progress_lines):
+    """Cutting the polygons into pieces, level by level (geodata.progress; the gazetteer's ~143k
+    units take seconds): polygons done of all, the rate and the ETA."""
+    PolygonLabeler(admin_table(SYNTHETIC), grid_deg=1.0)
+    lines = progress_lines()
+    assert [x.split(", ")[0] for x in lines[:3]] == [f"cutting admin polygons into pieces: {n}/10 polygons ({n}0%)"
+                                                     for n in (3, 7, 10)]
+    assert all(re.search(r", [\d.,]+ polygons/s, ETA \d+ s$", x) for x in lines[:3]), lines
+    assert re.fullmatch(r"cutting admin polygons into pieces: 10/10 polygons in \d+ s \([\d.,]+ polygons/s\)", lines[3])
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,9 @@
 """Training: it learns, the geometry switch works, a killed run resumes to the same end."""
 
+import io
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +39,27 @@ def test_learns_the_hierarchy(tiny, tmp_path, geometry):
     majority = np.bincount(data.targets[:, 0]).max() / len(data.targets)
     assert country_acc > majority + 0.2, (country_acc, majority)
     assert any("train_loss" in m for _, m in logged) and any("epoch_loss" in m for _, m in logged)
+
+
+def test_each_epoch_reports_steps_samples_per_s_and_eta_as_it_goes(tiny, tmp_path, monkeypatch, caplog):
+    """Off a terminal (a Prefect run, a log file) the epoch logs its progress: steps done/total,
+    steps/s, samples/s and the epoch's ETA, at most every HIERLOC_PROGRESS_EVERY_S seconds
+    (0 here: every step; the default is one line per ~10 s); then its closing line."""
+    data, ents = tiny
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs pytest
+    monkeypatch.setenv("HIERLOC_PROGRESS_EVERY_S", "0")
+    caplog.set_level(logging.INFO, logger="hierloc.train.loop")
+    train(data, ents, ModelConfig(dim=8, hidden=32), TrainConfig(**{**FAST, "epochs": 2}), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hierloc.train.loop"]
+    steps = -(-len(data.features) // FAST["batch_size"])  # 10
+    for epoch in (1, 2):
+        within = [x for x in lines if x.startswith(f"epoch {epoch}/2: ") and "ETA" in x]
+        assert len(within) == steps, lines
+        assert re.fullmatch(rf"epoch {epoch}/2: 4/{steps} steps \(40%\), [\d.,]+ steps/s, [\d.,]+ samples/s, "
+                            r"ETA \d+ (s|min \d\d s)", within[3]), within[3]
+        assert re.fullmatch(rf"epoch {epoch}/2: {steps}/{steps} steps in \d+ s \([\d.,]+ steps/s, [\d.,]+ samples/s\)",
+                            lines[lines.index(within[-1]) + 1])
+    assert "steps/s" not in sys.stderr.getvalue()  # lines, no bar
 
 
 def test_hyperbolic_and_euclidean_points_differ(tiny):
