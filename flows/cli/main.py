@@ -120,10 +120,12 @@ def demo(
 def _run_and_report(cfg) -> None:
     import mlflow
 
+    from flows.cli.terminal import mlflow_ui_hint, quiet_prefect_notes
     from flows.cli.signals import stop_on_sigterm
     from flows.pipeline import pipeline
     from flows.report.scoring import format_metrics_table
 
+    quiet_prefect_notes()
     with stop_on_sigterm():  # SIGTERM: exit 143, checkpoint kept, the servers this process started stopped
         result = pipeline(cfg)
     m = result["metrics"]
@@ -147,7 +149,7 @@ def _run_and_report(cfg) -> None:
                    f"'champion' ({gate['reason']})")
     uri = mlflow.get_tracking_uri()
     typer.echo(f"\nMLflow parent run {result['parent_run_id']} in {uri}")
-    typer.echo(f"open the UI with:  mlflow ui --backend-store-uri {uri}")
+    typer.echo(mlflow_ui_hint(uri))
 
 
 app.command(epilog=PREDICT_EXIT_HELP)(predict)
