@@ -105,8 +105,8 @@ class Services:
     def log_file(self, name: str) -> Path:
         return self.state_dir / f"{name}.log"
 
-    def running(self, name: str) -> int | None:
-        """The pid of service ``name`` if the process `up` started still runs, else None."""
+    def _record(self, name: str) -> dict | None:
+        """What `up` recorded of the process of service ``name`` while it still runs, else None."""
         f = self._pid_file(name)
         if not f.exists():
             return None
@@ -117,7 +117,31 @@ class Services:
             same = proc.create_time() == rec["create_time"] and proc.cmdline()[: len(rec["argv"])] == rec["argv"]
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):  # gone, a zombie, or not our record
             return None
-        return rec["pid"] if same else None
+        return rec if same else None
+
+    def running(self, name: str) -> int | None:
+        """The pid of service ``name`` if the process `up` started still runs, else None."""
+        rec = self._record(name)
+        return rec["pid"] if rec else None
+
+    def recorded_port(self, name: str) -> int | None:
+        """The port the running server ``name`` was started on (``--port N`` in its recorded
+        command line), else None."""
+        argv = (self._record(name) or {}).get("argv") or []
+        ports = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--port"]
+        return int(ports[-1]) if ports and ports[-1].isdigit() else None
+
+    def adopt_running_ports(self) -> dict[str, int]:
+        """Take the ports of the servers `up` started and that still run (from ``.run/``), whatever
+        this object was built with: `status` and a second `up` then talk to them on any ports.
+        Returns {service: port} of those taken."""
+        taken = {}
+        for name, attr in (("prefect-server", "prefect_port"), ("mlflow-server", "mlflow_port")):
+            port = self.recorded_port(name)
+            if port is not None:
+                setattr(self, attr, port)
+                taken[name] = port
+        return taken
 
     def _start(self, name: str, argv: list[str]) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -209,13 +233,55 @@ class Services:
         self.prefect("work-pool", "create", self.pool, "--type", "process", "--overwrite")
         self.prefect("deploy", "--all", "--prefect-file", str(self.project_dir / "prefect.yaml"))
 
-    def start_worker(self) -> int:
+    @property
+    def worker_name(self) -> str:
+        """The name the worker `up` starts has in Prefect (its heartbeats are recorded under it)."""
+        return f"{self.pool}-worker"
+
+    def start_worker(self, timeout_s: float = 180.0) -> int:
+        """Start the worker (if not running) and wait for its first heartbeat on the Prefect server."""
         pid = self.running("worker")
         if pid is None:
-            pid = self._start("worker", [_exe("prefect"), "worker", "start", "--pool", self.pool, "--type", "process"])
+            pid = self._start("worker", [_exe("prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
+                                         "--name", self.worker_name])
+        deadline = time.monotonic() + timeout_s
+        while not self.worker_state()["healthy"]:
+            if self.running("worker") is None:
+                raise ServiceError(f"the worker exited while starting; see {self.log_file('worker')}:\n"
+                                   f"{_tail(self.log_file('worker'))}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the worker sent no heartbeat to {self.prefect_api} within {timeout_s:.0f} s; "
+                                   f"see {self.log_file('worker')}")
+            time.sleep(1.0)
         return pid
 
+    def worker_state(self) -> dict:
+        """The worker's process and what the Prefect server last heard from it: healthy when the
+        process `up` started runs and the server counts its heartbeats as ONLINE (one within
+        three intervals, 30 s each by default); ``detail`` says why not."""
+        pid = self.running("worker")
+        state = {"pid": pid, "healthy": False, "name": self.worker_name, "pool": self.pool, "status": None,
+                 "last_heartbeat": None, "detail": "" if pid else "its process is not running"}
+        try:  # the pool's workers (Prefect filters them by heartbeat and status, not by name)
+            workers = _post_json(f"{self.prefect_api}/work_pools/{self.pool}/workers/filter", {})
+        except urllib.error.HTTPError as exc:  # it answered: no such pool (404), ...
+            state["detail"] = f"the Prefect server at {self.prefect_api} answered HTTP {exc.code} for pool {self.pool}"
+            return state
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            state["detail"] = f"the Prefect server at {self.prefect_api} does not answer ({getattr(exc, 'reason', exc)})"
+            return state
+        mine = next((w for w in workers if w.get("name") == self.worker_name), None)
+        if mine is None:
+            state["detail"] = state["detail"] or f"no heartbeat yet from a worker named {self.worker_name}"
+            return state
+        state.update(status=mine.get("status"), last_heartbeat=mine.get("last_heartbeat_time"))
+        state["healthy"] = pid is not None and state["status"] == "ONLINE"
+        if pid and not state["healthy"]:
+            state["detail"] = "its process runs but sends no heartbeats"
+        return state
+
     def up(self) -> None:
+        self.adopt_running_ports()
         self.start_prefect()
         self.start_mlflow()
         self.deploy()
@@ -251,9 +317,14 @@ class Services:
         return path
 
     def status(self) -> dict[str, dict]:
-        urls = {"prefect-server": self.prefect_api + "/health", "mlflow-server": self.mlflow_uri + "/health"}
-        return {name: {"pid": self.running(name), "healthy": http_ok(urls[name]) if name in urls else None}
-                for name in SERVICES}
+        """Each service's pid (None: not running) and health: a server answers its health
+        check on the port it was started on (from ``.run/``); the worker, see worker_state."""
+        self.adopt_running_ports()
+        out = {name: {"pid": self.running(name), "port": port, "healthy": http_ok(url)} for name, port, url in (
+            ("prefect-server", self.prefect_port, self.prefect_api + "/health"),
+            ("mlflow-server", self.mlflow_port, self.mlflow_uri + "/health"))}
+        out["worker"] = self.worker_state()
+        return out
 
 
 def _reap(pid: int) -> None:
@@ -263,6 +334,13 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def _post_json(url: str, body: dict, timeout_s: float = 5.0):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.loads(r.read())
 
 
 def http_ok(url: str, timeout_s: float = 2.0) -> bool:
@@ -289,12 +367,19 @@ def _tail(path: Path, n: int = 30) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.services", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("up", "down", "status"))
-    ap.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
-    ap.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
+    # a string default goes through type=int, as if given on the command line
+    ap.add_argument("--prefect-port", type=int, default=os.environ.get("PREFECT_PORT") or None, help="default 4200")
+    ap.add_argument("--mlflow-port", type=int, default=os.environ.get("MLFLOW_PORT") or None, help="default 5000")
     args = ap.parse_args(argv)
-    s = Services(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    s = Services(prefect_port=args.prefect_port or 4200, mlflow_port=args.mlflow_port or 5000)
+    # the servers `up` started listen where they were started: say so rather than look elsewhere
+    asked = {"prefect-server": args.prefect_port, "mlflow-server": args.mlflow_port}
+    moved = {n: p for n, p in s.adopt_running_ports().items() if asked[n] not in (None, p)}
     if args.command == "up":
         try:
+            if moved:
+                raise ServiceError("; ".join(f"{n} already runs on port {p}" for n, p in moved.items())
+                                   + ": `make down` first to move it")
             s.up()
         except ServiceError as exc:
             print(f"make up failed: {exc}", file=sys.stderr)
