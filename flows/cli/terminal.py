@@ -1,5 +1,6 @@
 """What a pipeline command shows besides the pipeline's own lines: Prefect's notes about its
-temporary server kept out, and a last line with the MLflow UI command that works as printed."""
+temporary server and the tracebacks of our own errors kept out, and a last line with the
+MLflow UI command that works as printed."""
 
 from __future__ import annotations
 
@@ -26,11 +27,30 @@ class _NoTemporaryServerNotes(logging.Filter):
         return record.levelno >= logging.WARNING or not str(record.msg).startswith(_TEMPORARY_SERVER_NOTES)
 
 
-def quiet_prefect_notes() -> None:
-    """Keep Prefect's 'Starting/Stopping temporary server on ...' notes off the terminal (idempotent)."""
+class _OwnErrorsWithoutTraceback(logging.Filter):
+    """On the terminal only: a log record carrying an error of our own (its class defined in
+    flows, geodata or hierloc, raised with a message that names the file and what to do),
+    which the flow engine logs with its traceback, is left out: the command's last line says
+    it. Prefect's log of the run keeps it whole (its API handler sits on the run's logger and
+    has formatted the record before it propagates to the terminal's handler)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or type(exc).__module__.split(".")[0] not in ("flows", "geodata", "hierloc")
+
+
+def quiet_prefect() -> None:
+    """Keep Prefect's temporary-server notes, and the tracebacks of our own errors, off the
+    terminal (idempotent; call after importing prefect, which sets up its logging)."""
     logger = logging.getLogger("prefect")
     if not any(isinstance(f, _NoTemporaryServerNotes) for f in logger.filters):
         logger.addFilter(_NoTemporaryServerNotes())
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _OwnErrorsWithoutTraceback) for f in handler.filters):
+            handler.addFilter(_OwnErrorsWithoutTraceback())
 
 
 def mlflow_executable(cwd: Path | None = None) -> str:
