@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -257,27 +258,26 @@ class Services:
 
     def worker_state(self) -> dict:
         """The worker's process and what the Prefect server last heard from it: healthy when the
-        process `up` started runs and the server counts its heartbeats as ONLINE (one within
-        three intervals, 30 s each by default); ``detail`` says why not."""
-        pid = self.running("worker")
-        state = {"pid": pid, "healthy": False, "name": self.worker_name, "pool": self.pool, "status": None,
-                 "last_heartbeat": None, "detail": "" if pid else "its process is not running"}
+        process `up` started runs, has sent a heartbeat since it started, and the server counts
+        it ONLINE (a heartbeat within three intervals, 30 s each by default); ``detail``: why not."""
+        rec = self._record("worker")
+        state = {"pid": rec and rec["pid"], "healthy": False, "name": self.worker_name, "pool": self.pool,
+                 "status": None, "last_heartbeat": None, "detail": "" if rec else "its process is not running"}
         try:  # the pool's workers (Prefect filters them by heartbeat and status, not by name)
             workers = _post_json(f"{self.prefect_api}/work_pools/{self.pool}/workers/filter", {})
-        except urllib.error.HTTPError as exc:  # it answered: no such pool (404), ...
-            state["detail"] = f"the Prefect server at {self.prefect_api} answered HTTP {exc.code} for pool {self.pool}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:  # HTTPError: it answered (no such pool, ...)
+            why = (f"answered HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError)
+                   else f"does not answer ({getattr(exc, 'reason', exc)})")
+            state["detail"] = f"the Prefect server at {self.prefect_api} {why}"
             return state
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            state["detail"] = f"the Prefect server at {self.prefect_api} does not answer ({getattr(exc, 'reason', exc)})"
-            return state
-        mine = next((w for w in workers if w.get("name") == self.worker_name), None)
-        if mine is None:
-            state["detail"] = state["detail"] or f"no heartbeat yet from a worker named {self.worker_name}"
-            return state
+        mine = next((w for w in workers if w.get("name") == self.worker_name), {})
         state.update(status=mine.get("status"), last_heartbeat=mine.get("last_heartbeat_time"))
-        state["healthy"] = pid is not None and state["status"] == "ONLINE"
-        if pid and not state["healthy"]:
-            state["detail"] = "its process runs but sends no heartbeats"
+        beat = datetime.fromisoformat(mine["last_heartbeat_time"]).timestamp() if state["last_heartbeat"] else None
+        since_start = beat is not None and rec is not None and beat >= (rec.get("create_time") or 0) - 1.0
+        state["healthy"] = since_start and state["status"] == "ONLINE"
+        if rec and not state["healthy"]:
+            state["detail"] = ("its process runs but has sent no heartbeat since it started" if not since_start
+                               else f"its process runs; Prefect counts it {state['status']}")
         return state
 
     def up(self) -> None:
