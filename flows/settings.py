@@ -21,9 +21,19 @@ OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
 }
 
+#: What keeps a terminal to the pipeline's own lines: MLflow's INFO logs ("Creating initial
+#: MLflow database tables...") and its "Downloading artifacts" tqdm bars (a model saved from
+#: local files is "downloaded" too) off at their source, as `mlflow demo` does; its warnings stay.
+QUIET_DEFAULTS = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is imported
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "View run ... at: http://..." per finished run
+}
+
 
 def apply_offline_defaults() -> None:
-    for key, value in OFFLINE_DEFAULTS.items():
+    """OFFLINE_DEFAULTS and QUIET_DEFAULTS into the environment, where not already set."""
+    for key, value in {**OFFLINE_DEFAULTS, **QUIET_DEFAULTS}.items():
         os.environ.setdefault(key, value)
 
 

@@ -120,12 +120,19 @@ def demo(
 def _run_and_report(cfg) -> None:
     import mlflow
 
+    from flows.cli.terminal import mlflow_ui_hint, quiet_prefect
+    from flows.errors import plain_reason
     from flows.cli.signals import stop_on_sigterm
     from flows.pipeline import pipeline
     from flows.report.scoring import format_metrics_table
 
-    with stop_on_sigterm():  # SIGTERM: exit 143, checkpoint kept, the servers this process started stopped
-        result = pipeline(cfg)
+    quiet_prefect()
+    try:
+        with stop_on_sigterm():  # SIGTERM: exit 143, checkpoint kept, the servers this process started stopped
+            result = pipeline(cfg)
+    except Exception as exc:  # the flow run's log (above, and in Prefect) holds the traceback
+        typer.secho(f"error: the pipeline failed: {plain_reason(exc)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     m = result["metrics"]
     extra = ("pick_", "baseline_", "n_dropped", "ece_", "mean_prob_", "mean_ball_", "search_", "index_gb")
     typer.echo("\n" + format_metrics_table({k: v for k, v in m.items() if not k.startswith(extra)}))
@@ -147,7 +154,7 @@ def _run_and_report(cfg) -> None:
                    f"'champion' ({gate['reason']})")
     uri = mlflow.get_tracking_uri()
     typer.echo(f"\nMLflow parent run {result['parent_run_id']} in {uri}")
-    typer.echo(f"open the UI with:  mlflow ui --backend-store-uri {uri}")
+    typer.echo(mlflow_ui_hint(uri))
 
 
 app.command(epilog=PREDICT_EXIT_HELP)(predict)

@@ -13,7 +13,8 @@ Input: a DataFrame with one of the columns
   ``max_image_bytes`` is not read.
 Output: one row per input row (hierloc.infer.predictor.predictions_frame): latitude,
 longitude, path, <level>_key / _name / _prob, candidates (JSON), and ``error``
-(empty when the row was answered; a bad row does not fail the batch).
+(empty when the row was answered; a bad row does not fail the batch, its other fields are
+None, which the scoring server writes as JSON ``null``).
 
 The model is logged as a *model from code* (flows/serving/pyfunc_model.py, which builds a
 ``HierLocPyfunc``; flows/serving/logged_model.py): loading it unpickles nothing. Its only artifact is the bundle folder
@@ -168,5 +169,18 @@ class HierLocPyfunc(PythonModel):
             answered.index = ok
             out = out[[]].join(answered)
         out["error"] = errors
-        return out
+        return json_safe(out)
+
+
+def json_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each missing value (a failed row's fields) as None: MLflow's scoring server
+    writes a DataFrame's NaN as a bare ``NaN``, which is not JSON, and None as ``null``. Only
+    columns holding a missing value become object columns; a batch that all succeeded keeps its
+    float columns."""
+    holes = [c for c in frame.columns if frame[c].isna().any()]
+    if holes:
+        frame = frame.copy()
+        for c in holes:
+            frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
+    return frame
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import mlflow
 
+from flows.errors import plain_reason
 from flows.stages.export import latest_bundle
+from flows.tracking.lineage import tracking_problem
 
 
 def _is_mlflow_uri(model: str) -> bool:
@@ -38,14 +40,19 @@ def resolve_bundle(model: str | None, work_dir: Path) -> Path:
         return found
     path = Path(model).expanduser()
     if not path.exists() and _is_mlflow_uri(model):
+        store = mlflow.get_tracking_uri()
+        problem = tracking_problem(store) if model.startswith(("runs:/", "models:/")) else None
+        if problem is not None:  # asked once, not retried for minutes by MLflow's client
+            raise ValueError(f"cannot download the MLflow model {model}: the tracking server at {store} does not "
+                             f"answer ({problem}); start it (`make up`) or set MLFLOW_TRACKING_URI")
         tmp = Path(tempfile.mkdtemp(prefix="hierloc-model-"))
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(tmp)))
         except Exception as exc:  # MlflowException, OSError, ...: say which store was asked
             raise ValueError(
-                f"cannot download the MLflow model {model} from the tracking store {mlflow.get_tracking_uri()} "
-                f"({type(exc).__name__}: {exc}); check the run id / model name, or set MLFLOW_TRACKING_URI") from exc
+                f"cannot download the MLflow model {model} from the tracking store {store} "
+                f"({plain_reason(exc)}); check the run id / model name, or set MLFLOW_TRACKING_URI") from exc
         path = local
     if (path / "bundle.json").is_file():
         return path

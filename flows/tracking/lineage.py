@@ -26,6 +26,8 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
+from flows.errors import plain_reason
+
 OUTPUTS = "outputs.json"
 _CHUNK = 8 << 20
 
@@ -89,7 +91,7 @@ def load_outputs(run_id: str) -> dict:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{OUTPUTS}")
     except Exception as exc:  # MlflowException, OSError: say which run and store
         raise ValueError(f"run {run_id} has no readable {OUTPUTS} in the tracking store {mlflow.get_tracking_uri()} "
-                         f"({type(exc).__name__}: {exc}): pass the id of a finished hierloc stage run") from exc
+                         f"({plain_reason(exc)}): pass the id of a finished hierloc stage run") from exc
 
 
 def latest_stage_run(experiment: str, stage: str) -> str:
@@ -106,19 +108,28 @@ def latest_stage_run(experiment: str, stage: str) -> str:
                      f"run that stage first, or pass its run id")
 
 
+def tracking_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why the tracking server at ``uri`` cannot be used ('[Errno 111] Connection refused',
+    'HTTP 503'), or None when it answers its health check or ``uri`` is a local store (sqlite,
+    a folder), which needs no server. Asks once: MLflow's own client retries for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            return None if 200 <= r.status < 300 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return plain_reason(exc)
+
+
 def check_tracking(timeout_s: float = 5.0) -> str:
     """Fail fast, before any work, when the tracking server is down (a sqlite/file store
     needs no server). Returns the tracking URI."""
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    problem = tracking_problem(uri, timeout_s)
+    if problem is None:
         return uri
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            if 200 <= r.status < 300:
-                return uri
-            problem = f"HTTP {r.status}"
-    except (urllib.error.URLError, OSError) as exc:
-        problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
     raise TrackingUnavailable(
         f"the MLflow tracking server at {uri} does not answer ({problem}); nothing was run or registered. "
         "Start it with `make up` (or point MLFLOW_TRACKING_URI at a running server) and run again.")

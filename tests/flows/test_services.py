@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flows.services import Services, ServiceError
+from flows.services.manager import Services, ServiceError
 
 
 @pytest.fixture
@@ -75,10 +75,10 @@ class _Clock:
 
 
 def test_steps_say_what_is_being_done_and_how_long_it_took():
-    """`make up`'s lines (flows.steps.Steps): the step's text as it starts, its outcome and seconds at its end."""
+    """`make up`'s lines (flows.services.steps.Steps): the step's text as it starts, its outcome and seconds at its end."""
     import io
 
-    from flows.steps import Steps
+    from flows.services.steps import Steps
 
     out, clock = io.StringIO(), _Clock()
     steps = Steps(out, clock=clock)

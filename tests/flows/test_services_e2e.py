@@ -3,6 +3,8 @@
 One module, one set of processes (a Prefect server, an MLflow server, a process worker,
 all on 127.0.0.1, state in a temp folder), and the tests in order:
 
+0. `make status` finds the servers on the (free, non-default) ports they were started on,
+   and the worker by its heartbeat;
 1. `prefect deployment run hierloc-pipeline/demo` completes; MLflow holds the parent run,
    one nested run per stage with its dataset inputs and outputs.json, and the registered
    model with the 'champion' alias;
@@ -45,7 +47,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    from flows.services import Services
+    from flows.services.manager import Services
 
     root = tmp_path_factory.mktemp("services")
     # HIERLOC_PROGRESS_EVERY_S=0: a progress line per step (not per ~10 s), so these short runs log some
@@ -162,6 +164,42 @@ def test_deployments_are_registered_with_forms_and_schedule(services):
                           "hierloc-pipeline/demo", "--params", json.dumps({"cfg": {"train": {"epochs": 0}}})],
                          cwd=ROOT, env=services.env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "epochs" in bad.stdout + bad.stderr  # refused before any run exists
+
+
+def _make_status(s, tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m flows.services ARGS` as `make status` runs it from a fresh shell: no PREFECT_PORT /
+    MLFLOW_PORT / API addresses in the environment; the project's `.run/` is this module's state folder."""
+    home = tmp_path / "project"
+    home.mkdir(exist_ok=True)
+    if not (home / ".run").exists():
+        (home / ".run").symlink_to(s.state_dir, target_is_directory=True)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("PREFECT_PORT", "MLFLOW_PORT", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME")}
+    return subprocess.run([os.sys.executable, "-m", "flows.services", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**clean, "HIERLOC_HOME": str(home), "PYTHONPATH": str(ROOT), **(env or {})}, timeout=120)
+
+
+def test_status_is_right_on_the_ports_the_servers_were_started_on(services, tmp_path):
+    """The servers listen on free ports, not 4200 / 5000: `make status` reads them from `.run/`
+    and reports both healthy; the worker is healthy while its process runs and the Prefect
+    server has its heartbeat, and not once its process is gone."""
+    assert 4200 != services.prefect_port and 5000 != services.mlflow_port
+    res = _make_status(services, tmp_path, "status")
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)
+    for name, port in (("prefect-server", services.prefect_port), ("mlflow-server", services.mlflow_port)):
+        assert st[name] == {"pid": services.running(name), "port": port, "healthy": True}, st
+    worker = st["worker"]
+    assert worker["healthy"] is True and worker["status"] == "ONLINE" and worker["last_heartbeat"], worker
+    assert worker["pid"] == services.running("worker") is not None
+    # asking `up` for other ports while these servers run is refused, naming the ports they use
+    moved = _make_status(services, tmp_path, "up", env={"PREFECT_PORT": str(_free_port())})
+    assert moved.returncode == 1 and f"prefect-server already runs on port {services.prefect_port}" in moved.stderr
+    services.stop("worker")
+    gone = json.loads(_make_status(services, tmp_path, "status").stdout)["worker"]
+    assert gone["healthy"] is False and gone["pid"] is None and "not running" in gone["detail"], gone
+    services.start_worker()  # waits for its first heartbeat
+    assert services.status()["worker"]["healthy"] is True
 
 
 def test_pipeline_deployment_tracks_lineage_and_registers_champion(services, dataset, tmp_path_factory):

@@ -26,6 +26,15 @@ def _get(url: str, timeout: float = 2.0) -> int:
         return r.status
 
 
+def _refuse(constant: str):
+    raise ValueError(f"not JSON: bare {constant}")
+
+
+def strict_json(text: str | bytes):
+    """json.loads that refuses NaN / Infinity (Python's json accepts them; JSON does not)."""
+    return json.loads(text, parse_constant=_refuse)
+
+
 def test_pyfunc_round_trip_in_process(demo_bundle, tmp_path):
     import mlflow
 
@@ -77,17 +86,18 @@ def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
         req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
-            preds = json.loads(r.read())["predictions"]
+            preds = strict_json(r.read())["predictions"]  # a failed row's fields are null, not a bare NaN
         assert len(preds) == 4
         for p in preds[:3]:
             assert p["error"] == "" and -90 <= p["latitude"] <= 90 and p["country_key"]
             assert 0 <= p["city_prob"] <= p["country_prob"] <= 1 + 1e-9
         assert "cannot decode" in preds[3]["error"]
+        assert preds[3]["latitude"] is None and preds[3]["country_key"] is None and preds[3]["candidates"] is None
         rows = [[photos[0].name], [str(Path(__file__).resolve())], [str(served / "missing.jpg")]]
         body = json.dumps({"dataframe_split": {"columns": ["path"], "data": rows}}).encode()
         req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
-            by_path = json.loads(r.read())["predictions"]
+            by_path = strict_json(r.read())["predictions"]
         assert by_path[0]["error"] == "" and by_path[0]["country_key"] == preds[0]["country_key"]
         assert by_path[1]["error"] == by_path[2]["error"] != ""  # an existing file outside = a missing one
     finally:
@@ -97,6 +107,32 @@ def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_a_failed_row_scores_as_strict_json(demo_bundle, tmp_path):
+    """What `mlflow models serve` writes (its own serializer, and pandas' to_json) parses with a
+    parser that refuses NaN: a failed row's fields are None; a batch that all succeeded keeps
+    its float columns."""
+    import io
+
+    import mlflow
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    from flows.serving.logged_model import save_pyfunc
+
+    photo = sorted((Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images").glob("*.jpg"))[0].read_bytes()
+    model = mlflow.pyfunc.load_model(str(save_pyfunc(demo_bundle, tmp_path / "pyfunc")))
+    out = model.predict(pd.DataFrame({"image": [photo, b"not an image", photo[: len(photo) // 2]]}))
+    buf = io.StringIO()
+    predictions_to_json(out, buf)
+    served = strict_json(buf.getvalue())["predictions"]
+    assert served[0]["error"] == "" and -90 <= served[0]["latitude"] <= 90 and served[0]["city_key"]
+    for row in served[1:]:
+        assert "cannot decode" in row["error"]
+        assert all(row[c] is None for c in row if c != "error"), row
+    assert strict_json(out.to_json(orient="records"))[1]["latitude"] is None
+    good = model.predict(pd.DataFrame({"image": [photo]}))
+    assert good["latitude"].dtype == "float64" and good["city_prob"].dtype == "float64"
 
 
 def test_bad_feature_rows_are_reported_per_row_and_columns_stay(demo_bundle, tmp_path):

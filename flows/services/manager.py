@@ -1,23 +1,7 @@
-"""Local Prefect and MLflow servers, a process work pool, the deployments and a worker: `make up` / `make down`.
-
-    python -m flows.services up       # start (or find running) everything, deploy prefect.yaml
-    python -m flows.services down     # stop exactly the processes `up` started
-    python -m flows.services status
-
-Both servers bind to 127.0.0.1 only; their state lives in the project folder:
-``.prefect/`` (Prefect's database and results), ``mlflow.db`` + ``mlartifacts/`` (the same
-store `make demo` writes, so its runs show up in the UI), ``.run/`` (pid files, logs, and
-``.run/env``, which a shell sources to talk to these servers).
-
-Every process is started in its own session; its pid is recorded with its start time and
-command line (psutil: the kernel's view), and `down` signals a pid only while the process
-with that pid has the same start time and still runs that command (a recycled pid is never
-killed).
-"""
+"""The services of `make up` and their processes: start, record, find, stop (see the package's docstring)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -27,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -36,7 +18,8 @@ from typing import TextIO
 import psutil
 
 from flows.settings import OFFLINE_DEFAULTS, PROJECT_DIR
-from flows.steps import Steps
+from flows.services.health import http_ok, worker_state
+from flows.services.steps import Steps
 from geodata.atomic import write_text_atomic
 
 POOL = "hierloc-process"
@@ -107,8 +90,8 @@ class Services:
     def log_file(self, name: str) -> Path:
         return self.state_dir / f"{name}.log"
 
-    def running(self, name: str) -> int | None:
-        """The pid of service ``name`` if the process `up` started still runs, else None."""
+    def record(self, name: str) -> dict | None:
+        """What `up` recorded of the process of service ``name`` while it still runs, else None."""
         f = self._pid_file(name)
         if not f.exists():
             return None
@@ -119,7 +102,31 @@ class Services:
             same = proc.create_time() == rec["create_time"] and proc.cmdline()[: len(rec["argv"])] == rec["argv"]
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):  # gone, a zombie, or not our record
             return None
-        return rec["pid"] if same else None
+        return rec if same else None
+
+    def running(self, name: str) -> int | None:
+        """The pid of service ``name`` if the process `up` started still runs, else None."""
+        rec = self.record(name)
+        return rec["pid"] if rec else None
+
+    def recorded_port(self, name: str) -> int | None:
+        """The port the running server ``name`` was started on (``--port N`` in its recorded
+        command line), else None."""
+        argv = (self.record(name) or {}).get("argv") or []
+        ports = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--port"]
+        return int(ports[-1]) if ports and ports[-1].isdigit() else None
+
+    def adopt_running_ports(self) -> dict[str, int]:
+        """Take the ports of the servers `up` started and that still run (from ``.run/``), whatever
+        this object was built with: `status` and a second `up` then talk to them on any ports.
+        Returns {service: port} of those taken."""
+        taken = {}
+        for name, attr in (("prefect-server", "prefect_port"), ("mlflow-server", "mlflow_port")):
+            port = self.recorded_port(name)
+            if port is not None:
+                setattr(self, attr, port)
+                taken[name] = port
+        return taken
 
     def _start(self, name: str, argv: list[str]) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -214,14 +221,35 @@ class Services:
         """Every deployment of prefect.yaml."""
         self.prefect("deploy", "--all", "--prefect-file", str(self.project_dir / "prefect.yaml"))
 
-    def start_worker(self) -> int:
+    @property
+    def worker_name(self) -> str:
+        """The name the worker `up` starts has in Prefect (its heartbeats are recorded under it)."""
+        return f"{self.pool}-worker"
+
+    def start_worker(self, timeout_s: float = 180.0) -> int:
+        """Start the worker (if not running) and wait for its first heartbeat on the Prefect server."""
         pid = self.running("worker")
         if pid is None:
-            pid = self._start("worker", [_exe("prefect"), "worker", "start", "--pool", self.pool, "--type", "process"])
+            pid = self._start("worker", [_exe("prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
+                                         "--name", self.worker_name])
+        deadline = time.monotonic() + timeout_s
+        while not self.worker_state()["healthy"]:
+            if self.running("worker") is None:
+                raise ServiceError(f"the worker exited while starting; see {self.log_file('worker')}:\n"
+                                   f"{_tail(self.log_file('worker'))}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the worker sent no heartbeat to {self.prefect_api} within {timeout_s:.0f} s; "
+                                   f"see {self.log_file('worker')}")
+            time.sleep(1.0)
         return pid
+
+    def worker_state(self) -> dict:
+        """See flows.services.health.worker_state."""
+        return worker_state(self)
 
     def up(self, out: TextIO | None = None) -> None:
         """Everything, saying on ``out`` (default stdout) what it does and how long each step took."""
+        self.adopt_running_ports()
         steps = Steps(out)
         with steps.step(self._starting("prefect-server", f"the Prefect server on 127.0.0.1:{self.prefect_port}")):
             self.start_prefect()
@@ -269,9 +297,14 @@ class Services:
         return path
 
     def status(self) -> dict[str, dict]:
-        urls = {"prefect-server": self.prefect_api + "/health", "mlflow-server": self.mlflow_uri + "/health"}
-        return {name: {"pid": self.running(name), "healthy": http_ok(urls[name]) if name in urls else None}
-                for name in SERVICES}
+        """Each service's pid (None: not running) and health: a server answers its health
+        check on the port it was started on (from ``.run/``); the worker, see worker_state."""
+        self.adopt_running_ports()
+        out = {name: {"pid": self.running(name), "port": port, "healthy": http_ok(url)} for name, port, url in (
+            ("prefect-server", self.prefect_port, self.prefect_api + "/health"),
+            ("mlflow-server", self.mlflow_port, self.mlflow_uri + "/health"))}
+        out["worker"] = self.worker_state()
+        return out
 
 
 def _reap(pid: int) -> None:
@@ -281,14 +314,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
-            return 200 <= r.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def _exe(name: str) -> str:
@@ -302,30 +327,3 @@ def _tail(path: Path, n: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.services", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("up", "down", "status"))
-    ap.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
-    ap.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
-    args = ap.parse_args(argv)
-    s = Services(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
-    if args.command == "up":
-        try:
-            s.up()
-        except ServiceError as exc:
-            print(f"make up failed: {exc}", file=sys.stderr)
-            return 1
-        print(f"Prefect UI  {s.prefect_ui}\nMLflow UI   {s.mlflow_uri}\nworker      pool {s.pool} (log {s.log_file('worker')})\n"
-              f"then:       . {s.state_dir / 'env'} && prefect deployment run 'hierloc-pipeline/demo'")
-    elif args.command == "down":
-        stopped = s.down()
-        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-    else:
-        print(json.dumps(s.status(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
