@@ -5,6 +5,8 @@ Also the two harnesses of the flow tests: a temp MLflow store and a temp Prefect
 result records stay in a temp folder (nothing is written into the project folder)."""
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    # Prefect's home (its memo file, result records, a temp server's database) and the default MLflow
+    # store are a session temp folder, never the project's .prefect/ or mlflow.db (flows.settings
+    # only fills in what is unset); tests that need their own set them.
+    state = Path(tempfile.mkdtemp(prefix="hierloc-tests-"))
+    config._hierloc_state = state
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
     if "HIERLOC_OSV5M_SAMPLE" not in os.environ:
         candidates = [ROOT.parent / "shared" / "osv5m-sample", ROOT / "shared" / "osv5m-sample"]
         found = next((c for c in candidates if (c / "select.csv").exists()), candidates[0])
         os.environ["HIERLOC_OSV5M_SAMPLE"] = str(found)
+
+
+def pytest_unconfigure(config):
+    state = getattr(config, "_hierloc_state", None)
+    if state is not None:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @contextmanager

@@ -27,8 +27,12 @@ def test_the_editable_install_prints_no_setuptools_banner(tmp_path):
     assert "--quiet" in words
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, project / name)
+    shutil.copy(ROOT / "README.md", project / "README.md")
+    # The copy gets a name of its own: pip would otherwise uninstall this venv's editable hierloc
+    # before installing the copy into the temp prefix (it removes a same-named distribution first).
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '\nname = "hierloc"\n' in pyproject
+    (project / "pyproject.toml").write_text(pyproject.replace('\nname = "hierloc"\n', '\nname = "hierloc-install-check"\n', 1))
     for pkg in ("hierloc", "geodata", "flows"):  # the layout decides setuptools' editable strategy
         (project / pkg).mkdir()
         (project / pkg / "__init__.py").write_text("")
@@ -39,4 +43,4 @@ def test_the_editable_install_prints_no_setuptools_banner(tmp_path):
                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout + res.stderr == ""
-    assert list((tmp_path / "prefix").rglob("__editable__*hierloc*.pth"))  # it did install
+    assert list((tmp_path / "prefix").rglob("__editable__*hierloc_install_check*.pth"))  # it did install
