@@ -31,7 +31,7 @@ from flows.stages.train import run_train
 from flows.tracking import registry
 from flows.tracking.lineage import OUTPUTS, files_digest, log_dataset
 from hierloc.digest import digest_of
-from flows.tracking.result_cache import JsonRecordsOnly
+from flows.tracking.result_cache import RESULT_SERIALIZER, JsonRecordsOnly
 from flows.tracking.runs import Run, tracked_run
 
 #: ingest / hierarchy / features: keyed on their inputs (digests, parameters) and their code;
@@ -39,7 +39,7 @@ from flows.tracking.runs import Run, tracked_run
 STAGE_CACHE = JsonRecordsOnly(policy=(INPUTS + TASK_SOURCE) - "parent")
 #: cached results are written as JSON and only JSON is read back (flows.tracking.result_cache); retries only
 #: for what a retry can cure (flows.stages.faults)
-CACHED = dict(cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", retry_condition_fn=retry_transient)
+CACHED = dict(cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULT_SERIALIZER, retry_condition_fn=retry_transient)
 
 
 def _stage_tags(stage: str, upstream: dict[str, dict] | None = None) -> dict[str, str]:

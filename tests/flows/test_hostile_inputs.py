@@ -204,6 +204,19 @@ def test_cached_results_are_json_and_a_planted_pickle_record_is_never_read(env, 
     assert third["run_id"] != first["run_id"]  # not taken from the planted record: the stage ran again
     assert record_serializer(mine[0]) == "json" and record_serializer(mine[0].with_name(mine[0].name + ".refused")) == "pickle"
 
+    # A record that names the JSON serializer but a decoder of its own: Prefect would import and call
+    # it on every object of the result (here subprocess.run(["touch", marker])). Set aside, never read.
+    marker = tmp_path / "decoder-ran"
+    doc = json.loads(mine[0].read_text())
+    doc["metadata"]["serializer"]["object_decoder"] = "subprocess.run"
+    doc["result"] = json.dumps({"touch": 0, str(marker): 0})
+    mine[0].write_text(json.dumps(doc))
+    fourth = ingest_flow(cfg)
+    assert not marker.exists()  # the decoder never ran
+    assert fourth["run_id"] not in (first["run_id"], third["run_id"])  # the stage ran again
+    refused = json.loads(mine[0].with_name(mine[0].name + ".refused").read_text())
+    assert refused["metadata"]["serializer"]["object_decoder"] == "subprocess.run"
+
 
 # --- 3. empty splits and retries -----------------------------------------------------------
 def test_a_header_only_csv_fails_at_ingest_naming_the_split_without_retries(env, demo, tmp_path):
