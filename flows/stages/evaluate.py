@@ -3,7 +3,6 @@ baseline), OSV-5M metrics, predictions and figures; and the registry gate's scor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +119,14 @@ def score_bundle(bundle: Path, ingest_dir: Path, feature_dir: Path, beam_k: int 
 
 def same_backbone(bundle: Path, backbone: str, pretrained: str | None) -> bool:
     """Whether a bundle's model reads the features of ``backbone`` (same spec, same weights)."""
-    meta = json.loads((Path(bundle) / "bundle.json").read_text())
+    from hierloc.infer.predictor import bundle_weights, read_bundle_meta
+
+    meta = read_bundle_meta(Path(bundle))
     if meta.get("backbone") != backbone:
         return False
-    weights, tag = meta.get("backbone_weights"), meta.get("backbone_tag")
+    weights, tag = bundle_weights(Path(bundle), meta), meta.get("backbone_tag")
     if pretrained is None:
         return not weights and not tag
     if Path(pretrained).is_file():  # a local weights file: the bundle holds a copy; compare contents
-        return bool(weights) and file_sha256(Path(bundle) / weights) == file_sha256(Path(pretrained))
+        return bool(weights) and file_sha256(weights) == file_sha256(Path(pretrained))
     return tag == pretrained

@@ -35,6 +35,7 @@ from hierloc.model.io import load_model
 
 BUNDLE_FORMAT = 1
 LEVEL_NAMES = ("country", "region", "subregion", "city")
+MAX_BUNDLE_JSON_BYTES = 1 << 20  # bundle.json is a few hundred bytes
 _NEEDED_ENTITY_COLUMNS = ("key", "name", "lat", "lon", "level")
 
 
@@ -82,6 +83,34 @@ def write_bundle(
     return out_dir
 
 
+
+def read_bundle_meta(bundle: Path) -> dict:
+    """A bundle's bundle.json: a regular file of at most 1 MiB, a JSON object of this format."""
+    meta_path = Path(bundle) / "bundle.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{bundle}: not a hierloc model bundle (no bundle.json)")
+    size = meta_path.stat().st_size
+    if size > MAX_BUNDLE_JSON_BYTES:
+        raise ValueError(f"{meta_path}: {size} bytes, over the {MAX_BUNDLE_JSON_BYTES} a bundle.json may have")
+    meta = json.loads(meta_path.read_bytes()[:MAX_BUNDLE_JSON_BYTES + 1])
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_path}: bundle format {found}, this hierloc reads {BUNDLE_FORMAT}")
+    return meta
+
+
+def bundle_weights(bundle: Path, meta: dict) -> Path | None:
+    """The bundle's own backbone weights file (field ``backbone_weights``), or None; a name that
+    leads out of the bundle folder (absolute, '..', a link outside) is refused."""
+    name = meta.get("backbone_weights")
+    if not name:
+        return None
+    root = Path(bundle).resolve()
+    path = (root / str(name)).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(f"{Path(bundle) / 'bundle.json'}: field backbone_weights {name!r} points outside the bundle")
+    return path
+
 @dataclass
 class Prediction:
     """One query's answer. ``levels``: per level, the picked entity's key, name and
@@ -125,18 +154,13 @@ class Predictor:
     @classmethod
     def load(cls, bundle: Path, *, device: str = "cpu", backend: str = "auto", with_backbone: bool = True) -> Predictor:
         bundle = Path(bundle)
-        meta_path = bundle / "bundle.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{bundle}: not a hierloc model bundle (no bundle.json)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{meta_path}: bundle format {meta.get('format')}, this hierloc reads {BUNDLE_FORMAT}")
+        meta = read_bundle_meta(bundle)
         model = load_model(bundle / "model.pt")
         entities = pd.read_parquet(bundle / "entities.parquet")
         backbone = None
         if with_backbone:
-            weights = meta.get("backbone_weights")
-            backbone = load_backbone(meta["backbone"], str(bundle / weights) if weights else meta.get("backbone_tag"))
+            weights = bundle_weights(bundle, meta)
+            backbone = load_backbone(meta["backbone"], str(weights) if weights else meta.get("backbone_tag"))
         return cls(model, entities, backbone, tau=meta.get("tau"), device=device, backend=backend)
 
     # --- answering ----------------------------------------------------------

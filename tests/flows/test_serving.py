@@ -225,3 +225,28 @@ def test_served_image_bytes_are_capped_before_decoding(demo_bundle, tmp_path):
                                                 base64.b64encode(photo).decode()]}))
     assert list(out["error"] == "") == [True, False, False, True]
     assert all(f"over the {len(photo):,}-byte cap" in e for e in out["error"][1:3])
+
+
+def test_a_bundle_json_cannot_point_outside_its_bundle_or_be_huge(demo_bundle, tmp_path):
+    import json
+    import shutil
+
+    import pytest
+
+    from flows.stages.evaluate import same_backbone
+    from hierloc.infer.predictor import Predictor
+
+    outside = tmp_path / "weights.pt"
+    outside.write_bytes(b"not ours")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    for name in (str(outside), "../weights.pt"):
+        (bundle / "bundle.json").write_text(json.dumps({**meta, "backbone_weights": name}))
+        with pytest.raises(ValueError, match="backbone_weights .* points outside the bundle"):
+            Predictor.load(bundle)
+        with pytest.raises(ValueError, match="points outside the bundle"):
+            same_backbone(bundle, meta["backbone"], str(outside))
+    (bundle / "bundle.json").write_text(json.dumps(meta) + " " * (2 << 20))
+    with pytest.raises(ValueError, match="bundle.json: .* bytes, over the"):
+        Predictor.load(bundle, with_backbone=False)
