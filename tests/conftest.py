@@ -18,12 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
     # Prefect's home (its memo file, result records, a temp server's database) and the default MLflow
-    # store are a session temp folder, never the project's .prefect/ or mlflow.db (flows.settings
-    # only fills in what is unset); tests that need their own set them.
+    # store are a session temp folder, never the project's .prefect/ or mlflow.db, nor a server a
+    # developer's shell points at (PREFECT_API_URL, MLFLOW_TRACKING_URI are overridden, not filled
+    # in); tests that need their own set them.
     state = Path(tempfile.mkdtemp(prefix="hierloc-tests-"))
     config._hierloc_state = state
-    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
+    os.environ["PREFECT_HOME"] = str(state / "prefect")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    os.environ.pop("PREFECT_API_URL", None)
     if "HIERLOC_OSV5M_SAMPLE" not in os.environ:
         candidates = [ROOT.parent / "shared" / "osv5m-sample", ROOT / "shared" / "osv5m-sample"]
         found = next((c for c in candidates if (c / "select.csv").exists()), candidates[0])
