@@ -4,7 +4,6 @@ with one-line errors (an unknown key names the keys allowed where it stands)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -60,8 +59,9 @@ def load_config(path: Path | None, overrides: dict):
 
 def load_config_or_exit(path: Path | None, overrides: dict):
     """load_config, or one ``error:`` line per problem on stderr and exit code 2 (no traceback)."""
+    from flows.cli.common import fail
+
     try:
         return load_config(path, overrides)
     except ConfigError as exc:
-        sys.stderr.write("".join(f"error: {line}\n" for line in str(exc).splitlines()))
-        raise SystemExit(2) from None
+        fail(str(exc))

@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 
+from flows.errors import plain_reason
+
 
 def post_json(url: str, body: dict, timeout_s: float = 5.0):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
@@ -36,7 +38,7 @@ def worker_state(svc) -> dict:
         workers = post_json(f"{svc.prefect_api}/work_pools/{svc.pool}/workers/filter", {})
     except (urllib.error.URLError, OSError, ValueError) as exc:  # HTTPError: it answered (no such pool, ...)
         why = (f"answered HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError)
-               else f"does not answer ({getattr(exc, 'reason', exc)})")
+               else f"does not answer ({plain_reason(exc)})")
         state["detail"] = f"the Prefect server at {svc.prefect_api} {why}"
         return state
     mine = next((w for w in workers if w.get("name") == svc.worker_name), {})

@@ -114,9 +114,10 @@ def read_served_path(value, root: Path | None, max_bytes: int) -> bytes:
 class HierLocPyfunc(PythonModel):
     """pyfunc wrapper around hierloc.infer.predictor.Predictor; settings from the model config."""
 
-    def __init__(self, top_k: int = 5, beam_k: int = 10, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.top_k, self.beam_k, self.max_image_pixels = top_k, beam_k, max_image_pixels
-        self.max_image_bytes = SERVED_MAX_IMAGE_BYTES
+    def __init__(self) -> None:  # the settings come from the model config, in load_context
+        cfg = DEFAULT_MODEL_CONFIG
+        self.top_k, self.beam_k = int(cfg["top_k"]), int(cfg["beam_k"])
+        self.max_image_pixels, self.max_image_bytes = int(cfg["max_image_pixels"]), int(cfg["max_image_bytes"])
         self.path_root: Path | None = None
         self.predictor: Predictor | None = None
 

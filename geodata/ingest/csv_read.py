@@ -7,7 +7,8 @@ and a few int64 arrays.
 
 Line numbers: pyarrow counts CSV *records* (header = 1, blank lines skipped). In the
 common case (one record per line, no blank lines) the physical line is the record number;
-`finish` checks that with one newline count over the bytes read and otherwise maps
+`CsvStream.lines_final` checks that with one newline count over the bytes read; otherwise
+`CsvStream.line_map` maps
 records to lines with a scan that splits records as pyarrow does
 (`geodata.ingest.csv_lines.scan_records`), telling the caller to rewrite the lines it already wrote.
 
@@ -179,7 +180,7 @@ def _quiet_undecodable_rows() -> Iterator[None]:
 
 @dataclass
 class LineMap:
-    """How `CsvStream.finish` says lines must be fixed: record number r -> line base + starts[r - 1]."""
+    """How `CsvStream.line_map` says lines must be fixed: record number r -> line base + starts[r - 1]."""
 
     starts: np.ndarray  # (n_records,) physical line (from the stream start) of each record
     base: int
@@ -190,7 +191,7 @@ class CsvStream:
 
     Iterate to get (raw, lines): raw maps the 32 release columns to (n,) string arrays
     (Namibia's "NA" and empty fields stay strings), lines is (n,) int64 physical line
-    numbers of the file (header = 1), provisional until `finish`. Rows with a wrong field
+    numbers of the file (header = 1), provisional until `lines_final`. Rows with a wrong field
     count are collected in `bad_lines` / `bad_texts` instead.
     """
 
@@ -213,7 +214,7 @@ class CsvStream:
         # "unknown" (not seen with the serial reader); -1 keeps it out of the arithmetic.
         number = row.number if row.number is not None else -1
         if number < 0 or number <= self._max_assigned:
-            self._out_of_order = True  # lines already handed out may be wrong: finish() remaps
+            self._out_of_order = True  # lines already handed out may be wrong: line_map() remaps
         self.bad_records.append(number)
         self.bad_texts.append(truncate(row.text))
         return "skip"
@@ -320,13 +321,6 @@ class CsvStream:
             self.line_kind = "record"
             return None
         return LineMap(starts=records.starts, base=self.line_base)
-
-    def finish(self, n_lines: int, end_byte: int, n_blank: int = 0) -> LineMap | None:
-        """None when the provisional lines are final (`lines_final`), else `line_map` of a scan
-        of bytes [start_byte, end_byte)."""
-        if self.lines_final(n_lines, n_blank):
-            return None
-        return self.line_map(scan_records(self.csv_path, self.start_byte, end_byte))
 
 
 def apply_line_map(lines: np.ndarray, line_map: LineMap) -> np.ndarray:
