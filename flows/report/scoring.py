@@ -58,6 +58,23 @@ def _read_strings(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
+#: The sample's select.csv (the OSV-5M authors' evaluation dump) names the truth columns differently.
+_SELECT_CSV_NAMES = {"true_lat": "latitude", "true_lon": "longitude", "area": "sub-region"}
+
+
+def _read_truth(path: Path) -> pd.DataFrame:
+    """A truth CSV: OSV-5M test.csv (id, latitude, longitude, unique_* or raw labels), or a
+    select.csv (id, true_lat, true_lon, country, region, area, city), as test.csv's names."""
+    frame = _read_strings(path, ("id",))
+    if "latitude" not in frame.columns and {"true_lat", "true_lon"} <= set(frame.columns):
+        frame = frame.rename(columns={k: v for k, v in _SELECT_CSV_NAMES.items() if v not in frame.columns})
+    missing = [c for c in PRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}, line 1: missing column(s) {missing} (or true_lat, true_lon as in select.csv); "
+                         f"columns are {list(frame.columns)}")
+    return frame
+
+
 def _truth_unique(truth: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The four unique_* columns of a truth frame, built from raw labels if absent."""
     if all(c in truth.columns for c in UNIQUE_COLUMNS):
@@ -137,16 +154,16 @@ def score_prediction_csv(
 ) -> dict[str, float]:
     """OSV-5M metrics of a prediction CSV (see hierloc.infer.metrics.osv5m_metrics for the names).
 
-    pred_csv: columns id, latitude, longitude (degrees). truth_csv: OSV-5M format with id,
-    latitude, longitude and either the unique_* columns or raw country, region, sub-region,
-    city. Ids are compared as exact strings; both files must hold the same set of ids.
+    pred_csv: columns id, latitude, longitude (degrees). truth_csv: OSV-5M test.csv format with
+    id, latitude, longitude and either the unique_* columns or raw country, region, sub-region,
+    city; or the sample's select.csv (true_lat, true_lon, area for the sub-region). Ids are compared as exact strings; both files must hold the same set of ids.
     Predictions are reverse-geocoded with GeoNames cities1000 (as the official code).
     per_row_out: optional CSV (id, dist_km, geoscore, hit_country, hit_region,
     hit_subregion, hit_city), rows in prediction order, written atomically.
     """
     pred_csv, truth_csv = Path(pred_csv), Path(truth_csv)
     pred = _read_strings(pred_csv, PRED_COLUMNS)
-    truth = _read_strings(truth_csv, PRED_COLUMNS)
+    truth = _read_truth(truth_csv)
     _check_same_ids(pred["id"], truth["id"], pred_csv, truth_csv)
     pred_lat, pred_lon = parse_coordinates(pred, source=str(pred_csv), first_line=2)
     true_lat, true_lon = parse_coordinates(truth, source=str(truth_csv), first_line=2)

@@ -114,3 +114,71 @@ def test_format_metrics_table(csvs):
     assert any(line.startswith("acc_country") and line.endswith("%") for line in lines)
     assert any(line.startswith("mean_km") and line.endswith(" km") for line in lines)
     assert lines[-1].split() == ["n", "50"]
+
+
+def test_the_samples_select_csv_is_a_truth_file_as_it_is(csvs):
+    """select.csv names its truth true_lat / true_lon and its sub-region 'area': read as test.csv's names."""
+    assert score_prediction_csv(csvs[0], SELECT_CSV) == score_prediction_csv(csvs[0], csvs[1])
+
+
+def _namibia_files(tmp_path: Path) -> tuple[Path, Path]:
+    """Two rows in test.csv layout (unique_* columns, Namibia's 'NA' as written), predictions on the truth."""
+    truth = pd.DataFrame({"id": ["1", "2"], "latitude": ["-22.5609", "39.9"], "longitude": ["17.0658", "116.4"],
+                          "country": ["NA", "CN"], "unique_country": ["NA", "CN"],
+                          "unique_region": ["Khomas_NA", "Beijing_CN"], "unique_sub-region": ["", ""],
+                          "unique_city": ["Windhoek_NaN_Khomas_NA", "Beijing_NaN_Beijing_CN"]})
+    pred = truth[["id", "latitude", "longitude"]]
+    paths = tmp_path / "truth.csv", tmp_path / "pred.csv"
+    truth.to_csv(paths[0], index=False)
+    pred.to_csv(paths[1], index=False)
+    return paths
+
+
+def test_official_reads_namibia_as_the_official_loader_does(tmp_path):
+    """The official test loader parses test.csv with pandas' default NA values: Namibia's 'NA'
+    becomes NaN, so a Namibian row never scores a country hit; corrected scores it."""
+    truth_csv, pred_csv = _namibia_files(tmp_path)
+    lab = default_labeler().label(np.array([-22.5609, 39.9]), np.array([17.0658, 116.4]))
+    assert list(lab["cc"]) == ["NA", "CN"]  # the predicted key is the string "NA"
+    per_row = tmp_path / "rows.csv"
+    official = score_prediction_csv(pred_csv, truth_csv, per_row_out=per_row)
+    hits = pd.read_csv(per_row, keep_default_na=False)
+    assert hits["hit_country"].tolist() == [False, True] and hits["hit_region"].tolist() == [True, True]
+    assert official["acc_country"] == 0.5
+    assert score_prediction_csv(pred_csv, truth_csv, variant="corrected")["acc_country"] == 1.0
+    # row for row what the official loader makes of the file: pandas' defaults, then NaN -> "NaN"
+    loaded = pd.read_csv(truth_csv, dtype=str)[list(UNIQUE_COLUMNS)].fillna("NaN")
+    ours = truth_keys(*(pd.read_csv(truth_csv, dtype=str, keep_default_na=False)[c] for c in UNIQUE_COLUMNS))
+    for level, column in zip(("country", "region", "subregion", "city"), UNIQUE_COLUMNS):
+        assert ours[level].tolist() == loaded[column].tolist()
+
+
+def test_our_copy_of_pandas_na_strings_is_pandas_own():
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    from hierloc.infer.metrics import PANDAS_DEFAULT_NA
+
+    assert PANDAS_DEFAULT_NA == set(STR_NA_VALUES)
+
+
+def test_totals_are_exact_sums_where_the_official_float32_sums_drift_and_antipodes_are_finite():
+    """Documented differences from the official code (hierloc.infer.metrics): our totals are
+    float64 (the official running sums are float32) and our haversine clips (official: NaN at
+    exact antipodes). Per-row values are the same."""
+    import math
+
+    from hierloc.geometry.geo import geoscore, haversine_km
+    from hierloc.infer.metrics import osv5m_metrics
+
+    rng = np.random.default_rng(0)
+    d = rng.uniform(0, 20_000, 300_000)
+    keys = {lv: np.array(["x"] * len(d), dtype=object) for lv in ("country", "region", "subregion", "city")}
+    m = osv5m_metrics(d, keys, keys)
+    assert m["mean_km"] == pytest.approx(math.fsum(d) / len(d), rel=1e-12)
+    assert m["geoscore"] == pytest.approx(math.fsum(geoscore(d)) / len(d), rel=1e-12)
+    running = np.float32(0)
+    for batch in np.array_split(d.astype(np.float32), len(d) // 256):  # the official accumulation, batch by batch
+        running = np.float32(running + batch.sum(dtype=np.float32))
+    assert abs(float(running) / len(d) / m["mean_km"] - 1) > 1e-7  # float32 totals drift from the exact mean
+    assert haversine_km(np.array([0.0]), np.array([0.0]), np.array([0.0]), np.array([180.0]))[0] == \
+        pytest.approx(math.pi * 6371.0)
