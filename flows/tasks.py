@@ -27,7 +27,7 @@ from flows.stages.faults import retry_transient
 from flows.stages.features import run_features
 from flows.stages.hierarchy import run_hierarchy
 from flows.stages.ingest import run_ingest
-from flows.stages.train import run_train
+from flows.stages.train import budget_tags, run_train
 from flows.tracking import registry
 from flows.tracking.lineage import OUTPUTS, files_digest, log_dataset
 from hierloc.digest import digest_of
@@ -217,13 +217,14 @@ def train_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dict, 
                                text={k: v for k, v in cfg.text.model_dump().items() if k != "enabled"}
                                if cfg.text.enabled else None)
         run.metrics({k: v for k, v in out.items() if k not in ("model_path", "checkpoint", "run_dir")})
+        run.tags(budget_tags(cfg.train))
         bundle = run_export(out["model_path"], Path(hierarchy["dir"]), feats["backbone"], feats["pretrained"],
                                    Path(cfg.work_dir) / "export" / Path(out["run_dir"]).name,
                                    source={"train_run_id": run.run_id, "parent_run_id": parent})
         model_uri = log_pyfunc(run.client, run.run_id, bundle)
         run.tags({"model_path": out["model_path"], "bundle_path": str(bundle), "model_uri": model_uri})
         return _finish(run, "train", {"model_path": out["model_path"], "bundle": str(bundle), "model_uri": model_uri,
-                                      "run_dir": out["run_dir"]})
+                                      "run_dir": out["run_dir"], "steps": out["steps"], "budgeted": out["budgeted"]})
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -37,6 +37,15 @@ def _warm_start_rows(init_from: Path | None, init_entities: Path | None, ents: p
     return entity_row_map(old_keys, ents["key"].to_numpy())
 
 
+def budget_tags(cfg: TrainConfig) -> dict[str, str]:
+    """The train run's MLflow tags that tell a budgeted run (train.max_steps / max_samples) apart."""
+    steps = cfg.budget_steps()
+    if steps is None:
+        return {"hierloc.budgeted": "false"}
+    return {"hierloc.budgeted": "true", "hierloc.budget_steps": str(steps),
+            "hierloc.max_steps": str(cfg.max_steps), "hierloc.max_samples": str(cfg.max_samples)}
+
+
 def run_train(
     ingest_dir: Path, hierarchy_dir: Path, feature_dirs: dict[str, str], out_root: Path,
     model_cfg: ModelConfig, train_cfg: TrainConfig, log_fn=None, *,
@@ -69,6 +78,7 @@ def run_train(
                                           {"init_from": str(init_from) if init_from else None, "text": text}])
     res = train(data, ent_data, model_cfg, train_cfg, run_dir, log_fn=log_fn, init_from=init_from, init_rows=init_rows)
     return {"model_path": str(res.model_path), "checkpoint": str(res.checkpoint), "run_dir": str(run_dir),
-            "steps": res.steps, "epochs_run": res.epochs_run, "seconds": res.seconds,
+            "steps": res.steps, "steps_run": res.steps_run, "epochs_run": res.epochs_run, "seconds": res.seconds,
+            "budgeted": res.budgeted, "budget_steps": train_cfg.budget_steps(),
             "n_train": int(len(feats)), "dropped_no_features_or_entity": dropped,
             "n_warm_started_entities": int((init_rows >= 0).sum()) if init_rows is not None else 0, **res.final}

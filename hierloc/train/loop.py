@@ -80,9 +80,24 @@ class TrainConfig(BaseModel):
                     "k > 1: the loss is still exact, the entity branch steps every k batches with the mean "
                     "gradient of the k batches (TableCycle)")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every this many steps (0: epochs only)")
+    max_steps: int | None = Field(
+        None, ge=1, le=1_000_000_000,
+        description="budget: stop after this many optimiser steps in all (resumed ones count); None = no budget. "
+                    "The LR schedule spans the budgeted steps; the smaller of max_steps and max_samples wins")
+    max_samples: int | None = Field(
+        None, ge=1, le=10**13,
+        description="budget in samples: stop after ceil(max_samples / batch_size) steps; None = no budget")
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """The JSON form; an unset budget is left out, so configs without one keep their digests
+        (and their run folders and checkpoints)."""
+        d = self.model_dump(mode="json")
+        return {k: v for k, v in d.items() if not (k in ("max_steps", "max_samples") and v is None)}
+
+    def budget_steps(self) -> int | None:
+        """The step budget (the smaller of max_steps and ceil(max_samples / batch_size)); None: no budget."""
+        caps = [c for c in (self.max_steps, self.max_samples and -(-self.max_samples // self.batch_size)) if c]
+        return min(caps) if caps else None
 
 
 @dataclass
@@ -96,6 +111,8 @@ class TrainResult:
     seconds: float
     final: dict[str, float] = field(default_factory=dict)
     steps_run: int = 0  # steps taken by this call (steps - steps_run were done before a resume)
+    budgeted: bool = False  # TrainConfig.max_steps / max_samples set: the run stops at ``stop_step``
+    stop_step: int = 0  # the step the run ends at: the budget, else epochs x steps per epoch
 
 
 def train(
@@ -134,14 +151,14 @@ def _train(data, ents, model_cfg, cfg, out_dir, log_fn, init_from, init_rows, ct
         out_dir.mkdir(parents=True, exist_ok=True)
     loop = _Loop(data, ents, model_cfg, cfg, out_dir / "checkpoint.pt", log_fn if ctx.is_main else None,
                  init_from, init_rows, ctx, device)
-    start_epoch = loop.start[0]
     last, seconds = loop.run()
     model_path = out_dir / "model.pt"
     if ctx.is_main:
         save_model(loop.model.cpu(), model_path, tau=float(loop.loss_fn.tau.detach()))
     return TrainResult(
-        checkpoint=loop.ckpt_path, model_path=model_path, steps=loop.step, epochs_run=cfg.epochs - start_epoch,
-        seconds=seconds, final=last, steps_run=loop.steps_run,
+        checkpoint=loop.ckpt_path, model_path=model_path, steps=loop.step, epochs_run=loop.epochs_run,
+        seconds=seconds, final=last, steps_run=loop.steps_run, budgeted=cfg.budget_steps() is not None,
+        stop_step=loop.stop_step,
     )
 
 
@@ -173,9 +190,11 @@ class _Loop:
         ).to(device)
         self.n = data.features.shape[0]
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        # a budget ends the run early; the warmup + cosine schedule spans the steps it will run
+        self.stop_step = min(self.steps_per_epoch * cfg.epochs, cfg.budget_steps() or math.inf)
         self.optims = make_optimisers(
             self.model, self.loss_fn, lr=cfg.lr, riemannian_lr=cfg.riemannian_lr, weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps, total_steps=self.steps_per_epoch * cfg.epochs,
+            warmup_steps=cfg.warmup_steps, total_steps=self.stop_step,
         )
         self.named = [(n, p) for n, p in self.model.named_parameters()] + \
             [("loss." + n, p) for n, p in self.loss_fn.named_parameters()]
@@ -191,7 +210,7 @@ class _Loop:
         self.latlon = torch.tensor(data.latlon_deg, dtype=torch.float32)  # a copy: (n, 2) is small, parquet arrays are read-only
         self.use_amp = cfg.amp and device.type == "cuda"
         self.cycle = TableCycle(self.model, device, self.use_amp) if cfg.entity_refresh_every > 1 else None
-        self.steps_run = self.log_steps = 0
+        self.steps_run = self.log_steps = self.epochs_run = 0
         self.t_log = 0.0
 
     def _state(self) -> dict:
@@ -207,24 +226,29 @@ class _Loop:
         start_epoch, start_batch = self.start
         last = {}
         for epoch in range(start_epoch, self.cfg.epochs):
+            if self.step >= self.stop_step:  # the budget is spent (a rerun of a finished budgeted run)
+                break
             last = self._epoch(epoch, start_batch if epoch == start_epoch else 0)
+            self.epochs_run += 1
         return last, time.perf_counter() - t0
 
     def _epoch(self, epoch: int, first: int) -> dict[str, float]:
         """Batches ``first``.. of one epoch (a checkpoint every ``checkpoint_every_steps``), then its
-        mean losses, logged, and a checkpoint at its end."""
+        mean losses, logged, and a checkpoint at its end. A budget that ends mid-epoch ends it
+        there the same way (means over its batches run, a fractional "epoch", the checkpoint)."""
         cfg = self.cfg
         self.model.train()
         t_epoch, epoch_steps, epoch_samples = time.perf_counter(), 0, 0
+        end = min(self.steps_per_epoch, first + self.stop_step - self.step)  # batches first..end-1 run
         # The order depends only on (seed, epoch): a resumed run sees the same batches.
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         # steps, samples/s and the epoch's ETA: a bar on a terminal, else a log line every ~10 s (rank 0)
-        bar = Progress(self.steps_per_epoch - first, f"epoch {epoch + 1}/{cfg.epochs}", unit="steps",
+        bar = Progress(end - first, f"epoch {epoch + 1}/{cfg.epochs}", unit="steps",
                        items_unit="samples", logger=log) if self.ctx.is_main else None
         try:
-            for b in range(first, self.steps_per_epoch):
+            for b in range(first, end):
                 rows = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                ckpt_now = self._step(rows, last_batch=b == self.steps_per_epoch - 1)
+                ckpt_now = self._step(rows, last_batch=b == end - 1)
                 epoch_steps += 1
                 epoch_samples += len(rows)
                 if bar is not None:
@@ -234,16 +258,17 @@ class _Loop:
         finally:
             if bar is not None:
                 bar.close()
-        means = self.sums / self.steps_per_epoch
+        means = self.sums / max(1, end)
         dt = time.perf_counter() - t_epoch
         last = {"epoch_loss": float(means[0])}
         last.update({f"epoch_loss_l{l}": float(v) for l, v in enumerate(means[1:])})
         log.info("epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, means[0])
         if self.emit is not None:
-            self.emit({**last, "epoch": epoch + 1, "epoch_seconds": dt, "epoch_steps_per_s": epoch_steps / dt,
+            self.emit({**last, "epoch": epoch + 1 if end == self.steps_per_epoch else epoch + end / self.steps_per_epoch,
+                       "epoch_seconds": dt, "epoch_steps_per_s": epoch_steps / dt,
                        "epoch_samples_per_s": epoch_samples / dt}, self.step)
         self.sums = np.zeros_like(self.sums)
-        self.checkpoint(epoch + 1, 0)
+        self.checkpoint(*((epoch + 1, 0) if end == self.steps_per_epoch else (epoch, end)))
         return last
 
     def _step(self, rows: torch.Tensor, *, last_batch: bool) -> bool:
