@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from geodata.ingest.tar_headers import iter_headers
+
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _UNSAFE_RE = r"^[\\/]|^[A-Za-z]:|(?:^|[\\/])\.\.(?:[\\/]|$)"  # absolute, drive, '..' part
 
@@ -85,14 +87,15 @@ def iter_tar_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
 
     Raises UnsafeMemberError naming the tar when a member name is absolute, has a
     drive letter or a '..' part (the whole shard is refused), tarfile.ReadError when
-    the file is not a readable tar.
+    the file is not a readable tar (or its data ends early).
     """
-    try:
-        tf = tarfile.open(tar_path, "r:")
-    except tarfile.ReadError as exc:
-        raise tarfile.ReadError(f"{tar_path}: not a readable tar ({exc}); re-create this shard") from exc
-    with tf:
-        for info in tf:
-            check_safe_name(info.name, f"tar {tar_path}")
-            yield info
-            tf.members = []  # headers are not needed again: keep memory flat on big shards
+    members = iter_headers(tar_path)  # tarfile's listing, parsed fast (geodata.ingest.tar_headers)
+    while True:
+        try:
+            info = next(members)
+        except StopIteration:
+            return
+        except tarfile.ReadError as exc:
+            raise tarfile.ReadError(f"{tar_path}: not a readable tar ({exc}); re-create this shard") from exc
+        check_safe_name(info.name, f"tar {tar_path}")
+        yield info
