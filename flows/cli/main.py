@@ -150,7 +150,7 @@ def _run_and_report(cfg) -> None:
         typer.echo("beam probabilities (mean probability of the pick / expected calibration error):")
         for lvl in ("country", "region", "subregion", "city"):
             typer.echo(f"  {lvl:<10} {100 * m[f'mean_prob_{lvl}']:5.1f} %  / {100 * m[f'ece_{lvl}']:.1f} %")
-    what = "exact retrieval over the training features" if retrieval else "beam k=10"
+    what = "exact retrieval over the training features" if retrieval else f"beam k={m.get('search_beam_k', cfg.evaluate.beam_k)}"
     typer.echo(f"search: {m['search_queries_per_s']:,.0f} queries/s ({what}, backbone excluded)")
     gate = result.get("registry")
     if gate:

@@ -93,7 +93,7 @@ def test_every_preset_field_has_its_source_in_the_notes():
     assert not missing, f"configs/paper.md does not name {missing}"
 
 
-# --- the paper's run on the embedded demo --------------------------------------------------------------
+# --- the paper's run on the embedded demo (slow: `make test-all`) ----------------------------------------
 N_TRAIN, N_TEST = 400, 60
 
 
@@ -125,6 +125,7 @@ def paper_demo_run(tmp_path_factory, tracking_store, prefect_harness):
     return want, result, stages, table, history
 
 
+@pytest.mark.slow  # the ViT-L/14 text tower and attention at batch 16: ~2.5 CPU-minutes
 def test_paper_preset_model_is_what_the_preset_says(paper_demo_run):
     from hierloc.model.io import load_model
     from hierloc.model.location import SphericalHarmonicsEncoder
@@ -145,6 +146,7 @@ def test_paper_preset_model_is_what_the_preset_says(paper_demo_run):
     assert model.encode_images(feats).shape == (2, m["dim"] + 1)
 
 
+@pytest.mark.slow  # the ViT-L/14 text tower and attention at batch 16: ~2.5 CPU-minutes
 def test_paper_preset_training_is_what_the_preset_says(paper_demo_run):
     from hierloc.digest import digest_of
     from hierloc.model.io import load_model, load_plain
@@ -170,6 +172,7 @@ def test_paper_preset_training_is_what_the_preset_says(paper_demo_run):
     assert max(h.value for h in history) <= t["lr"] * (1 + 1e-6)  # warmup never passes the paper's lr
 
 
+@pytest.mark.slow  # the ViT-L/14 text tower and attention at batch 16: ~2.5 CPU-minutes
 def test_paper_preset_search_and_metrics_are_what_the_preset_says(paper_demo_run):
     want, result, stages, *_ = paper_demo_run
     ev = stages["evaluate"].data.metrics
@@ -180,6 +183,7 @@ def test_paper_preset_search_and_metrics_are_what_the_preset_says(paper_demo_run
     assert stages["train"].data.params["text.spec"] == want["text"]["spec"]
 
 
+@pytest.mark.slow  # the ViT-L/14 text tower and attention at batch 16: ~2.5 CPU-minutes
 def test_the_evaluate_run_logs_the_paper_table_marked_not_comparable_on_the_demo(paper_demo_run):
     from flows.report.paper_table import PAPER_ROWS
 
