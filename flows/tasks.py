@@ -244,11 +244,25 @@ def evaluate_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dic
             metrics = run_evaluate(Path(trained["model_path"]), Path(ingest["dir"]), Path(hierarchy["dir"]),
                                           feats["dirs"], out, e.beam_k, e.variant)
         run.metrics(metrics)
+        _log_paper_table(run, out, metrics, ingest["data_dir"], e, feats["backbone"])
         run.artifact(out / "metrics.json")
         run.artifact(out / "predictions.parquet")
         run.artifact_dir(out / "figures", "figures")
         _finish(run, "evaluate", {"dir": str(out), "metrics": metrics})
     return metrics
+
+
+def _log_paper_table(run: Run, out: Path, metrics: dict, data_dir: str, e, backbone: str) -> None:
+    """The paper's main table with this run's row (flows/report/paper_table.py), as an MLflow table."""
+    import pandas as pd
+
+    from flows.report.paper_table import write_paper_table
+
+    label = f"this run: {'HierLoc' if e.method == 'hierloc' else 'retrieval'}, {backbone}"
+    table = write_paper_table(out, metrics, data_dir=data_dir, variant=e.variant, label=label)
+    run.client.log_table(run.run_id, pd.DataFrame(table["data"], columns=table["columns"]), "paper_table.json")
+    run.artifact(out / "paper_table.md")
+    run.tags({"paper_comparable": table["data"][-1][-1]})
 
 
 @task(name="register", cache_policy=NO_CACHE)

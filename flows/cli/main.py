@@ -96,11 +96,15 @@ def run(
     data_dir: Optional[str] = typer.Option(None, help="OSV-5M folder (overrides the config)"),
     work_dir: Optional[str] = typer.Option(None, help="work folder (overrides the config)"),
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment"),
+    check: bool = typer.Option(False, "--check", help="validate only: print the resolved config as JSON, run nothing"),
 ) -> None:
     """Run the whole pipeline as a Prefect flow, tracked in MLflow."""
     from flows.cli.config import load_config_or_exit
 
     cfg = load_config_or_exit(config, {"data_dir": data_dir, "work_dir": work_dir, "experiment": experiment})
+    if check:  # the JSON is what `prefect deployment run ... --params '{"cfg": ...}'` takes (docs/runbook.md)
+        typer.echo(cfg.model_dump_json(indent=2))
+        return
     _run_and_report(cfg)
 
 
@@ -146,7 +150,7 @@ def _run_and_report(cfg) -> None:
         typer.echo("beam probabilities (mean probability of the pick / expected calibration error):")
         for lvl in ("country", "region", "subregion", "city"):
             typer.echo(f"  {lvl:<10} {100 * m[f'mean_prob_{lvl}']:5.1f} %  / {100 * m[f'ece_{lvl}']:.1f} %")
-    what = "exact retrieval over the training features" if retrieval else "beam k=10"
+    what = "exact retrieval over the training features" if retrieval else f"beam k={m.get('search_beam_k', cfg.evaluate.beam_k)}"
     typer.echo(f"search: {m['search_queries_per_s']:,.0f} queries/s ({what}, backbone excluded)")
     gate = result.get("registry")
     if gate:

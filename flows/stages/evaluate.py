@@ -57,6 +57,10 @@ def run_evaluate(
                           **{f"prob_{n}": res.pick_prob[:, lvl] for lvl, n in enumerate(LEVELS)},
                           **{f"hit_{k}": v for k, v in hits.items()}, "score": res.pick_score})
     metrics["search_queries_per_s"] = res.queries_per_s
+    # what the search did, read from its answer (not from the config): the beam width (columns of
+    # its top-k) and the entities it scored per query (countries + the children of the kept beams)
+    metrics["search_beam_k"] = int(res.top_rows.shape[1])
+    metrics["search_entities_scored_per_query"] = float(res.n_scored.mean()) if len(res.n_scored) else 0.0
     metrics.update(write_figures(out_dir / "figures", model, ents, m, preds, metrics))
     _write_outputs(out_dir, preds, metrics)
     return metrics

@@ -57,7 +57,7 @@ def test_flow_completes_with_all_metrics(pipeline_result):
 def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, tracking):
     from mlflow.tracking import MlflowClient
 
-    _, result = pipeline_result
+    cfg, result = pipeline_result
     client = MlflowClient()
     exp = client.get_experiment_by_name("e2e")
     runs = client.search_runs([exp.experiment_id])
@@ -77,6 +77,9 @@ def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, t
                                           "poincare_disk")} <= figs
     ev = children["evaluate"].data.metrics
     assert ev["search_queries_per_s"] > 0 and 0 < ev["mean_ball_radius_country"] < 1
+    assert ev["search_beam_k"] == cfg.evaluate.beam_k  # read from the search's answer
+    assert {"paper_table.json", "paper_table.md"} <= {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert children["evaluate"].data.tags["paper_comparable"].startswith("no: not OSV-5M")
     arts = {a.path for a in client.list_artifacts(children["ingest"].info.run_id)}
     assert {"quarantine.parquet", "ingest_report.json"} <= arts
 
