@@ -8,9 +8,9 @@ entities, same test split; only the image -> place link is broken. If learning b
 that does not reach the image branch, labels misaligned with features, a search that ignores
 the model) the real model falls to the control's level and this test fails.
 
-Margins (docs/data.md, "Held-out split"): measured over 4 data seeds x 2 training seeds at this
-size on the 2-core machine (1,500 / 150 rows, dim 32, hidden 128, 4 epochs); the asserted
-margins are about half the smallest gap seen.
+Margins (docs/data.md, "Held-out split"): measured on three seeded runs (data seeds 0 and 1,
+training seeds 0 and 1; this test's own configuration among them); the asserted margins are
+about half to two thirds of the smallest gap seen.
 
 The real stage functions, no Prefect and no MLflow; marked slow (about a minute on a shared 2-core machine).
 """
@@ -31,7 +31,7 @@ EPOCHS, DIM, HIDDEN, TRAIN_SEED = 4, 32, 128, 0
 #: Asserted margins (see the module docstring for the measurements behind them).
 MIN_COUNTRY_OVER_MAJORITY = 0.08   # acc_country - majority-country accuracy
 MIN_COUNTRY_OVER_SHUFFLED = 0.10   # acc_country - shuffled model's acc_country
-MIN_GEOSCORE_OVER_SHUFFLED = 500.0  # geoscore - shuffled model's geoscore
+MIN_GEOSCORE_OVER_SHUFFLED = 250.0  # geoscore - shuffled model's geoscore
 
 
 def shuffled_copy(src: Path, dst: Path, seed: int) -> None:
