@@ -24,6 +24,9 @@ class DemoDataParams(BaseModel):
     n_train: int = Field(20_000, ge=10, le=2_000_000)
     n_test: int = Field(2_000, ge=10, le=500_000)
     seed: int = Field(0, ge=0)
+    heldout_km: float | None = Field(None, ge=0.0, le=5_000.0, description="None: test rows drawn at random among all "
+                                     "points; R: place-level held-out split, every test row at least R km from every "
+                                     "training row (issue 16 uses 25; never in the default demo folder)")
 
 
 class IngestParams(BaseModel):

@@ -20,7 +20,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from flows.params import FeatureParams, HierarchyParams, IngestParams, PipelineConfig
 from flows.serving.logged_model import log_pyfunc
 from flows.serving.resolve import resolve_bundle
-from flows.stages.data_dir import SPLITS, demo_target
+from flows.stages.data_dir import SPLITS, check_heldout_data, check_heldout_target, demo_target
 from flows.stages.evaluate import run_evaluate, run_retrieval, same_backbone, score_bundle
 from flows.stages.export import run_export
 from flows.stages.faults import retry_transient
@@ -98,12 +98,15 @@ def demo_data_task(cfg: PipelineConfig) -> str:
     """Check that data_dir holds a dataset; build the demo data only where flows.stages.data_dir allows it."""
     from geodata.demo.build import build_demo_dataset
 
-    data_dir = Path(cfg.data_dir)
+    data_dir, heldout_km = Path(cfg.data_dir), cfg.demo_data.heldout_km
+    check_heldout_target(data_dir, heldout_km)  # DataDirError: never into the default demo's folder
     claim = demo_target(data_dir, cfg.ingest.layout, cfg.demo_data.build_if_missing)  # DataDirError: neither layout
     if claim is not None:
         get_run_logger().info("building the embedded demo dataset in %s", data_dir)
         build_demo_dataset(data_dir, n_train=cfg.demo_data.n_train, n_test=cfg.demo_data.n_test, seed=cfg.demo_data.seed,
-                           claim=claim)
+                           claim=claim, heldout_km=heldout_km)
+    else:
+        check_heldout_data(data_dir, heldout_km)  # the data there is the split asked for
     return str(data_dir)
 
 

@@ -22,12 +22,22 @@ def demo_data(
     n_test: int = typer.Option(2_000, help="test rows"),
     seed: int = typer.Option(0),
     relief: bool = typer.Option(False, help="stack the shaded relief under each Blue Marble crop"),
+    heldout_km: Optional[float] = typer.Option(
+        None, "--heldout-km", help="place-level held-out split: every test row at least this many km from every "
+                                  "training row (its own folder, never the default demo's)"),
+    heldout: bool = typer.Option(False, "--heldout", help="the held-out split at 25 km (= --heldout-km 25)"),
 ) -> None:
     """Write the embedded 'Earth tiles' dataset in the OSV-5M release layout."""
     from geodata.demo.build import build_demo_dataset
+    from geodata.demo.heldout import HELDOUT_KM_DEFAULT
+    from flows.stages.data_dir import check_heldout_target
 
+    if heldout and heldout_km is None:
+        heldout_km = HELDOUT_KM_DEFAULT
     try:
-        stats = build_demo_dataset(out, n_train=n_train, n_test=n_test, seed=seed, relief=relief)
+        check_heldout_target(out, heldout_km)
+        stats = build_demo_dataset(out, n_train=n_train, n_test=n_test, seed=seed, relief=relief,
+                                   heldout_km=heldout_km)
     except ValueError as exc:  # ForeignFolderError: a folder of someone else's files is never written to
         fail(str(exc))
     typer.echo(json.dumps(stats, indent=2, default=str))

@@ -76,3 +76,26 @@ def demo_target(root: Path, layout: str = "auto", build_if_missing: bool = True)
         "; the embedded demo data is built only into the project's demo folder or an empty or absent folder, "
         "so nothing was written here")
     raise DataDirError(f"data folder {root}: found neither layout: looked for {_wanted(layout)}; {_held(root)}{why}")
+
+
+def check_heldout_target(root: Path, heldout_km: float | None) -> None:
+    """A held-out demo build (heldout_km set) never goes into the project's demo folder: the
+    default demo (the README's numbers) is never overwritten by it. Raises DataDirError."""
+    if heldout_km is not None and _is_demo_dir(Path(root)):
+        raise DataDirError(f"data folder {root} is the default demo's: the held-out split (heldout_km={heldout_km}) "
+                           "goes in a folder of its own, e.g. data/demo-heldout")
+
+
+def check_heldout_data(root: Path, heldout_km: float | None) -> None:
+    """A folder that already holds demo data must hold the split asked for: with heldout_km set,
+    its heldout.json must record that distance. Raises DataDirError naming both."""
+    from geodata.demo.heldout import HELDOUT_FILE, recorded_heldout_km
+
+    if heldout_km is None:
+        return
+    recorded = recorded_heldout_km(Path(root))
+    if recorded != float(heldout_km):
+        held = "a random (not held-out) split" if recorded is None else f"a held-out split at {recorded} km"
+        raise DataDirError(f"data folder {root} holds {held} ({HELDOUT_FILE}), but demo_data.heldout_km is "
+                           f"{heldout_km}: give an empty or new data_dir, or rebuild it with "
+                           f"`hierloc demo-data --out {root} --heldout-km {heldout_km}`")

@@ -17,6 +17,8 @@ real (satellite) pixels:
   them form the test split. Test images are thus other points near the same places as
   train images, and cities whose few images all fall into the test split are the (small,
   natural) share of unseen cities; ``build_demo_dataset`` reports that share.
+  With ``heldout_km=R`` the split is place-level instead (geodata.demo.heldout): every test
+  row is at least R km from every training row, so all test places are unseen.
 - labels (``geodata.demo.release``): ``geodata.labels.geonames_csv.label_frame`` on the written
   coordinates (the same nearest GeoNames place rule as OSV-5M's release); never copied from
   the source place.
@@ -37,6 +39,7 @@ climate, quadtrees, creators, ...) are written empty, never invented.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -45,6 +48,7 @@ import pandas as pd
 
 from geodata.atomic import write_text_atomic
 from geodata.demo.folder import claim_folder
+from geodata.demo.heldout import HELDOUT_MAX_ROUNDS, HELDOUT_PER_PLACE, heldout_split, pool_size, write_heldout_record
 from geodata.demo.imagery import write_image_shards
 from geodata.demo.locations import (
     CITY_SIGMA,
@@ -62,6 +66,28 @@ from geodata.demo.release import release_frame, write_release_csv
 from geodata.labels.geonames import default_labeler
 
 _SPLITS = ("train", "test")
+#: The seeded streams, in SeedSequence(seed).spawn order (the first seven as before held-out
+#: splits existed, so the default demo stays byte-identical).
+_STREAMS = ("place", "count", "offset", "id", "split", "img_train", "img_test", "heldout")
+
+
+def _draw_points(labeler, seed: int, n_images: int, images_per_city: float):
+    """Fresh seeded streams, then ``n_images`` points around sampled places (module docstring).
+
+    Returns (streams by name, n_cities, counts per place (n_cities,), lat (n_images,), lon)."""
+    streams = dict(zip(_STREAMS, (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
+    places = labeler.places
+    n_cities = min(len(places), max(1, round(n_images / images_per_city)))
+    rows = sample_places(places, n_cities, streams["place"])
+    counts = images_per_place(n_cities, n_images, streams["count"])
+    source = np.repeat(rows, counts)
+    lat, lon = offset_points(
+        places["lat"].to_numpy(dtype=np.float64)[source],
+        places["lon"].to_numpy(dtype=np.float64)[source],
+        streams["offset"],
+        max_offset_deg=np.repeat(VORONOI_MARGIN * nearest_other_place_deg(labeler.tree, rows), counts),
+    )
+    return streams, n_cities, counts, lat, lon
 
 
 def _readme(params: dict, stats: dict) -> str:
@@ -107,6 +133,7 @@ def build_demo_dataset(
     shard_size: int = 5_000,
     *,
     claim: bool = False,
+    heldout_km: float | None = None,
 ) -> dict:
     """Write the "Earth tiles" demo dataset to ``out_dir`` in the OSV-5M release layout.
 
@@ -118,6 +145,10 @@ def build_demo_dataset(
     Pillow/libjpeg). Independent seeded streams drive places, images per place, offsets,
     ids, the split and the image jitter, so e.g. changing image_px leaves the CSVs alone.
     See the module docstring for the sampling design. Returns summary statistics.
+
+    heldout_km: None, the random split above; a number R, the place-level held-out split of
+    geodata.demo.heldout (every test row at least R km from every training row), recorded
+    in the folder's heldout.json.
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be >= 1, got {n_train}, {n_test}")
@@ -125,28 +156,32 @@ def build_demo_dataset(
         raise ValueError(f"images_per_city must be >= 1, got {images_per_city}")
     if shard_size < 1 or image_px < 1 or crop_deg <= 0:
         raise ValueError("shard_size and image_px must be >= 1 and crop_deg > 0")
+    if heldout_km is not None and (heldout_km < 0 or not math.isfinite(heldout_km)):
+        raise ValueError(f"heldout_km must be a finite number >= 0 (km), got {heldout_km}")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     claim_folder(out_dir, claim=claim)
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
-    rng_place, rng_count, rng_offset, rng_id, rng_split, rng_img_train, rng_img_test = streams
-
     labeler = default_labeler()
-    places = labeler.places
     n_images = n_train + n_test
-    n_cities = min(len(places), max(1, round(n_images / images_per_city)))
-    rows = sample_places(places, n_cities, rng_place)
-    counts = images_per_place(n_cities, n_images, rng_count)
-    source = np.repeat(rows, counts)
-    lat, lon = offset_points(
-        places["lat"].to_numpy(dtype=np.float64)[source],
-        places["lon"].to_numpy(dtype=np.float64)[source],
-        rng_offset,
-        max_offset_deg=np.repeat(VORONOI_MARGIN * nearest_other_place_deg(labeler.tree, rows), counts),
-    )
-    ids = draw_ids(n_images, rng_id)
-    order = rng_split.permutation(n_images)
-    split_idx = {"test": order[:n_test], "train": order[n_test:]}
+    heldout = None
+    if heldout_km is None:
+        streams, n_cities, counts, lat, lon = _draw_points(labeler, seed, n_images, images_per_city)
+        order = streams["split"].permutation(n_images)
+        split_idx = {"test": order[:n_test], "train": order[n_test:]}
+    else:
+        for round_ in range(HELDOUT_MAX_ROUNDS):
+            n_pool = pool_size(n_images, round_)
+            streams, n_cities, counts, lat, lon = _draw_points(labeler, seed, n_pool, images_per_city)
+            heldout = heldout_split(lat, lon, np.repeat(np.arange(n_cities), counts), n_train, n_test,
+                                    heldout_km, streams["heldout"], per_place=HELDOUT_PER_PLACE)
+            if heldout is not None:
+                break
+        else:
+            raise ValueError(
+                f"heldout_km={heldout_km}: found no {n_train} training rows at least {heldout_km} km from "
+                f"{n_test} held-out test rows in {n_pool} drawn points; lower heldout_km, n_train or n_test")
+        split_idx = {"test": heldout["test"], "train": heldout["train"]}
+    ids = draw_ids(len(lat), streams["id"])
     t_tables = time.perf_counter()
 
     frames: dict[str, pd.DataFrame] = {}
@@ -157,7 +192,7 @@ def build_demo_dataset(
     t_labels = time.perf_counter()
 
     shards = {}
-    for split, rng_img in (("train", rng_img_train), ("test", rng_img_test)):
+    for split, rng_img in (("train", streams["img_train"]), ("test", streams["img_test"])):
         shards[split] = write_image_shards(
             out_dir / "images" / split, frames[split], rng_img,
             image_px=image_px, crop_deg=crop_deg, relief=relief, shard_size=shard_size,
@@ -195,6 +230,14 @@ def build_demo_dataset(
         "country_exponent": COUNTRY_EXPONENT, "country_sigma": COUNTRY_SIGMA,
         "city_sigma": CITY_SIGMA, "offset_km": OFFSET_KM, "voronoi_margin": VORONOI_MARGIN,
     }
+    if heldout is not None:
+        params["heldout_km"] = heldout_km
+        stats.update({"heldout_km": heldout_km, "n_pool": len(lat), "n_test_places": heldout["n_test_places"],
+                      "n_dropped_near_test": heldout["n_dropped_near_test"],
+                      "min_test_train_km": round(heldout["min_test_train_km"], 3)})
+    write_heldout_record(out_dir, None if heldout is None else {k: stats[k] for k in (
+        "heldout_km", "n_train", "n_test", "n_pool", "n_test_places", "n_dropped_near_test", "min_test_train_km",
+        "test_unseen_city_share")} | {"seed": seed})
     write_text_atomic(_readme(params, stats), out_dir / "README.md")
     stats["seconds_sample"] = round(t_tables - t0, 3)
     stats["seconds_label_csv"] = round(t_labels - t_tables, 3)
