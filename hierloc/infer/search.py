@@ -147,6 +147,8 @@ class EntityIndex:
         self.level_sizes = [int(s) for s in level_sizes]
         self.offsets = np.cumsum([0, *self.level_sizes])
         if geometry == "lorentz":
+            if dtype == torch.float64:  # float32 points' x0 is off the hyperboloid by ~1e-7 x0^2: recompute it
+                pts = lorentz.projx(pts[:, 1:], k=curvature)
             keys = torch.cat([-pts[:, :1], pts[:, 1:]], dim=1)
         else:
             keys = torch.cat([2 * pts, -pts.pow(2).sum(1, keepdim=True)], dim=1)
@@ -212,6 +214,8 @@ class EntityIndex:
         z = torch.as_tensor(z).to(self.dtype)
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {tuple(z.shape)}")
+        if self.geometry == "lorentz" and self.dtype == torch.float64:  # as the keys: x0 from the space part
+            z = lorentz.projx(z[:, 1:], k=self.curvature)
         return z if self.geometry == "lorentz" else torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], dim=1)
 
     # --- search -----------------------------------------------------------
