@@ -138,6 +138,25 @@ def pairwise_sq_dist(x: torch.Tensor, y: torch.Tensor, *, k: torch.Tensor | floa
         return kk * torch.acosh(z).pow(2)
 
 
+def sq_dist_exact(x_space: torch.Tensor, y_space: torch.Tensor, *, k: torch.Tensor | float) -> torch.Tensor:
+    """Squared geodesic distance from space parts only, elementwise, in float64: (..., d) x (..., d) -> (...).
+
+    Accurate to float64 rounding at every distance and tangent norm (the search's
+    re-score, hierloc.infer.search). ``-<x,y>_L/K = 1 + u`` with
+    ``u = (|xs - ys|^2 - (x0 - y0)^2) / (2K)``, the time coordinates recomputed from
+    the space parts and ``x0 - y0 = (xs - ys).(xs + ys) / (x0 + y0)``: no difference of
+    two large numbers, whereas ``-<x,y>_L`` itself is ~x0*y0 (~e^(2|v|)) minus a sum
+    of the same size. ``arcosh(1 + u) = log1p(u + sqrt(u (u + 2)))``.
+    """
+    xs, ys = x_space.double(), y_space.to(x_space.device).double()
+    kk = torch.as_tensor(k, dtype=torch.float64, device=xs.device)
+    x0, y0 = time_coord(xs, k=kk)[..., 0], time_coord(ys, k=kk)[..., 0]
+    diff = xs - ys
+    dt = (diff * (xs + ys)).sum(-1) / (x0 + y0)
+    u = ((diff.pow(2).sum(-1) - dt.pow(2)) / (2 * kk)).clamp_min(0.0)  # >= 0 up to rounding: clamp
+    return kk * torch.log1p(u + torch.sqrt(u * (u + 2))).pow(2)
+
+
 def to_poincare(x: torch.Tensor, *, k: torch.Tensor | float) -> torch.Tensor:
     """Map hyperboloid points to the Poincare ball of radius sqrt(K): (..., d+1) -> (..., d)."""
     x = _upcast(x)

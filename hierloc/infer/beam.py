@@ -99,11 +99,13 @@ def beam_search(
     device: str | torch.device = "cpu",
     tau: float = 1.0,
     index: EntityIndex | None = None,
+    rescore: bool = True,
 ) -> BeamResult:
     """Search the entity table for every row of ``features`` (B, D): frozen backbone features.
 
     ``index`` reuses an EntityIndex built once (EntityIndex.from_model); without it
-    one is built here from the model's current entity embeddings.
+    one is built here from the model's current entity embeddings. ``rescore``: the k final
+    candidates re-ranked by exact float64 distances (EntityIndex.search).
     """
     if backend == "auto" and torch.device(device).type != "cpu":
         backend = "torch"  # FAISS runs on the CPU here; the torch kernel runs where the model runs
@@ -111,7 +113,8 @@ def beam_search(
         index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
     z = encode_queries(model, features, device=device)
     t0 = time.perf_counter()
-    res = index.search(z, k=k, mode=mode, score=score, backend=backend, batch_size=batch_size)
+    res = index.search(z, k=k, mode=mode, score=score, backend=backend, batch_size=batch_size,
+                       rescore=rescore)
     seconds = time.perf_counter() - t0
     probs = beam_probabilities(res.score, tau)
     picks = res.paths[:, 0, :]

@@ -22,6 +22,15 @@ backends rank by the same inner products; tests check that they agree with brute
 Scores: ``score="last"`` ranks beams by the final entity's distance (the paper);
 ``score="sum"`` by the sum of the squared distances along the path (our kernel only:
 a sum of distances is not an inner product).
+
+Precision (docs/method.md, benchmarks/precision.py): in float32 the inner product of two
+nearby points far from the origin is a difference of two numbers of size ~e^(2|v|), so
+its rounding swamps the distance (at tangent norm 6, pair distances 0.1 are ranked wrongly
+most of the time). Both backends therefore re-score the k final candidates (``rescore``,
+default on): exact float64 distances from float64 copies of the query and the entity
+points (``lorentz.sq_dist_exact``), reordered; the squared distances and scores returned
+are those float64 values. The pruning of the levels above stays float32; ``dtype=float64``
+runs the whole torch kernel in float64.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hierloc.geometry import lorentz
 from hierloc.infer.faiss_levels import FaissLevels, has_faiss
 
 Mode = Literal["beam", "flat"]
@@ -46,8 +56,8 @@ class SearchResult:
     """Top-k final-level results per query, best first.
 
     rows: (B, k) entity-table rows of the finest level (-1 where fewer than k exist);
-    sq_dist: (B, k) squared distance of each of them to the query (inf where -1);
-    score: (B, k) the ranking score (``sq_dist`` for ``score="last"``, the path sum
+    sq_dist: (B, k) squared distance of each of them to the query (inf where -1; float64,
+    exact when re-scored); score: (B, k) the ranking score (``sq_dist`` for ``score="last"``, the path sum
     for ``score="sum"``); paths: (B, k, L) entity rows of each result's path, coarse
     to fine (-1 where the row is -1); n_scored: (B,) entities scored per query.
     """
@@ -67,7 +77,7 @@ def _sq_dist_from_ip(ip: torch.Tensor, geometry: Geometry, curvature: float, q_s
         out = curvature * torch.acosh(z).pow(2)
     else:
         out = (q_sqnorm.double()[:, None] - ip.double()).clamp_min(0.0)
-    return torch.where(torch.isneginf(ip), torch.full_like(out, math.inf), out).float()
+    return torch.where(torch.isneginf(ip), torch.full_like(out, math.inf), out)
 
 
 def _check_search(k: int, batch_size: int, mode: str, backend: str, score: str, device: torch.device) -> None:
@@ -110,6 +120,7 @@ class EntityIndex:
         level_sizes: entities per level, coarse to fine (table rows ordered by level).
         parent_index: (N,) table row of each entity's parent, -1 on the top level.
         geometry: "lorentz" or "euclidean"; curvature: K of ``Lorentz(k=K)``.
+        dtype: float32 (default; FAISS and the torch kernel) or float64 (torch kernel only).
     """
 
     def __init__(
@@ -121,8 +132,12 @@ class EntityIndex:
         geometry: Geometry = "lorentz",
         curvature: float = 1.0,
         device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        pts = torch.as_tensor(points).detach().float().cpu()
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.dtype = dtype
+        pts = torch.as_tensor(points).detach().to(dtype).cpu()
         parent = torch.as_tensor(parent_index).long().cpu()
         n = int(sum(level_sizes))
         if pts.ndim != 2 or pts.shape[0] != n or parent.shape != (n,):
@@ -132,6 +147,8 @@ class EntityIndex:
         self.level_sizes = [int(s) for s in level_sizes]
         self.offsets = np.cumsum([0, *self.level_sizes])
         if geometry == "lorentz":
+            if dtype == torch.float64:  # float32 points' x0 is off the hyperboloid by ~1e-7 x0^2: recompute it
+                pts = lorentz.projx(pts[:, 1:], k=curvature)
             keys = torch.cat([-pts[:, :1], pts[:, 1:]], dim=1)
         else:
             keys = torch.cat([2 * pts, -pts.pow(2).sum(1, keepdim=True)], dim=1)
@@ -153,6 +170,7 @@ class EntityIndex:
             self.rows.append(rows)
             self.keys.append(keys[rows].contiguous())
         self._parent = parent
+        self._pos_of_row = pos_of_row  # table row -> sorted position in its level (the re-score's gather)
         self.device = torch.device(device)
         if self.device.type != "cpu":
             self.keys = [t.to(self.device) for t in self.keys]
@@ -160,15 +178,16 @@ class EntityIndex:
             self.child_ptr = [t if t is None else t.to(self.device) for t in self.child_ptr]
             self.child_count = [t if t is None else t.to(self.device) for t in self.child_count]
             self._parent = parent.to(self.device)
+            self._pos_of_row = pos_of_row.to(self.device)
         self._faiss = FaissLevels(self.keys, self.level_sizes, self.child_count)  # used on the CPU only
 
     @classmethod
-    def from_model(cls, model, device: str | torch.device = "cpu") -> EntityIndex:
+    def from_model(cls, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> EntityIndex:
         """Index of a HierLocModel's current entity embeddings."""
         with torch.no_grad():
             h = model.eval().encode_entities()
         return cls(h, model.level_sizes, model.parent_index, geometry=model.cfg.geometry,
-                   curvature=float(model.curvature.detach()), device=device)
+                   curvature=float(model.curvature.detach()), device=device, dtype=dtype)
 
     # --- properties -------------------------------------------------------
     @property
@@ -192,10 +211,12 @@ class EntityIndex:
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
     def _query_keys(self, z: torch.Tensor) -> torch.Tensor:
-        z = torch.as_tensor(z).float()
+        z = torch.as_tensor(z).to(self.dtype)
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {tuple(z.shape)}")
-        return z if self.geometry == "lorentz" else torch.cat([z, torch.ones(len(z), 1, device=z.device)], dim=1)
+        if self.geometry == "lorentz" and self.dtype == torch.float64:  # as the keys: x0 from the space part
+            z = lorentz.projx(z[:, 1:], k=self.curvature)
+        return z if self.geometry == "lorentz" else torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], dim=1)
 
     # --- search -----------------------------------------------------------
     @torch.no_grad()
@@ -208,18 +229,23 @@ class EntityIndex:
         score: BeamScore = "last",
         backend: Backend = "auto",
         batch_size: int = 2048,
+        rescore: bool = True,
     ) -> SearchResult:
         """Top-k finest-level entities for each query point (B, D), best first.
 
-        ``backend="auto"`` takes FAISS on the CPU (when installed and ``score="last"``)
-        and our kernel otherwise (CUDA, or ``score="sum"``).
+        ``backend="auto"`` takes FAISS on the CPU (when installed, ``score="last"`` and
+        float32) and our kernel otherwise (CUDA, ``score="sum"`` or float64). ``rescore``:
+        the k final candidates re-ranked by exact float64 distances (module docstring).
         """
         _check_search(k, batch_size, mode, backend, score, self.device)
-        z = torch.as_tensor(queries).detach().float().to(self.device)
+        if backend == "faiss" and self.dtype != torch.float32:
+            raise ValueError("the faiss backend searches float32 keys; this index is float64 (use backend='torch')")
+        z = torch.as_tensor(queries).detach().to(self.dtype).to(self.device)
         q = self._query_keys(z)
         q_sqnorm = z.pow(2).sum(1) if self.geometry == "euclidean" else None
         if backend == "auto":
-            backend = "faiss" if self.device.type == "cpu" and score == "last" and has_faiss() else "torch"
+            backend = ("faiss" if self.device.type == "cpu" and score == "last" and self.dtype == torch.float32
+                       and has_faiss() else "torch")
         if mode == "flat":  # a dense (chunk, N_level) score matrix: keep it near 256 MB
             batch_size = max(1, min(batch_size, 2**26 // max(self.level_sizes)))
         fn = {("beam", "torch"): self._beam_torch, ("flat", "torch"): self._flat_torch,
@@ -228,26 +254,47 @@ class EntityIndex:
         for s in range(0, len(q), batch_size):
             qs = q[s : s + batch_size]
             pos, ip, acc, n_scored = fn(qs, k, score)
-            parts.append(self._finish(pos, ip, acc, n_scored, None if q_sqnorm is None else q_sqnorm[s : s + batch_size], score))
+            parts.append(self._finish(pos, ip, acc, n_scored, None if q_sqnorm is None else q_sqnorm[s : s + batch_size],
+                                      score, qs if rescore else None))
         if not parts:
             empty_i = np.zeros((0, k), np.int64)
-            return SearchResult(empty_i, np.zeros((0, k), np.float32), np.zeros((0, k), np.float32),
+            return SearchResult(empty_i, np.zeros((0, k), np.float64), np.zeros((0, k), np.float64),
                                 np.zeros((0, k, self.n_levels), np.int64), np.zeros(0, np.int64))
         return SearchResult(*(np.concatenate(p) for p in zip(*parts)))
 
-    def _finish(self, pos, ip, acc, n_scored, q_sqnorm, score) -> tuple:
-        """Sorted positions of the finest level -> table rows, distances and paths."""
+    def _finish(self, pos, ip, acc, n_scored, q_sqnorm, score, q_rescore=None) -> tuple:
+        """Sorted positions of the finest level -> table rows, distances and paths.
+        ``q_rescore``: the query keys, to re-rank the candidates by exact float64 distances."""
         last = self.n_levels - 1
         valid = pos >= 0
         rows = torch.where(valid, self.rows[last][pos.clamp_min(0)], torch.full_like(pos, -1))
-        sq = _sq_dist_from_ip(torch.where(valid, ip, torch.full_like(ip, -math.inf)), self.geometry, self.curvature, q_sqnorm)
-        sc = sq if score == "last" else torch.where(valid, acc, torch.full_like(acc, math.inf))
         dev = rows.device
         paths = torch.full((*rows.shape, self.n_levels), -1, dtype=torch.long, device=dev)
         paths[..., last] = rows
         for lvl in range(last, 0, -1):
             paths[..., lvl - 1] = torch.where(valid, self._parent[paths[..., lvl].clamp_min(0)], paths[..., lvl])
-        return tuple(t.cpu().numpy() for t in (rows, sq, sc.float(), paths, n_scored))
+        if q_rescore is not None:
+            sq = self._exact_sq(q_rescore, pos, last)
+            sc = sq if score == "last" else sum(
+                self._exact_sq(q_rescore, self._pos_of_row[paths[..., lvl].clamp_min(0)], lvl) for lvl in range(last + 1))
+            sc = torch.where(valid, sc, torch.full_like(sc, math.inf))
+            order = torch.sort(sc, dim=1, stable=True).indices  # inf (missing) stays last
+            rows, sq, sc = (torch.gather(t, 1, order) for t in (rows, sq, sc))
+            paths = torch.gather(paths, 1, order[..., None].expand_as(paths))
+        else:
+            sq = _sq_dist_from_ip(torch.where(valid, ip, torch.full_like(ip, -math.inf)), self.geometry, self.curvature, q_sqnorm)
+            sc = sq if score == "last" else torch.where(valid, acc, torch.full_like(acc, math.inf))
+        return tuple(t.cpu().numpy() for t in (rows, sq.double(), sc.double(), paths, n_scored))
+
+    def _exact_sq(self, q: torch.Tensor, pos: torch.Tensor, lvl: int) -> torch.Tensor:
+        """float64 squared distances (B, k) of query keys (B, D') to level ``lvl``'s sorted
+        positions ``pos`` (B, k), from the stored points (inf where pos is -1)."""
+        key = self.keys[lvl][pos.clamp_min(0)]
+        if self.geometry == "lorentz":  # space parts only: the time coordinate is recomputed
+            sq = lorentz.sq_dist_exact(q[:, None, 1:], key[..., 1:], k=self.curvature)
+        else:  # keys are [2h, -|h|^2], queries [z, 1]: halving is exact
+            sq = (q[:, None, :-1].double() - key[..., :-1].double() / 2).pow(2).sum(-1)
+        return torch.where(pos >= 0, sq, torch.full_like(sq, math.inf))
 
     def _topk(self, s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Largest k along dim 1, padded with (-inf, -1) when there are fewer columns."""
@@ -308,7 +355,7 @@ class EntityIndex:
             width = int(total.max()) if b else 0
             if width == 0:
                 pos = torch.full((b, k), -1, dtype=torch.long, device=dev)
-                val = torch.full((b, k), -math.inf, device=dev)
+                val = torch.full((b, k), -math.inf, dtype=q.dtype, device=dev)
                 continue
             # Ragged layout: the children of every kept beam, beam after beam, query
             # after query; j is a candidate's column in its query's padded row.
@@ -322,7 +369,7 @@ class EntityIndex:
             s = (self.keys[lvl].index_select(0, cand) * q.index_select(0, flat_q)).sum(1)
             if score == "sum":
                 beam = torch.repeat_interleave(torch.arange(b * kb, device=dev), cnt) - flat_q * kb
-            padded = torch.full((b, width), -math.inf, device=dev)
+            padded = torch.full((b, width), -math.inf, dtype=q.dtype, device=dev)
             padded[flat_q, j] = s
             cand_pad = torch.full((b, width), -1, dtype=torch.long, device=dev)
             cand_pad[flat_q, j] = cand

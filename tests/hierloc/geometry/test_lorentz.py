@@ -109,3 +109,30 @@ def test_check_finite_passes_finite_and_names_the_bad_tensor():
         assert part in msg, (part, msg)
     with pytest.raises(FloatingPointError, match=r"loss is not finite: shape \(\).*finite values in none"):
         lorentz.check_finite("loss", torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("norm", [0.5, 4.0, 11.0])
+@pytest.mark.parametrize("delta", [1e-3, 0.05, 1.0])
+def test_sq_dist_exact_matches_50_digits_far_from_the_origin(norm, delta):
+    """(delta: the tangent perturbation.) sq_dist_exact against mpmath at 50 digits on the same float64 inputs, where the float64
+    inner product (lorentz.dist) loses its digits: at norm 11 it is ~e^22/4 minus a sum as large."""
+    mpmath = pytest.importorskip("mpmath")
+    g = torch.Generator().manual_seed(int(norm * 100 + delta * 1e4))
+    k = 1.7
+    v = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    x = lorentz.expmap0(v / v.norm(dim=1, keepdim=True) * norm, k=k)
+    w = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    y = lorentz.expmap0((v / v.norm(dim=1, keepdim=True) * norm) + delta * w / w.norm(dim=1, keepdim=True), k=k)
+    got = lorentz.sq_dist_exact(x[:, 1:], y[:, 1:], k=k)
+    mpmath.mp.dps = 50
+    kk = mpmath.mpf(k)
+    for i in range(len(x)):
+        xs, ys = [mpmath.mpf(float(t)) for t in x[i, 1:]], [mpmath.mpf(float(t)) for t in y[i, 1:]]
+        x0 = mpmath.sqrt(kk + sum(t * t for t in xs))
+        y0 = mpmath.sqrt(kk + sum(t * t for t in ys))
+        z = (x0 * y0 - sum(a * b for a, b in zip(xs, ys))) / kk
+        want = kk * mpmath.acosh(z) ** 2
+        assert abs(float(got[i]) - float(want)) <= 1e-12 * float(want)
+    if norm == 11.0 and delta == 1e-3:  # pair distances ~0.06: the plain float64 formula is 1000x worse
+        plain = lorentz.dist(x, y, k=k).pow(2)
+        assert ((plain - got).abs() / got).max() > 1e-9
