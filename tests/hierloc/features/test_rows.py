@@ -162,3 +162,19 @@ def test_few_open_maps_still_gather_every_shard(tmp_path):
         batch = rng.integers(0, len(ids), 16)
         np.testing.assert_array_equal(rows.take(batch), np.stack([truth[int(i)] for i in ids[batch]]))
     assert len(rows.maps._open) == 1
+
+
+def test_maps_close_once_enough_pages_were_read(tmp_path):
+    """Past max_resident bytes read, every map closes (its pages leave the RSS); gathers go on."""
+    rng = np.random.default_rng(5)
+    cache, truth = _cache(tmp_path, rng)
+    index = scan_cache(cache)
+    pos = index.positions(index.ids)
+    maps = ShardMaps(index.paths, index.dim, max_resident=10 * 4096)
+    rows = FeatureRows(maps, index.shard[pos], index.row[pos])
+    expected = np.stack([truth[int(i)] for i in index.ids])
+    np.testing.assert_array_equal(rows.take([0, 1, 2]), expected[[0, 1, 2]])
+    assert len(maps._open) == 1  # 3 rows: below the budget, the map stays
+    np.testing.assert_array_equal(rows.take(np.arange(12)), expected[:12])
+    assert len(maps._open) == 0  # 15 rows of at least a page each: past 10 pages, closed
+    np.testing.assert_array_equal(np.concatenate(list(rows.chunks(9))), expected)
