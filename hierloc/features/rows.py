@@ -26,8 +26,10 @@ MAX_OPEN_SHARDS = 256
 #: would leave the whole features file resident (7.5 GB at OSV-5M, 4.9M x 768 float16).
 MAX_RESIDENT_BYTES = 1 << 30
 _PAGE = 4096
-#: Rows per block of ``chunks`` / ``feature_chunks`` and the streaming checks (65,536 x 768 float32: 200 MB).
+#: Rows per block of ``chunks`` / ``feature_chunks`` (65,536 x 768 float32: 200 MB).
 CHUNK_ROWS = 65_536
+#: Rows per block of ``finite_mask`` (16,384 x 768 float32: 50 MB).
+SCAN_ROWS = 16_384
 
 
 class ShardMaps:
@@ -121,7 +123,7 @@ class FeatureRows:
         for start in range(0, len(self), size):
             yield self.take(np.arange(start, min(start + size, len(self))))
 
-    def finite_mask(self, size: int = CHUNK_ROWS) -> np.ndarray:
+    def finite_mask(self, size: int = SCAN_ROWS) -> np.ndarray:
         """(n,) bool: the row holds no NaN or inf (a failed image's row is NaN), read block by block."""
         out = np.ones(len(self), bool)
         for i, block in enumerate(self.chunks(size)):

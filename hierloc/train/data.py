@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from hierloc.atomic import atomic_write_path
-from hierloc.features.rows import CHUNK_ROWS, feature_chunks
+from hierloc.features.rows import feature_chunks
+
+#: Rows per block of the streaming passes: a block is widened to float64 (16,384 x 768: 100 MB).
+STAT_CHUNK_ROWS = 16_384
 
 
 @dataclass
@@ -67,7 +70,7 @@ class EntityData:
 
 
 def entity_mean_features(
-    features, targets: np.ndarray, level_sizes: list[int], chunk_rows: int = CHUNK_ROWS
+    features, targets: np.ndarray, level_sizes: list[int], chunk_rows: int = STAT_CHUNK_ROWS
 ) -> np.ndarray:
     """Img_i: the mean feature of each entity's training images, (N_total, D) float32.
 
@@ -85,7 +88,10 @@ def entity_mean_features(
         for lvl, n in enumerate(level_sizes):
             idx = torch.from_numpy(np.array(targets[start : start + len(block), lvl], dtype=np.int64))
             ok = idx >= 0
-            sums[lvl].index_add_(0, idx[ok], x[ok])
+            if bool(ok.all()):  # training rows all have targets: no masked copy of the block
+                sums[lvl].index_add_(0, idx, x)
+            else:
+                sums[lvl].index_add_(0, idx[ok], x[ok])
         start += len(block)
     global_mean = total / start  # NaN without rows, as the mean of nothing
     out = []
@@ -96,7 +102,7 @@ def entity_mean_features(
     return torch.cat(out).float().numpy()
 
 
-def feature_moments(features, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_moments(features, chunk_rows: int = STAT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std (unbiased, as torch.std) of (N, D) features, float32 (D,) each,
     in one pass over blocks (an array or a FeatureRows): float64 block moments merged by Chan's
     formula (no E[x^2] - E[x]^2 cancellation)."""
