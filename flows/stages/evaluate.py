@@ -14,8 +14,8 @@ from flows.stages.files import load_entities, manifest_path, split_arrays, write
 from geodata.ingest.incremental import file_sha256
 from geodata.labels.targets import majority_accuracy
 from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
-from hierloc.features.views import load_features, resolve_feature_dir
-from hierloc.infer.beam import beam_search
+from hierloc.features.views import open_features, resolve_feature_dir
+from hierloc.infer.beam import beam_search_chunks
 from hierloc.infer.retrieval import RetrievalIndex
 from hierloc.model.io import load_model
 
@@ -36,13 +36,14 @@ def run_evaluate(
     beam_k: int = 10, variant: str = "official", device: str = "cpu",
 ) -> dict:
     """Beam search on the test split; OSV-5M metrics of the predicted city coordinates
-    (reverse-geocoded, as the official code) and the accuracy of the entity picked at each level."""
+    (reverse-geocoded, as the official code) and the accuracy of the entity picked at each level.
+    The test features stay on disk: the search runs block by block (beam_search_chunks)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     m, feats, targets, latlon, dropped = split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["test"]), "test")
     ents = load_entities(hierarchy_dir)
     model = load_model(model_path)
-    res = beam_search(model, feats, k=beam_k, device=device, tau=model.tau)
+    res = beam_search_chunks(model, feats, k=beam_k, device=device, tau=model.tau)
     city_rows = res.picks[:, -1]
     pred_lat = ents["lat"].to_numpy()[city_rows]
     pred_lon = ents["lon"].to_numpy()[city_rows]
@@ -71,12 +72,16 @@ def run_retrieval(
 ) -> dict:
     """The retrieval baseline (the paper's "SC Retrieval"): each test image takes the location of
     its nearest training image by backbone feature (cosine, exact, FAISS), scored with the same
-    metrics as the model; pick_acc_<level> is the nearest training image's entity at each level."""
+    metrics as the model; pick_acc_<level> is the nearest training image's entity at each level.
+
+    Unlike the model's stages this one holds the train split's features in memory, float32
+    (N, D): the exact index is built from them (at OSV-5M size, 4.9M x 768, 15 GB)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, tr_feats, tr_targets, tr_latlon, _ = split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["train"]), "train")
     m, feats, targets, latlon, dropped = split_arrays(ingest_dir, hierarchy_dir, Path(feature_dirs["test"]), "test")
-    index = RetrievalIndex(tr_feats)
+    index = RetrievalIndex(np.asarray(tr_feats))  # the index needs the whole matrix (see above)
+    feats = np.asarray(feats)
     res = index.search(feats, k=1)
     nn = res.rows[:, 0]
     pred_lat, pred_lon = tr_latlon[nn, 0].astype(float), tr_latlon[nn, 1].astype(float)
@@ -100,19 +105,20 @@ def run_retrieval(
 
 
 def score_bundle(bundle: Path, ingest_dir: Path, feature_dir: Path, beam_k: int = 10, variant: str = "official") -> dict:
-    """A bundle's metrics on the test split, from cached features: what the registry gate compares.
+    """A bundle's metrics on the test split, from cached features (memory-mapped, searched block by
+    block): what the registry gate compares.
 
     The bundle's own entity table gives the predicted coordinates, so a champion trained on an
     older hierarchy is scored exactly as the candidate is (same split, same function)."""
     from hierloc.infer.predictor import Predictor
 
     m = pd.read_parquet(manifest_path(ingest_dir, "test"))
-    feats = load_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))
-    ok = np.isfinite(feats).all(axis=1)
-    m, feats = m[ok].reset_index(drop=True), feats[ok]
+    feats = open_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))
+    ok = feats.finite_mask()  # streamed; the rows stay on disk, searched block by block
+    m, feats = m[ok].reset_index(drop=True), feats.subset(ok)
     pred = Predictor.load(Path(bundle), with_backbone=False)
-    res = beam_search(pred.model, pred.check_features(feats), k=beam_k, backend=pred.backend, tau=pred.tau,
-                      index=pred.index)
+    res = beam_search_chunks(pred.model, feats, prepare=pred.check_features, k=beam_k, backend=pred.backend,
+                             tau=pred.tau, index=pred.index)
     city = res.picks[:, -1]
     metrics, _, _ = score_points(pred.entities["lat"].to_numpy(float)[city], pred.entities["lon"].to_numpy(float)[city],
                                  m["latitude"].to_numpy(float), m["longitude"].to_numpy(float),

@@ -14,7 +14,7 @@ from flows.stages.data_dir import SPLITS
 from flows.stages.faults import EmptySplitError
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.labels.targets import SplitTargets, split_targets
-from hierloc.features.views import load_features, resolve_feature_dir
+from hierloc.features.views import open_features, resolve_feature_dir
 
 
 def write_json(obj: dict, path: Path) -> None:
@@ -46,8 +46,9 @@ def split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, split
                  require_targets: bool = False) -> SplitTargets:
     """Features, per-level targets and coordinates of one split, aligned by image id
     (geodata.labels.targets.split_targets: rows without features dropped and counted; with
-    ``require_targets`` also rows without an entity at some level)."""
+    ``require_targets`` also rows without an entity at some level). The features stay on disk:
+    a FeatureRows over the memory-mapped shards (hierloc.features.rows); the NaN check streams."""
     m = pd.read_parquet(manifest_path(ingest_dir, split))
     a = pd.read_parquet(Path(hierarchy_dir) / f"assignments_{split}.parquet")
-    feats = load_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))  # KeyError if missing
+    feats = open_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))  # KeyError if missing
     return split_targets(m, a, feats, require_targets)

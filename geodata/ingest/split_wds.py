@@ -48,13 +48,16 @@ def wds_shard_plan(root: Path, split: str, prev_fps: dict[str, str]) -> tuple[li
 
 def _write_features(out_dir: Path, split: str, shard_rel: str, ids: list[np.ndarray],
                     feats: dict[str, list[np.ndarray]]) -> None:
-    """One npz per feature name for one tar shard: ids int64 (n,), feats float32 (n, D); atomic."""
+    """One npz per feature name for one tar shard: ids int64 (n,), feats (n, D) float16 when the
+    vectors were float16, else float32; uncompressed (np.savez), so the features memory-map; atomic."""
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     for name, parts in feats.items():
         path = feature_shard_path(out_dir, name, split, shard_rel)
-        matrix = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        rows = [p for p in parts if len(p)]  # a batch with no kept rows says nothing of the dtype
+        kept = np.float16 if rows and all(p.dtype == np.float16 for p in rows) else np.float32  # the source's
+        matrix = np.concatenate(parts).astype(kept, copy=False) if parts else np.zeros((0, 0), np.float32)
         with atomic_write_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez would append .npz
-            np.savez(fh, ids=all_ids.astype(np.int64), feats=matrix.astype(np.float32))
+            np.savez(fh, ids=all_ids.astype(np.int64), feats=matrix)
 
 
 def ingest_wds_split(

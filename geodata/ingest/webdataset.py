@@ -84,7 +84,8 @@ class WdsBatch:
     raw: the 32 release columns as strings; lines: sample number in the shard (1-based);
     refs: image references (IMAGE_REF_SCHEMA); jpg: the image bytes (None when not read);
     pre_code/pre_value: metadata problems; late_code/late_value: feature problems;
-    feats: name -> (n, D) float32 (NaN rows where invalid).
+    feats: name -> (n, D) float16 when every vector of the batch is float16, else float32
+    (NaN rows where invalid).
     """
 
     raw: dict[str, pa.Array]
@@ -167,7 +168,8 @@ def _metadata(fh: io.BufferedReader, sample: _Sample) -> tuple[dict[str, object]
 
 
 def _feature(fh: io.BufferedReader, sample: _Sample, name: str, dims: dict[str, int]) -> tuple[np.ndarray | None, str]:
-    """(a (D,) float32 vector or None, problem) of a sample's `<name>.npy`; fixes D on first sight."""
+    """(a (D,) float16 (a float16 .npy) or float32 vector, or None, problem) of a sample's `<name>.npy`;
+    fixes D on first sight."""
     info = sample.members.get(f"{name}.npy")
     if info is None:
         return None, f"sample {sample.key!r} has no {name}.npy"
@@ -182,7 +184,7 @@ def _feature(fh: io.BufferedReader, sample: _Sample, name: str, dims: dict[str, 
         return None, f"{info.name}: not a .npy array ({exc})"
     if arr.dtype.kind not in "fiu" or arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != 1):
         return None, f"{info.name}: dtype {arr.dtype} shape {arr.shape}, expected a float (D,) or (1, D) vector"
-    vec = arr.reshape(-1).astype(np.float32)
+    vec = arr.reshape(-1).astype(np.float16 if arr.dtype == np.float16 else np.float32)  # kept as stored
     want = dims.setdefault(name, len(vec))
     if len(vec) != want:
         return None, f"{info.name}: {len(vec)} values, the other samples of {name} have {want}"
@@ -291,8 +293,11 @@ def _sample_features(fh: io.BufferedReader, sample: _Sample, dims: dict[str, int
 
 
 def _feature_matrix(vectors: list[np.ndarray | None], dim: int) -> np.ndarray:
-    """(n, dim) float32 of one feature's vectors, NaN rows where a vector is None."""
-    matrix = np.full((len(vectors), dim), np.nan, np.float32)
+    """(n, dim) of one feature's vectors, NaN rows where a vector is None: float16 when every
+    vector is float16 (precomputed fp16 features stay fp16 on disk), else float32."""
+    found = [v for v in vectors if v is not None]
+    half = bool(found) and all(v.dtype == np.float16 for v in found)
+    matrix = np.full((len(vectors), dim), np.nan, np.float16 if half else np.float32)
     for i, vec in enumerate(vectors):
         if vec is not None:
             matrix[i] = vec

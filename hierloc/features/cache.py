@@ -2,7 +2,10 @@
 
 A *cache* is one folder per (backbone spec, weights key, precision) (hierloc.features.backbones):
 
-    shard-00000.npz ...   ids int64 (n,), feats float32 (n, D); for images that could not be
+    shard-00000.npz ...   ids int64 (n,), feats float16 or float32 (n, D) (the source's dtype:
+                          float16 from an fp16 extraction or float16 .npy vectors, else
+                          float32; readers always hand out float32, see
+                          hierloc.features.rows); for images that could not be
                           read also fail_ids int64 (k,) and fail_reasons str (k,) (their feats
                           rows are NaN). Each shard is written atomically: the cache never
                           holds a half-written one.
@@ -12,7 +15,7 @@ A *cache* is one folder per (backbone spec, weights key, precision) (hierloc.fea
 The shards are the truth: which ids are cached is read from them (``scan_cache``). When an id
 appears in several shards (a failed image retried), the newest shard wins. The WebDataset
 ingest writes precomputed features in the same format, one shard per tar shard
-(``<ingest>/features/<name>/``); hierloc.features.views.load_features reads both.
+(``<ingest>/features/<name>/``); hierloc.features.views.open_features maps both.
 Filling a cache: hierloc.features.extract.
 """
 
@@ -147,11 +150,19 @@ def write_failures(cache_dir: Path, failures: dict[int, str]) -> None:
         tmp.write_text(json.dumps({str(k): v for k, v in failures.items()}, indent=1))
 
 
+def stored_dtype(feats: np.ndarray) -> type:
+    """The dtype a shard keeps ``feats`` in: float16 when they are float16, else float32."""
+    return np.float16 if feats.dtype == np.float16 else np.float32
+
+
 def write_shard(path: Path, ids: np.ndarray, feats: np.ndarray, errors: list[str]) -> None:
-    """One shard, atomically: ids (n,), feats (n, D), and fail_ids / fail_reasons of the rows whose error is set."""
+    """One shard, atomically: ids (n,), feats (n, D) (float16 kept, anything else as float32),
+    and fail_ids / fail_reasons of the rows whose error is set. Uncompressed (np.savez), so
+    the features can be memory-mapped where they lie (hierloc.features.npz_map)."""
     bad = np.array([bool(e) for e in errors], bool)
     with atomic_write_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez would append .npz
-        np.savez(fh, ids=ids.astype(np.int64), feats=feats.astype(np.float32), fail_ids=ids[bad].astype(np.int64),
+        np.savez(fh, ids=ids.astype(np.int64), feats=feats.astype(stored_dtype(feats), copy=False),
+                 fail_ids=ids[bad].astype(np.int64),
                  fail_reasons=np.asarray([e for e in errors if e], dtype=str))
 
 

@@ -193,6 +193,9 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
                 with amp:
                     f = backbone.encode(x.to(device, non_blocking=True)).float().cpu().numpy()
                 f[[bool(e) for e in errors]] = np.nan  # unreadable: the stages drop and count these rows
+                if precision == "fp16":  # stored as float16 (half the disk), unless a value overflows it
+                    f16 = f.astype(np.float16)
+                    f = f16 if np.array_equal(np.isfinite(f16), np.isfinite(f)) else f
                 pending.add(batch_ids.numpy().astype(np.int64), f, list(errors))
                 while len(pending) >= shard_size:
                     write(shard_size)

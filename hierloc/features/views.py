@@ -1,8 +1,9 @@
 """Views: what a pipeline stage hands on for one split, and reading features by id through one.
 
 A *view* is a folder holding ``view.json`` (the cache it reads, relative to the view, and the
-split's digest) and that split's ``failures.json``. ``resolve_feature_dir`` and
-``load_features`` accept a view or a cache folder (hierloc.features.cache).
+split's digest) and that split's ``failures.json``. ``resolve_feature_dir``, ``open_features``
+(lazy, memory-mapped) and ``load_features`` (in memory) accept a view or a cache folder
+(hierloc.features.cache).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from hierloc.atomic import atomic_write_path
 from hierloc.features.cache import CacheIndex, scan_cache, write_failures
+from hierloc.features.rows import FeatureRows, ShardMaps
 
 VIEW_FORMAT = 1
 
@@ -55,8 +57,9 @@ def resolve_feature_dir(feature_dir: Path) -> Path:
     return feature_dir
 
 
-def load_features(cache_dir: Path, ids: np.ndarray, index: CacheIndex | None = None) -> np.ndarray:
-    """Features of ``ids`` in the requested order: (len(ids), D) float32 (NaN rows: unreadable images).
+def open_features(cache_dir: Path, ids: np.ndarray, index: CacheIndex | None = None) -> FeatureRows:
+    """Features of ``ids`` in the requested order, left on disk: a lazy (len(ids), D) FeatureRows
+    (hierloc.features.rows) over the memory-mapped shards; NaN rows: unreadable images.
 
     ``cache_dir``: a cache or a view folder. Raises FileNotFoundError when it holds no shards,
     KeyError naming how many ids are missing and one of them.
@@ -71,13 +74,12 @@ def load_features(cache_dir: Path, ids: np.ndarray, index: CacheIndex | None = N
         bad = ids[pos < 0]
         raise KeyError(f"{cache_dir}: {len(bad)} of {len(ids)} requested ids have no cached features "
                        f"(e.g. id {int(bad[0])}); run the features stage on the current manifest")
-    out = np.empty((len(ids), index.dim), np.float32)
-    shard, row = index.shard[pos], index.row[pos]
-    # Read each shard once. Shard numbers as uint16 when they fit: numpy's stable sort is then a radix sort.
-    key = shard.astype(np.uint16) if len(index.paths) <= np.iinfo(np.uint16).max else shard
-    order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.diff(shard[order])) + 1
-    for sel in np.split(order, bounds) if len(order) else []:
-        with np.load(index.paths[shard[sel[0]]]) as z:
-            out[sel] = z["feats"][row[sel]]
-    return out
+    return FeatureRows(ShardMaps(index.paths, index.dim), index.shard[pos], index.row[pos])
+
+
+def load_features(cache_dir: Path, ids: np.ndarray, index: CacheIndex | None = None) -> np.ndarray:
+    """Features of ``ids`` in the requested order, read into memory: (len(ids), D) float32 (NaN
+    rows: unreadable images). For small id lists (predict, tests); a stage opens them lazily
+    (``open_features``). Raises as ``open_features``.
+    """
+    return np.asarray(open_features(cache_dir, ids, index))

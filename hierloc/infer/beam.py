@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hierloc.features.rows import CHUNK_ROWS, feature_chunks
 from hierloc.model.model import HierLocModel
 from hierloc.infer.search import Backend, BeamScore, EntityIndex, Mode
 
@@ -123,3 +124,32 @@ def beam_search(
         top_rows=res.rows, top_scores=res.score, top_paths=res.paths, top_probs=probs,
         n_scored=res.n_scored, seconds=seconds,
     )
+
+
+def beam_search_chunks(
+    model: HierLocModel,
+    features,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+    prepare=None,
+    backend: Backend = "auto",
+    device: str | torch.device = "cpu",
+    index: EntityIndex | None = None,
+    **kwargs,
+) -> BeamResult:
+    """``beam_search`` over (N, D) features block by block (an array or a FeatureRows, so a test
+    split is never wholly in memory): one EntityIndex for every block, the small per-row results
+    concatenated; the same result as one call. ``prepare``: applied to each float32 block first
+    (e.g. Predictor.check_features)."""
+    if backend == "auto" and torch.device(device).type != "cpu":
+        backend = "torch"  # as beam_search decides, once for every block
+    if index is None:
+        index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
+    parts = [beam_search(model, prepare(block) if prepare is not None else block, backend=backend, device=device,
+                         index=index, **kwargs) for block in feature_chunks(features, chunk_rows)]
+    if not parts:  # no rows: one empty call gives the right shapes
+        empty = np.zeros((0, features.shape[1]), np.float32)
+        parts = [beam_search(model, empty, backend=backend, device=device, index=index, **kwargs)]
+    return BeamResult(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in
+                         ("picks", "pick_score", "pick_prob", "top_rows", "top_scores", "top_paths", "top_probs",
+                          "n_scored")}, seconds=sum(p.seconds for p in parts))

@@ -18,7 +18,7 @@ import torch
 
 from hierloc.atomic import atomic_write_path
 from hierloc.model.model import HierLocModel, ModelConfig
-from hierloc.train.data import EntityData, TrainData
+from hierloc.train.data import EntityData, TrainData, feature_moments
 
 #: Version of the model.pt layout: 1 had a "curvature" buffer (no log_curvature) and no
 #: text, attention or spherical-harmonics entries; 2 is the current one.
@@ -34,13 +34,14 @@ MAX_WEIGHTS_FILE_BYTES = 16 << 30
 
 
 def build_model(cfg: ModelConfig, data: TrainData, ents: EntityData) -> HierLocModel:
-    """A fresh model for these arrays: feature normalisation from ``data.features`` (N, D),
-    entity buffers (Img_i, coordinates, parents, texts) from ``ents``."""
-    feats = torch.as_tensor(data.features, dtype=torch.float32)
+    """A fresh model for these arrays: feature normalisation from ``data.features`` (N, D) (an
+    array or a FeatureRows, one streaming pass: feature_moments), entity buffers (Img_i,
+    coordinates, parents, texts) from ``ents``."""
+    feat_mean, feat_std = feature_moments(data.features)
     return HierLocModel(
         cfg,
-        feat_mean=feats.mean(0),
-        feat_std=feats.std(0),
+        feat_mean=feat_mean,
+        feat_std=feat_std,
         entity_img_feat=torch.tensor(np.asarray(ents.img_feat), dtype=torch.float32),
         entity_latlon_deg=torch.tensor(np.asarray(ents.latlon_deg), dtype=torch.float32),
         level_sizes=ents.level_sizes,

@@ -1,8 +1,11 @@
 """The training inputs as arrays: images (``TrainData``) and the entity table (``EntityData``).
 
 ``entity_mean_features`` gives each entity its Img_i (HIERLOC.md section 4: the mean
-backbone feature of its training images). ``save_arrays`` / ``load_arrays`` are the
-on-disk form (two .npz files) read by ``python -m hierloc.train.loop``.
+backbone feature of its training images) and ``feature_moments`` the per-dimension mean and
+std the model normalises with, both in one streaming pass: the features may be an in-memory
+array or a FeatureRows over memory-mapped shards (hierloc.features.rows), never copied whole.
+``save_arrays`` / ``load_arrays`` are the on-disk form (two .npz files) read by
+``python -m hierloc.train.loop``.
 """
 
 from __future__ import annotations
@@ -14,19 +17,41 @@ import numpy as np
 import torch
 
 from hierloc.atomic import atomic_write_path
+from hierloc.features.rows import feature_chunks
+
+#: Rows per block of the streaming passes: a block is widened to float64 (16,384 x 768: 100 MB).
+STAT_CHUNK_ROWS = 16_384
 
 
 @dataclass
 class TrainData:
     """Cached features and labels of the training images.
 
-    features (N, D) float; targets (N, L) int64 index of the image's entity within
-    each level (-1 if unknown); latlon_deg (N, 2) the images' true coordinates.
+    features (N, D) float, an array or a FeatureRows (memory-mapped, gathered per batch);
+    targets (N, L) int64 index of the image's entity within each level (-1 if unknown);
+    latlon_deg (N, 2) the images' true coordinates.
     """
 
     features: np.ndarray
     targets: np.ndarray
     latlon_deg: np.ndarray
+
+    def batch_source(self):
+        """What the training loop indexes with a (b,) torch index to get a float32 (b, D) batch: the
+        array as one tensor, or a FeatureRows left on disk (each batch gathered from the map)."""
+        if isinstance(self.features, (np.ndarray, torch.Tensor)):
+            return torch.as_tensor(self.features, dtype=torch.float32)
+        return _TorchRows(self.features)
+
+
+class _TorchRows:
+    """A FeatureRows indexed like a tensor: ``rows[idx]`` -> float32 (b, D) tensor."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.rows.take(np.asarray(idx, np.int64)))
 
 
 @dataclass
@@ -45,22 +70,56 @@ class EntityData:
 
 
 def entity_mean_features(
-    features: np.ndarray, targets: np.ndarray, level_sizes: list[int]
+    features, targets: np.ndarray, level_sizes: list[int], chunk_rows: int = STAT_CHUNK_ROWS
 ) -> np.ndarray:
-    """Img_i: the mean feature of each entity's training images, (N_total, D).
+    """Img_i: the mean feature of each entity's training images, (N_total, D) float32.
 
-    targets (N, L) index within level; entities without images get the global mean.
+    features (N, D) an array or a FeatureRows, read once in blocks of ``chunk_rows``; sums in
+    float64 per level (the entity table's size, never (N, D) float64). targets (N, L) index
+    within level; entities without images get the global mean.
     """
-    feats = torch.as_tensor(features, dtype=torch.float64)
-    global_mean = feats.mean(0)
+    targets = np.asarray(targets)
+    dim = features.shape[1]
+    sums = [torch.zeros(n, dim, dtype=torch.float64) for n in level_sizes]
+    total, start = torch.zeros(dim, dtype=torch.float64), 0
+    for block in feature_chunks(features, chunk_rows):
+        x = torch.from_numpy(block).double()
+        total += x.sum(0)
+        for lvl, n in enumerate(level_sizes):
+            idx = torch.from_numpy(np.array(targets[start : start + len(block), lvl], dtype=np.int64))
+            ok = idx >= 0
+            if bool(ok.all()):  # training rows all have targets: no masked copy of the block
+                sums[lvl].index_add_(0, idx, x)
+            else:
+                sums[lvl].index_add_(0, idx[ok], x[ok])
+        start += len(block)
+    global_mean = total / start  # NaN without rows, as the mean of nothing
     out = []
     for lvl, n in enumerate(level_sizes):
-        idx = torch.from_numpy(np.array(targets[:, lvl], dtype=np.int64))  # a copy: parquet arrays are read-only
-        ok = idx >= 0
-        sums = torch.zeros(n, feats.shape[1], dtype=torch.float64).index_add_(0, idx[ok], feats[ok])
-        counts = torch.bincount(idx[ok], minlength=n).double()[:, None]
-        out.append(torch.where(counts > 0, sums / counts.clamp_min(1), global_mean))
+        idx = np.asarray(targets[:, lvl], np.int64)
+        counts = torch.from_numpy(np.bincount(idx[idx >= 0], minlength=n)).double()[:, None]
+        out.append(torch.where(counts > 0, sums[lvl] / counts.clamp_min(1), global_mean))
     return torch.cat(out).float().numpy()
+
+
+def feature_moments(features, chunk_rows: int = STAT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (unbiased, as torch.std) of (N, D) features, float32 (D,) each,
+    in one pass over blocks (an array or a FeatureRows): float64 block moments merged by Chan's
+    formula (no E[x^2] - E[x]^2 cancellation)."""
+    dim = features.shape[1]
+    n, mean, m2 = 0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+    for block in feature_chunks(features, chunk_rows):
+        x = torch.from_numpy(block).double()
+        nb, mb = len(x), x.mean(0)
+        delta = mb - mean
+        mean = mean + delta * (nb / (n + nb))
+        m2 = m2 + ((x - mb) ** 2).sum(0) + delta**2 * (n * nb / (n + nb))
+        n += nb
+    if n == 0:
+        nan = torch.full((dim,), float("nan"))
+        return nan, nan.clone()
+    std = (m2 / (n - 1)).sqrt() if n > 1 else torch.full((dim,), float("nan"), dtype=torch.float64)
+    return mean.float(), std.float()
 
 
 def save_arrays(folder: str | Path, data: TrainData, ents: EntityData) -> Path:

@@ -205,7 +205,7 @@ class _Loop:
             pos = Position(0, 0, 0, np.zeros(1 + len(ents.level_sizes)))
         self.start, self.step, self.sums = (pos.epoch, pos.batch), pos.step, pos.sums
 
-        self.feats = torch.as_tensor(data.features, dtype=torch.float32)
+        self.feats = data.batch_source()  # a tensor, or a FeatureRows gathered per batch from its memory map
         self.targets = torch.tensor(data.targets, dtype=torch.long)  # a copy: parquet-backed arrays are read-only
         self.latlon = torch.tensor(data.latlon_deg, dtype=torch.float32)  # a copy: (n, 2) is small, parquet arrays are read-only
         self.use_amp = cfg.amp and device.type == "cuda"

@@ -255,6 +255,24 @@ def test_new_tar_shard_is_the_only_one_read(tmp_path: Path) -> None:
     assert ingest_osv5m(tmp_path / "wds", tmp_path / "out", splits=("train",), verify_images="exists").noop
 
 
+def test_float16_vectors_are_stored_as_float16(tmp_path: Path) -> None:
+    """OSV-5M's precomputed vectors are float16: their shard keeps them so (half the bytes);
+    a shard holding one float32 vector keeps float32 (exact for both)."""
+    samples = make_samples(sample_metadata())
+    for s in samples:
+        s["npy"] = {"street_clip": s["npy"]["street_clip"].astype(np.float16)}  # type: ignore[index]
+    samples[12]["npy"]["street_clip"] = samples[12]["npy"]["street_clip"].astype(np.float32)  # type: ignore[index]
+    write_shard(tmp_path / "wds/train/00000.tar", samples[:11])
+    write_shard(tmp_path / "wds/train/00001.tar", samples[11:])
+    report = ingest_osv5m(tmp_path / "wds", tmp_path / "out", splits=("train",), verify_images="none")
+    assert report.ok and report.splits["train"].n_kept == 22
+    half, mixed = sorted((tmp_path / "out/features/street_clip").glob("shard-*.npz"))
+    for path, dtype, part in ((half, np.float16, samples[:11]), (mixed, np.float32, samples[11:])):
+        with np.load(path) as z:
+            assert z["feats"].dtype == dtype
+            np.testing.assert_array_equal(z["feats"], np.stack([p["npy"]["street_clip"] for p in part]).astype(dtype))
+
+
 def _npy_claiming(shape: tuple[int, ...], values: np.ndarray) -> bytes:
     """A .npy whose header declares `shape` but holds only `values`' bytes."""
     buf = io.BytesIO()

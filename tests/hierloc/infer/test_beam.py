@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierloc.infer.beam import beam_search
+from hierloc.infer.beam import beam_search, beam_search_chunks
 from hierloc.model.model import ModelConfig
 from hierloc.model.io import build_model
 
@@ -54,3 +54,22 @@ def test_narrow_beam_only_visits_children_of_kept_countries(model, tiny):
 def test_empty_input(model):
     res = beam_search(model, np.zeros((0, 16), dtype=np.float32), k=3)
     assert res.picks.shape == (0, 4)
+
+
+def test_the_search_block_by_block_equals_one_search(model, tiny, tmp_path):
+    """What the evaluate stage runs on a test split left on disk (beam_search_chunks)."""
+    from hierloc.features.cache import write_shard
+    from hierloc.features.views import open_features
+
+    data, _ = tiny
+    feats = data.features[:300]
+    ids = np.arange(300)
+    write_shard(tmp_path / "shard-00000.npz", ids[:170], feats[:170], [""] * 170)
+    write_shard(tmp_path / "shard-00001.npz", ids[170:], feats[170:], [""] * 130)
+    one = beam_search(model, feats, k=5, tau=0.7)
+    for source in (feats, open_features(tmp_path, ids)):
+        got = beam_search_chunks(model, source, chunk_rows=64, k=5, tau=0.7)
+        for f in ("picks", "pick_score", "pick_prob", "top_rows", "top_scores", "top_paths", "top_probs", "n_scored"):
+            np.testing.assert_allclose(getattr(got, f), getattr(one, f), rtol=1e-5, atol=1e-6, err_msg=f)
+    empty = beam_search_chunks(model, feats[:0], k=5)
+    assert empty.picks.shape == (0, 4) and empty.top_paths.shape[0] == 0
