@@ -41,6 +41,8 @@ import pyarrow.compute as pc
 
 from geodata.capped_io import MAX_IMAGE_BYTES, MAX_JSON_BYTES, InputTooLargeError, check_size, feature_cap, size_refusal
 from geodata.ingest.archive_members import is_safe_relative_name, iter_tar_members, tar_refusal
+from geodata.ingest.npy_member import npy_array
+from geodata.ingest.tar_headers import iter_headers
 from geodata.ingest.quarantine import REASON_CODE, quarantine_table, truncate
 from geodata.ingest.validate import ID_REGEX, IMAGE_REF_SCHEMA, IdSet
 from geodata.osv5m import OSV5M_COLUMNS
@@ -101,10 +103,7 @@ class WdsBatch:
 
 def _unchecked_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
     """A tar's headers in order, names not checked (only for listing a refused shard)."""
-    with tarfile.open(tar_path, "r:") as tf:
-        for info in tf:
-            yield info
-            tf.members = []
+    yield from iter_headers(tar_path)  # tarfile's listing, parsed fast
 
 
 def _samples(tar_path: Path, members: Iterator[tarfile.TarInfo] | None = None) -> Iterator[_Sample]:
@@ -131,21 +130,6 @@ def _read(fh: io.BufferedReader, info: tarfile.TarInfo, cap: int, what: str) -> 
     check_size(info.size, cap, info.name, what)
     fh.seek(info.offset_data)
     return fh.read(info.size)
-
-
-def _npy_array(data: bytes) -> np.ndarray:
-    """A .npy member's array; its header's shape and dtype must account for exactly the bytes
-    that follow it, checked before numpy allocates the array the header declares."""
-    fh = io.BytesIO(data)
-    version = np.lib.format.read_magic(fh)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f".npy format version {version} not supported")
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read_header(fh)
-    declared, held = math.prod(shape) * dtype.itemsize, len(data) - fh.tell()
-    if declared != held:
-        raise ValueError(f"header declares shape {shape} {dtype} ({declared:,} bytes), holds {held:,}")
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _metadata(fh: io.BufferedReader, sample: _Sample) -> tuple[dict[str, object] | None, str]:
@@ -177,7 +161,7 @@ def _feature(fh: io.BufferedReader, sample: _Sample, name: str, dims: dict[str, 
     if refused is not None:
         return None, f"{info.name}: {refused}"
     try:
-        arr = _npy_array(_read(fh, info, feature_cap(dims.get(name)), "feature"))
+        arr = npy_array(_read(fh, info, feature_cap(dims.get(name)), "feature"))
     except InputTooLargeError as exc:
         return None, str(exc)
     except (ValueError, OSError, EOFError) as exc:
