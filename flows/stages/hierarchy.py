@@ -11,6 +11,11 @@ from flows.report.maps import entity_map
 from flows.stages.files import read_manifests, write_json, write_parquet
 from geodata.labels.build import build_hierarchy, hierarchy_labeler
 from geodata.labels.check import check_ingested_labels, write_label_quarantine
+from geodata.osv5m import LABEL_COLUMNS
+
+
+#: What the labelers, the label check and the entity table read of a manifest.
+HIERARCHY_COLUMNS = ("id", "line", "latitude", "longitude", *LABEL_COLUMNS, "image_container")
 
 
 def run_hierarchy(
@@ -36,7 +41,7 @@ def run_hierarchy(
     out_dir.mkdir(parents=True, exist_ok=True)
     how = hierarchy_labeler(labeler, coords, admin_source=admin_source, admin_path=admin_path, grid_deg=grid_deg,
                             max_snap_km=max_snap_km, check_all_levels=check_all_levels)
-    manifests = read_manifests(ingest_dir)  # EmptySplitError: a split without rows
+    manifests = read_manifests(ingest_dir, HIERARCHY_COLUMNS)  # EmptySplitError: a split without rows
     checks = check_ingested_labels(ingest_dir, manifests)  # label_mismatch rows: no entity, quarantined
     built = build_hierarchy(manifests, how, previous=pd.read_parquet(previous) if previous else None, checks=checks,
                             scheduler=scheduler, work_dir=out_dir / "partitions", runner=runner)
