@@ -14,6 +14,7 @@ from flows.stages.data_dir import SPLITS
 from flows.stages.faults import EmptySplitError
 from geodata.atomic import write_parquet_atomic, write_text_atomic
 from geodata.labels.targets import SplitTargets, split_targets
+from geodata.osv5m import UNIQUE_COLUMNS
 from hierloc.features.views import open_features, resolve_feature_dir
 
 
@@ -50,13 +51,17 @@ def load_entities(hierarchy_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(hierarchy_dir) / "entities.parquet")
 
 
+#: The manifest columns training and evaluation read (the rest, 30 string columns, stay on disk).
+SPLIT_COLUMNS = ("id", "latitude", "longitude", "country", *UNIQUE_COLUMNS)
+
+
 def split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, split: str,
                  require_targets: bool = False) -> SplitTargets:
     """Features, per-level targets and coordinates of one split, aligned by image id
     (geodata.labels.targets.split_targets: rows without features dropped and counted; with
     ``require_targets`` also rows without an entity at some level). The features stay on disk:
     a FeatureRows over the memory-mapped shards (hierloc.features.rows); the NaN check streams."""
-    m = pd.read_parquet(manifest_path(ingest_dir, split))
+    m = pd.read_parquet(manifest_path(ingest_dir, split), columns=list(SPLIT_COLUMNS))
     a = pd.read_parquet(Path(hierarchy_dir) / f"assignments_{split}.parquet")
     feats = open_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))  # KeyError if missing
     return split_targets(m, a, feats, require_targets)
