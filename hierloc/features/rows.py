@@ -24,8 +24,10 @@ MAX_OPEN_SHARDS = 256
 #: gather reads count in its RSS until unmapped (they stay in the OS page cache, so a later
 #: gather maps them again without reading the disk). Without this an epoch of random batches
 #: would leave the whole features file resident (7.5 GB at OSV-5M, 4.9M x 768 float16).
-MAX_RESIDENT_BYTES = 1 << 30
-_PAGE = 4096
+MAX_RESIDENT_BYTES = 256 << 20
+#: What one row read can map in: the kernel's fault-around maps up to 16 pages (64 KiB) of the
+#: page cache around a faulting page, so a random row costs up to 64 KiB of RSS, not one page.
+TOUCH_BYTES = 64 << 10
 #: Rows per block of ``chunks`` / ``feature_chunks`` (65,536 x 768 float32: 200 MB).
 CHUNK_ROWS = 65_536
 #: Rows per block of ``finite_mask`` (16,384 x 768 float32: 50 MB).
@@ -42,10 +44,13 @@ class ShardMaps:
         self.max_resident, self._touched = max_resident, 0
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def account(self, n_rows: int, row_bytes: int) -> None:
-        """Count ``n_rows`` rows read (each faults at least a page in); past ``max_resident``
-        close every map, which returns their pages from this process's RSS to the page cache."""
-        self._touched += n_rows * max(row_bytes, _PAGE)
+    def account(self, n_rows: int, row_bytes: int, span_rows: int | None = None) -> None:
+        """Count ``n_rows`` rows read, lying within ``span_rows`` consecutive rows of a shard
+        (each maps up to TOUCH_BYTES in; a run of consecutive rows maps its own bytes); past
+        ``max_resident`` close every map, which returns their pages from this process's RSS to
+        the page cache."""
+        span = n_rows if span_rows is None else span_rows
+        self._touched += min(n_rows * max(row_bytes, TOUCH_BYTES), span * row_bytes + TOUCH_BYTES)
         if self._touched > self.max_resident:
             self._open.clear()
             self._touched = 0
@@ -107,8 +112,9 @@ class FeatureRows:
         bounds = np.flatnonzero(np.diff(shard[order])) + 1
         for sel in np.split(order, bounds):
             part = self.maps.get(int(shard[sel[0]]))
-            out[sel] = part[row[sel]]  # float16 shards widen here
-            self.maps.account(len(sel), self.dim * part.itemsize)
+            picked = row[sel]
+            out[sel] = part[picked]  # float16 shards widen here
+            self.maps.account(len(sel), self.dim * part.itemsize, int(picked.max()) - int(picked.min()) + 1)
         return out
 
     def subset(self, which: np.ndarray | Sequence[int]) -> FeatureRows:

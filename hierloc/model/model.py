@@ -165,6 +165,10 @@ class CrossModalAttention(nn.Module):
         return self.fuse(torch.cat(outs, dim=-1))
 
 
+#: Entity rows per activation-checkpointed chunk of f_e when training (HierLocModel.entity_tangent).
+ENTITY_CHUNK = 16_384
+
+
 class HierLocModel(nn.Module):
     """Image and entity encoders into one Lorentz (or Euclidean) space.
 
@@ -311,14 +315,30 @@ class HierLocModel(nn.Module):
         t = self.entity_text_feat
         return None if t is None else t * math.sqrt(t.shape[1])
 
-    def entity_tangent(self) -> torch.Tensor:
-        """Tangent vectors of all entities (N, d), ordered as the entity table."""
-        parts = [self.norm(self.entity_img_feat)]
+    def _entity_delta(self, start: int, stop: int) -> torch.Tensor:
+        """f_e of the entity rows start..stop-1 (before the anchors): (stop - start, d)."""
+        parts = [self.norm(self.entity_img_feat[start:stop])]
         text = self.entity_text_input()
         if text is not None:
-            parts.append(text)
-        parts.append(self.loc_enc(self.entity_latlon_deg))
-        delta = self.alpha_node * self.ent_mlp(torch.cat(parts, dim=-1))
+            parts.append(text[start:stop])
+        parts.append(self.loc_enc(self.entity_latlon_deg[start:stop]))
+        return self.alpha_node * self.ent_mlp(torch.cat(parts, dim=-1))
+
+    def entity_tangent(self) -> torch.Tensor:
+        """Tangent vectors of all entities (N, d), ordered as the entity table.
+
+        With autograd on a table of more than ENTITY_CHUNK rows, f_e runs chunk by chunk under
+        activation checkpointing: only a chunk's activations live at once (recomputed in the
+        backward pass), so a step's memory does not grow with the table's (N x hidden) activations
+        (OSV-5M: 244k entities). Smaller tables run in one piece, as before."""
+        n = self.entity_img_feat.shape[0]
+        if torch.is_grad_enabled() and n > ENTITY_CHUNK:
+            from torch.utils.checkpoint import checkpoint
+
+            delta = torch.cat([checkpoint(self._entity_delta, s, min(s + ENTITY_CHUNK, n), use_reentrant=False)
+                               for s in range(0, n, ENTITY_CHUNK)])
+        else:
+            delta = self._entity_delta(0, n)
         base = self.anchor_tangent()
         return delta if base is None else base + delta
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from hierloc.device import return_large_frees
 from hierloc.digest import digest_of
 from hierloc.geometry.lorentz import check_finite
 from hierloc.model.io import build_model, save_model
@@ -139,6 +140,7 @@ def train(
     checkpoint digest, so a resume never mixes two warm starts (or one with a cold run).
     """
     out_dir = Path(out_dir)
+    return_large_frees()  # per-step tensors of tens of MB go back to the OS (hierloc.device)
     ctx, device = setup(cfg.device)
     try:
         return _train(data, ents, model_cfg, cfg, out_dir, log_fn, init_from, init_rows, ctx, device)

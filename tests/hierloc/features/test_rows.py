@@ -13,7 +13,7 @@ from geodata.labels.targets import split_targets
 from geodata.osv5m import LEVELS
 from hierloc.features.cache import scan_cache, write_shard
 from hierloc.features.npz_map import map_npz_member
-from hierloc.features.rows import FeatureRows, ShardMaps
+from hierloc.features.rows import TOUCH_BYTES, FeatureRows, ShardMaps
 from hierloc.features.views import load_features, open_features, write_view
 
 D = 12
@@ -170,11 +170,11 @@ def test_maps_close_once_enough_pages_were_read(tmp_path):
     cache, truth = _cache(tmp_path, rng)
     index = scan_cache(cache)
     pos = index.positions(index.ids)
-    maps = ShardMaps(index.paths, index.dim, max_resident=10 * 4096)
+    maps = ShardMaps(index.paths, index.dim, max_resident=TOUCH_BYTES * 3 // 2)
     rows = FeatureRows(maps, index.shard[pos], index.row[pos])
     expected = np.stack([truth[int(i)] for i in index.ids])
     np.testing.assert_array_equal(rows.take([0, 1, 2]), expected[[0, 1, 2]])
     assert len(maps._open) == 1  # 3 rows: below the budget, the map stays
     np.testing.assert_array_equal(rows.take(np.arange(12)), expected[:12])
-    assert len(maps._open) == 0  # 15 rows of at least a page each: past 10 pages, closed
+    assert len(maps._open) == 0  # two runs of rows, each mapping up to 64 KiB (fault-around): past the budget, closed
     np.testing.assert_array_equal(np.concatenate(list(rows.chunks(9))), expected)

@@ -295,3 +295,24 @@ def test_attention_cost_at_osv5m_scale():
     print(f"\nbatch {b}, {n} entities, d={d}: image branch {plain * 1e3:.1f} ms, with attention {attn * 1e3:.1f} ms "
           f"(key search alone {search * 1e3:.1f} ms; one {b}x{d}x{n} matmul {matmul * 1e3:.1f} ms)")
     assert attn < 20 * (plain + matmul)
+
+
+@pytest.mark.parametrize("text_dim", [None, 6])
+def test_the_entity_table_in_checkpointed_chunks_equals_one_piece(tiny, monkeypatch, text_dim):
+    """A large table runs f_e chunk by chunk under activation checkpointing when training
+    (memory); its tangents and gradients are those of the one-piece computation."""
+    import hierloc.model.model as mm
+
+    grads = []
+    for chunk in (10**9, 7):
+        monkeypatch.setattr(mm, "ENTITY_CHUNK", chunk)
+        model = _model(tiny, text_dim=text_dim, dropout=0.0)
+        assert model.entity_img_feat.shape[0] > 7  # several chunks
+        tangent = model.entity_tangent()
+        tangent.pow(2).sum().backward()
+        grads.append((tangent.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (t1, g1), (t2, g2) = grads
+    torch.testing.assert_close(t2, t1, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-5, msg=name)
