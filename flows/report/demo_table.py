@@ -3,9 +3,10 @@
 
 `hierloc demo` saves its metrics, timings, machine and date as ``<work>/demo-results.json``;
 ``python -m flows.report.demo_table [--results FILE]`` (``make readme-tables``) copies that file
-to ``docs/results/demo.json`` and rewrites the README's block between the ``demo-table`` markers
-from it, so every number of that block comes from a rerunnable command (a test checks that the
-block is the rendering of the committed file).
+to ``docs/results/demo.json`` with the answer of `hierloc predict` on a real OSV-5M photo by the
+demo's model, and rewrites the README's block between the ``demo-table`` markers and
+docs/tools.md's ``predict-example`` block from it, so every number there comes from a
+rerunnable command (a test checks that both blocks are the rendering of the committed file).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 LEVELS = ("country", "region", "subregion", "city")
 START = "<!-- demo-table: written by `make readme-tables` from docs/results/demo.json; do not edit by hand -->"
 END = "<!-- /demo-table -->"
+PREDICT_START = "<!-- predict-example: written by `make readme-tables`; do not edit by hand -->"
+PREDICT_END = "<!-- /predict-example -->"
+SAMPLE_PHOTO = "1113744692540897.jpg"  # a real OSV-5M test photo of shared/osv5m-sample
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "results" / "demo.json"
 
@@ -110,12 +114,33 @@ def block(record: dict) -> str:
     return "\n".join([START, head, "", demo_table(record["metrics"]), END])
 
 
-def replace_block(text: str, new_block: str) -> str:
-    """``text`` with its demo-table block replaced; ValueError when the markers are not there once."""
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+def replace_block(text: str, new_block: str, start: str = START, end: str = END) -> str:
+    """``text`` with its block between ``start`` and ``end`` replaced; ValueError when the markers
+    are not there once."""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if len(pattern.findall(text)) != 1:
-        raise ValueError(f"the README must hold one block between {START!r} and {END!r}")
+        raise ValueError(f"the file must hold one block between {start!r} and {end!r}")
     return pattern.sub(lambda _: new_block, text)
+
+
+def predict_block(record: dict) -> str:
+    """docs/tools.md's example answer of `hierloc predict` (what `make readme-tables` recorded)."""
+    ex = record["predict_example"]
+    return "\n".join([PREDICT_START, "```", f"$ {ex['command']}", ex["output"].rstrip("\n"), "```", PREDICT_END])
+
+
+def predict_example(work_dir: Path) -> dict:
+    """`hierloc predict` on a real OSV-5M photo of the sample with the last demo's bundle: the
+    command (as run from the sample folder) and what it printed."""
+    import subprocess
+    import sys
+
+    sample = Path(os.environ.get("HIERLOC_OSV5M_SAMPLE", ROOT.parent / "shared" / "osv5m-sample"))
+    args = ["predict", f"images/{SAMPLE_PHOTO}", "--top-k", "3"]
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--model", str(Path(work_dir) / "export" / "demo")],
+                         cwd=sample, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return {"command": "hierloc " + " ".join(args), "output": out.stdout}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,16 +152,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--check", action="store_true", help="only say whether the README matches docs/results/demo.json")
     args = ap.parse_args(argv)
+    tools = ROOT / "docs" / "tools.md"
     if args.check:
         record = json.loads(COMMITTED.read_text())
-        ok = block(record) in args.readme.read_text()
-        print("README matches docs/results/demo.json" if ok else "README differs from docs/results/demo.json")
+        ok = block(record) in args.readme.read_text() and predict_block(record) in tools.read_text()
+        print("README and docs/tools.md match docs/results/demo.json" if ok else "they differ from docs/results/demo.json")
         raise SystemExit(0 if ok else 1)
     record = json.loads(args.results.read_text())
+    record["predict_example"] = predict_example(args.results.parent)
     COMMITTED.parent.mkdir(parents=True, exist_ok=True)
     COMMITTED.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     args.readme.write_text(replace_block(args.readme.read_text(), block(record)))
-    print(f"wrote {COMMITTED} and the demo table of {args.readme}")
+    tools.write_text(replace_block(tools.read_text(), predict_block(record), PREDICT_START, PREDICT_END))
+    print(f"wrote {COMMITTED}, the demo table of {args.readme} and the predict example of {tools}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def test_the_readme_block_is_the_committed_results_rendered():
     record = json.loads(dt.COMMITTED.read_text())
     readme = (dt.ROOT / "README.md").read_text()
     assert dt.block(record) in readme, "run `make demo` then `make readme-tables` (never edit the block by hand)"
+    assert dt.predict_block(record) in (dt.ROOT / "docs" / "tools.md").read_text()
     assert record["metrics"]["n"] > 0 and record["date"] and record["machine"]
 
 
