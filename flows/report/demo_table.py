@@ -58,6 +58,7 @@ def demo_table(m: dict) -> str:
 def results_record(metrics: dict, seconds: float, stage_seconds: dict[str, float], config: dict) -> dict:
     """What `hierloc demo` saves: the metrics, the flow's wall time per stage, the machine and the date."""
     return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(), "flow_seconds": seconds,
+            "load_average_15min": round(os.getloadavg()[2], 1),
             "stage_seconds": stage_seconds, "config": config,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
@@ -110,7 +111,10 @@ def block(record: dict) -> str:
     """The README block: a line saying where the numbers come from, then the table."""
     stages = ", ".join(f"{k} {_duration(v)}" for k, v in record.get("stage_seconds", {}).items())
     head = (f"`make demo` on {record['date']}, {record['machine']}, default settings: the flow took "
-            f"{_duration(record['flow_seconds'])}" + (f" ({stages})" if stages else "") + ".")
+            f"{_duration(record['flow_seconds'])}" + (f" ({stages})" if stages else "")
+            + (f"; load average {record['load_average_15min']} over the last 15 minutes (other jobs shared the "
+               "cores: times scale with it, the metrics do not)" if record.get("load_average_15min", 0) > 1.5 else "")
+            + ".")
     return "\n".join([START, head, "", demo_table(record["metrics"]), END])
 
 
