@@ -109,7 +109,9 @@ def machine() -> str:
 
 def block(record: dict) -> str:
     """The README block: a line saying where the numbers come from, then the table."""
-    stages = ", ".join(f"{k} {_duration(v)}" for k, v in record.get("stage_seconds", {}).items())
+    order = ("ingest", "hierarchy", "features", "train", "export", "evaluate", "register")
+    timed = sorted(record.get("stage_seconds", {}).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    stages = ", ".join(f"{k} {_duration(v)}" for k, v in timed)
     head = (f"`make demo` on {record['date']}, {record['machine']}, default settings: the flow took "
             f"{_duration(record['flow_seconds'])}" + (f" ({stages})" if stages else "")
             + (f"; load average {record['load_average_15min']} over the last 15 minutes (other jobs shared the "
@@ -139,9 +141,14 @@ def predict_example(work_dir: Path) -> dict:
     import subprocess
     import sys
 
+    from flows.stages.export import latest_bundle
+
+    bundle = latest_bundle(Path(work_dir))
+    if bundle is None:
+        raise FileNotFoundError(f"no exported bundle under {work_dir}: run `make demo` first")
     sample = Path(os.environ.get("HIERLOC_OSV5M_SAMPLE", ROOT.parent / "shared" / "osv5m-sample"))
     args = ["predict", f"images/{SAMPLE_PHOTO}", "--top-k", "3"]
-    out = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--model", str(Path(work_dir) / "export" / "demo")],
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--model", str(bundle)],
                          cwd=sample, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     return {"command": "hierloc " + " ".join(args), "output": out.stdout}
