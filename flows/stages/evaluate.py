@@ -10,7 +10,8 @@ import pandas as pd
 
 from flows.report.figures import write_figures
 from flows.report.scoring import pick_metrics, score_points
-from flows.stages.files import SPLIT_COLUMNS, load_entities, manifest_path, split_arrays, write_json, write_parquet
+from flows.stages.files import (SPLIT_COLUMNS, load_entities, manifest_path, read_manifest, split_arrays, write_json,
+                                write_parquet)
 from geodata.ingest.incremental import file_sha256
 from geodata.labels.targets import majority_accuracy
 from geodata.osv5m import LEVELS, UNIQUE_COLUMNS
@@ -112,7 +113,7 @@ def score_bundle(bundle: Path, ingest_dir: Path, feature_dir: Path, beam_k: int 
     older hierarchy is scored exactly as the candidate is (same split, same function)."""
     from hierloc.infer.predictor import Predictor
 
-    m = pd.read_parquet(manifest_path(ingest_dir, "test"), columns=list(SPLIT_COLUMNS))
+    m = read_manifest(manifest_path(ingest_dir, "test"), SPLIT_COLUMNS)
     feats = open_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))
     ok = feats.finite_mask()  # streamed; the rows stay on disk, searched block by block
     m, feats = m[ok].reset_index(drop=True), feats.subset(ok)

@@ -30,17 +30,22 @@ def manifest_path(ingest_dir: Path, split: str) -> Path:
     return Path(ingest_dir) / "manifest" / f"{split}.parquet"
 
 
+def read_manifest(path: Path, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One manifest (a folder of Parquet parts); only ``columns``, those it has, when given."""
+    import pyarrow.dataset as pads
+
+    keep = None if columns is None else [c for c in columns if c in pads.dataset(path).schema.names]
+    return pd.read_parquet(path, columns=keep)
+
+
 def read_manifests(ingest_dir: Path, columns: tuple[str, ...] | None = None) -> dict[str, pd.DataFrame]:
     """Every split's manifest (only ``columns``, those a manifest has, when given: at OSV-5M size
     the 40 string columns of 5M rows take tens of GB as Python strings); EmptySplitError names a
     split without rows."""
-    import pyarrow.dataset as pads
-
     manifests = {}
     for split in SPLITS:  # a manifest is a folder of Parquet parts
         path = manifest_path(ingest_dir, split)
-        keep = None if columns is None else [c for c in columns if c in pads.dataset(path).schema.names]
-        manifests[split] = pd.read_parquet(path, columns=keep)
+        manifests[split] = read_manifest(path, columns)
     for split in (s for s, m in manifests.items() if m.empty):
         raise EmptySplitError(f"split {split!r} has no rows to work on: {manifest_path(ingest_dir, split)} "
                               f"is empty (see {Path(ingest_dir) / 'ingest_report.json'})")
@@ -61,7 +66,7 @@ def split_arrays(ingest_dir: Path, hierarchy_dir: Path, feature_dir: Path, split
     (geodata.labels.targets.split_targets: rows without features dropped and counted; with
     ``require_targets`` also rows without an entity at some level). The features stay on disk:
     a FeatureRows over the memory-mapped shards (hierloc.features.rows); the NaN check streams."""
-    m = pd.read_parquet(manifest_path(ingest_dir, split), columns=list(SPLIT_COLUMNS))
+    m = read_manifest(manifest_path(ingest_dir, split), SPLIT_COLUMNS)
     a = pd.read_parquet(Path(hierarchy_dir) / f"assignments_{split}.parquet")
     feats = open_features(resolve_feature_dir(Path(feature_dir)), m["id"].to_numpy(np.int64))  # KeyError if missing
     return split_targets(m, a, feats, require_targets)
