@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.flows.processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Set by importing flows (the test process did): the child must set them itself.
@@ -32,12 +33,6 @@ FOREIGN = {
     "Prefect's temporary-server note": re.compile(r"temporary server|prefect\.io/docs"),
     "an MLflow run link": re.compile(r"View (run|experiment) .* at"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +69,7 @@ def test_the_last_line_is_an_mlflow_ui_command_that_works(cli_run):
     exe = Path(argv[0]) if Path(argv[0]).is_absolute() else home / argv[0]  # as a shell in `home` runs it
     assert exe.is_file() and os.access(exe, os.X_OK) and exe.name == "mlflow"
     run_id = re.search(r"MLflow parent run ([0-9a-f]{32}) in (\S+)", out).group(1)
-    port = _free_port()
+    port = free_port()
     argv[argv.index("--port") + 1] = str(port)
     env = {k: v for k, v in os.environ.items() if k not in _PROJECT_ENV}
     env["PATH"] = f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"  # mlflow starts uvicorn by name
@@ -93,12 +88,7 @@ def test_the_last_line_is_an_mlflow_ui_command_that_works(cli_run):
                     pytest.fail(f"the printed command did not serve the run:\n{(home / 'ui.log').read_text()[-3000:]}")
                 time.sleep(0.5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop(proc, log)
 
 
 def test_the_ui_command_names_the_venvs_mlflow_relative_to_the_project(tmp_path):

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -35,14 +34,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.flows.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "hierloc-e2e"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def services(tmp_path_factory):
     root = tmp_path_factory.mktemp("services")
     # HIERLOC_PROGRESS_EVERY_S=0: a progress line per step (not per ~10 s), so these short runs log some
     s = Services(project_dir=ROOT, state_dir=root / "run", prefect_home=root / "prefect", mlflow_db=root / "mlflow.db",
-                 artifacts_dir=root / "artifacts", prefect_port=_free_port(), mlflow_port=_free_port(),
+                 artifacts_dir=root / "artifacts", prefect_port=free_port(), mlflow_port=free_port(),
                  extra_env={"PREFECT_WORKER_QUERY_SECONDS": "1", "HIERLOC_DASK_SCHEDULER": "sync",
                             "HIERLOC_PROGRESS_EVERY_S": "0"})
     said = io.StringIO()
@@ -193,7 +188,7 @@ def test_status_is_right_on_the_ports_the_servers_were_started_on(services, tmp_
     assert worker["healthy"] is True and worker["status"] == "ONLINE" and worker["last_heartbeat"], worker
     assert worker["pid"] == services.running("worker") is not None
     # asking `up` for other ports while these servers run is refused, naming the ports they use
-    moved = _make_status(services, tmp_path, "up", env={"PREFECT_PORT": str(_free_port())})
+    moved = _make_status(services, tmp_path, "up", env={"PREFECT_PORT": str(free_port())})
     assert moved.returncode == 1 and f"prefect-server already runs on port {services.prefect_port}" in moved.stderr
     services.stop("worker")
     gone = json.loads(_make_status(services, tmp_path, "status").stdout)["worker"]

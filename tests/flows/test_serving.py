@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.flows.processes import free_port, stop
 
 
 def _get(url: str, timeout: float = 2.0) -> int:
@@ -56,7 +51,7 @@ def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
 
     model_dir = save_pyfunc(demo_bundle, tmp_path / "pyfunc")
     served = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
-    port = _free_port()
+    port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
@@ -101,12 +96,7 @@ def test_mlflow_models_serve_answers_over_http(demo_bundle, tmp_path):
         assert by_path[0]["error"] == "" and by_path[0]["country_key"] == preds[0]["country_key"]
         assert by_path[1]["error"] == by_path[2]["error"] != ""  # an existing file outside = a missing one
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop(proc, log)
 
 
 def test_a_failed_row_scores_as_strict_json(demo_bundle, tmp_path):
