@@ -19,6 +19,8 @@ import re
 import time
 from pathlib import Path
 
+from geodata.progress import format_seconds
+
 LEVELS = ("country", "region", "subregion", "city")
 START = "<!-- demo-table: written by `make readme-tables` from docs/results/demo.json; do not edit by hand -->"
 END = "<!-- /demo-table -->"
@@ -31,11 +33,6 @@ COMMITTED = ROOT / "docs" / "results" / "demo.json"
 
 def _pct(m: dict, keys: list[str]) -> str:
     return " / ".join(f"{100 * m[k]:.1f}" for k in keys) + " %"
-
-
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def demo_table(m: dict) -> str:
@@ -111,9 +108,9 @@ def block(record: dict) -> str:
     """The README block: a line saying where the numbers come from, then the table."""
     order = ("ingest", "hierarchy", "features", "train", "export", "evaluate", "register")
     timed = sorted(record.get("stage_seconds", {}).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
-    stages = ", ".join(f"{k} {_duration(v)}" for k, v in timed)
+    stages = ", ".join(f"{k} {format_seconds(v)}" for k, v in timed)
     head = (f"`make demo` on {record['date']}, {record['machine']}, default settings: the flow took "
-            f"{_duration(record['flow_seconds'])}" + (f" ({stages})" if stages else "")
+            f"{format_seconds(record['flow_seconds'])}" + (f" ({stages})" if stages else "")
             + (f"; load average {record['load_average_15min']} over the last 15 minutes (other jobs shared the "
                "cores: times scale with it, the metrics do not)" if record.get("load_average_15min", 0) > 1.5 else "")
             + ".")

@@ -14,7 +14,7 @@ import pandas as pd
 
 from flows.stages.data_dir import SPLITS
 from flows.stages.faults import check_feature_failures
-from flows.stages.files import manifest_path
+from flows.stages.files import manifest_path, read_manifest
 from geodata.ingest.image_store import ImageStore
 from hierloc.features.extract import effective_precision, extract_features
 from hierloc.features.views import features_digest, write_view
@@ -54,15 +54,8 @@ def _precomputed_key(cache: Path) -> str:
 
 def _image_columns(ingest_dir: Path) -> dict[str, pd.DataFrame]:
     """Each split's id and where its image lies (tar rows also carry offset and size)."""
-    import pyarrow.dataset as pads
-
-    manifests = {}
-    for split in SPLITS:
-        path = manifest_path(ingest_dir, split)
-        has = set(pads.dataset(path).schema.names)  # tar rows carry where their bytes lie
-        cols = ["id", "image_container", "image_member"] + [c for c in ("image_offset", "image_size") if c in has]
-        manifests[split] = pd.read_parquet(path, columns=cols)
-    return manifests
+    cols = ("id", "image_container", "image_member", "image_offset", "image_size")
+    return {split: read_manifest(manifest_path(ingest_dir, split), cols) for split in SPLITS}
 
 
 def _precomputed(backbone: str, name: str, ingest_dir: Path) -> dict:
