@@ -19,6 +19,7 @@ import re
 import time
 from pathlib import Path
 
+from geodata.atomic import write_text_atomic
 from geodata.progress import format_seconds
 
 LEVELS = ("country", "region", "subregion", "city")
@@ -77,8 +78,6 @@ def stage_seconds(parent_run_id: str) -> dict[str, float]:
 def save_demo_results(cfg, result: dict, seconds: float) -> tuple[str, Path]:
     """Write ``<work>/demo-results.json`` for a finished `hierloc demo`; return the README block's
     text (without markers) and the file's path."""
-    from geodata.atomic import write_text_atomic
-
     record = results_record(result["metrics"], seconds, stage_seconds(result["parent_run_id"]),
                             cfg.model_dump(mode="json"))
     path = Path(cfg.work_dir) / "demo-results.json"
@@ -169,9 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(args.results.read_text())
     record["predict_example"] = predict_example(args.results.parent)
     COMMITTED.parent.mkdir(parents=True, exist_ok=True)
-    COMMITTED.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    args.readme.write_text(replace_block(args.readme.read_text(), block(record)))
-    tools.write_text(replace_block(tools.read_text(), predict_block(record), PREDICT_START, PREDICT_END))
+    write_text_atomic(json.dumps(record, indent=2, sort_keys=True) + "\n", COMMITTED)
+    write_text_atomic(replace_block(args.readme.read_text(), block(record)), args.readme)
+    write_text_atomic(replace_block(tools.read_text(), predict_block(record), PREDICT_START, PREDICT_END), tools)
     print(f"wrote {COMMITTED}, the demo table of {args.readme} and the predict example of {tools}")
 
 
