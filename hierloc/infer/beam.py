@@ -87,6 +87,16 @@ def encode_queries(model: HierLocModel, features: torch.Tensor | np.ndarray, *, 
     return torch.cat(out) if out else torch.zeros(0, model.cfg.dim + (model.cfg.geometry == "lorentz"))
 
 
+def _backend_and_index(model: HierLocModel, backend: Backend, device, index: EntityIndex | None
+                       ) -> tuple[Backend, EntityIndex]:
+    """The backend ``auto`` means on ``device`` and the index to search (built from the model when None)."""
+    if backend == "auto" and torch.device(device).type != "cpu":
+        backend = "torch"  # FAISS runs on the CPU here; the torch kernel runs where the model runs
+    if index is None:
+        index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
+    return backend, index
+
+
 @torch.no_grad()
 def beam_search(
     model: HierLocModel,
@@ -108,10 +118,7 @@ def beam_search(
     one is built here from the model's current entity embeddings. ``rescore``: the k final
     candidates re-ranked by exact float64 distances (EntityIndex.search).
     """
-    if backend == "auto" and torch.device(device).type != "cpu":
-        backend = "torch"  # FAISS runs on the CPU here; the torch kernel runs where the model runs
-    if index is None:
-        index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
+    backend, index = _backend_and_index(model, backend, device, index)
     z = encode_queries(model, features, device=device)
     t0 = time.perf_counter()
     res = index.search(z, k=k, mode=mode, score=score, backend=backend, batch_size=batch_size,
@@ -141,10 +148,7 @@ def beam_search_chunks(
     split is never wholly in memory): one EntityIndex for every block, the small per-row results
     concatenated; the same result as one call. ``prepare``: applied to each float32 block first
     (e.g. Predictor.check_features)."""
-    if backend == "auto" and torch.device(device).type != "cpu":
-        backend = "torch"  # as beam_search decides, once for every block
-    if index is None:
-        index = EntityIndex.from_model(model, device=device if backend == "torch" else "cpu")
+    backend, index = _backend_and_index(model, backend, device, index)  # once for every block
     parts = [beam_search(model, prepare(block) if prepare is not None else block, backend=backend, device=device,
                          index=index, **kwargs) for block in feature_chunks(features, chunk_rows)]
     if not parts:  # no rows: one empty call gives the right shapes
