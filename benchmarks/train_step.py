@@ -102,7 +102,7 @@ class Bench:
         x, y, ll = self.batch(b)
         loss, _ = naive_batch_loss(self.model, self.loss_fn, x, y, ll)
         loss.backward()
-        optimizer_step(self.opt, self.ropt, self.named, 1.0, 0, self.ctx)
+        optimizer_step(self.opt, self.ropt, self.named, 1.0, self.ctx)
         return float(loss.detach())
 
     def exact_step(self, b: int) -> float:
@@ -111,7 +111,7 @@ class Bench:
         tangent = self.model.entity_tangent()
         _, loss, _ = batch_loss(self.model, self.loss_fn, x, y, ll, self.model.to_space(tangent), tangent)
         loss.backward()
-        optimizer_step(self.opt, self.ropt, self.named, 1.0, 0, self.ctx)
+        optimizer_step(self.opt, self.ropt, self.named, 1.0, self.ctx)
         return float(loss.detach())
 
     def our_step(self, b: int) -> float:
@@ -119,12 +119,12 @@ class Bench:
         _, loss, _ = batch_loss(self.model, self.loss_fn, x, y, ll, self.cycle.points, self.cycle.tangent)
         loss.backward()
         self.cycle.stash()
-        optimizer_step(self.opt, self.ropt, self.named, 1.0, 0, self.ctx)
+        optimizer_step(self.opt, self.ropt, self.named, 1.0, self.ctx)
         return float(loss.detach())
 
     def finish(self) -> None:
         table = set(map(id, self.cycle.finish()))
-        optimizer_step(self.opt, self.ropt, [(n, p) for n, p in self.named if id(p) in table], 1.0, 0, self.ctx)
+        optimizer_step(self.opt, self.ropt, [(n, p) for n, p in self.named if id(p) in table], 1.0, self.ctx)
 
 
 def timed(fn, repeat: int = 1) -> float:

@@ -138,6 +138,9 @@ class GeoWeightedInfoNCE(nn.Module):
             self.log_params = nn.Parameter(init)
         else:
             self.register_buffer("log_params", init)
+        # Materialised up to this many (B x N_l) elements, streamed above (level_loss_points); the
+        # training loop sets it from the device's free memory (hierloc.device.plain_loss_max_elems).
+        self.plain_max_elems = PLAIN_MAX_ELEMS
 
     @property
     def tau(self) -> torch.Tensor:
@@ -190,10 +193,11 @@ class GeoWeightedInfoNCE(nn.Module):
         [0, N) or -1, img_latlon_deg (B, 2), ent_latlon_deg (N, 2), k the curvature K.
 
         Streamed over ``chunk`` entities at a time (default CHUNK_ELEMS / B) when B x N is above
-        PLAIN_MAX_ELEMS or ``chunk`` is given; otherwise, and with ``naive=True``, the (B, N)
-        matrices are materialised and ``level_loss`` is called (same values; faster when they fit).
+        ``self.plain_max_elems`` (PLAIN_MAX_ELEMS, or what the device's memory allows) or ``chunk``
+        is given; otherwise, and with ``naive=True``, the (B, N) matrices are materialised and
+        ``level_loss`` is called (same values; faster when they fit).
         """
-        if naive or (chunk is None and z.shape[0] * h.shape[0] <= PLAIN_MAX_ELEMS):
+        if naive or (chunk is None and z.shape[0] * h.shape[0] <= self.plain_max_elems):
             sq = pairwise_sq_dist(z, h, geometry=geometry, k=k)
             geo = (geo_km_from_unit(unit_xyz(img_latlon_deg), unit_xyz(ent_latlon_deg))
                    if self.weighted else None)

@@ -250,6 +250,7 @@ class HierLocModel(nn.Module):
             if cfg.attention else None
         )
         self._ent_cache: tuple[tuple, torch.Tensor] | None = None
+        self.entity_chunk: int | None = ENTITY_CHUNK  # rows per checkpointed f_e chunk (entity_tangent)
 
     # --- scalars ----------------------------------------------------------
     @property
@@ -330,13 +331,16 @@ class HierLocModel(nn.Module):
         With autograd on a table of more than ENTITY_CHUNK rows, f_e runs chunk by chunk under
         activation checkpointing: only a chunk's activations live at once (recomputed in the
         backward pass), so a step's memory does not grow with the table's (N x hidden) activations
-        (OSV-5M: 244k entities). Smaller tables run in one piece, as before."""
-        n = self.entity_img_feat.shape[0]
-        if torch.is_grad_enabled() and n > ENTITY_CHUNK:
+        (OSV-5M: 244k entities). Smaller tables run in one piece, as before. ``entity_chunk``
+        (default ENTITY_CHUNK; 0 or None: never) is set by the training loop from the device's free
+        memory (hierloc.device.entity_chunk_rows): a GPU with room for the whole table's activations
+        skips the recomputation."""
+        n, chunk = self.entity_img_feat.shape[0], self.entity_chunk
+        if torch.is_grad_enabled() and chunk and n > chunk:
             from torch.utils.checkpoint import checkpoint
 
-            delta = torch.cat([checkpoint(self._entity_delta, s, min(s + ENTITY_CHUNK, n), use_reentrant=False)
-                               for s in range(0, n, ENTITY_CHUNK)])
+            delta = torch.cat([checkpoint(self._entity_delta, s, min(s + chunk, n), use_reentrant=False)
+                               for s in range(0, n, chunk)])
         else:
             delta = self._entity_delta(0, n)
         base = self.anchor_tangent()
@@ -372,5 +376,8 @@ class HierLocModel(nn.Module):
         return pairwise_sq_dist(z, h, geometry=self.cfg.geometry, k=self.curvature)
 
     def level_slice(self, level: int) -> slice:
-        return slice(int(self.level_offsets[level]), int(self.level_offsets[level + 1]))
+        """Rows of ``level`` in the entity table, from the Python sizes (reading the
+        ``level_offsets`` buffer would be a host sync per call on a GPU)."""
+        start = sum(self.level_sizes[:level])
+        return slice(start, start + self.level_sizes[level])
 

@@ -102,14 +102,15 @@ def weighted_total(loss_fn: GeoWeightedInfoNCE, per_level: list[torch.Tensor], w
 
 def global_metrics(
     per_level: list[torch.Tensor], y_batch: torch.Tensor, y_local: torch.Tensor, betas: torch.Tensor, ctx: DistContext
-) -> tuple[torch.Tensor, list[float]]:
-    """(total loss, per-level losses) of the global batch: one all-reduce of count-weighted means."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, per-level losses (L,)) of the global batch, as device tensors (no host read):
+    one all-reduce of count-weighted means on several ranks."""
     vals = torch.stack([l.detach().float() for l in per_level])
     if not ctx.active:
-        return (betas.to(vals) * vals).sum(), vals.tolist()
-    loc = (y_local >= 0).sum(0).to(vals)
-    glob = (y_batch >= 0).sum(0).to(vals)
+        return (betas.to(vals) * vals).sum(), vals
+    loc = (y_local >= 0).sum(0).to(vals.device, non_blocking=True).to(vals)
+    glob = (y_batch >= 0).sum(0).to(vals.device, non_blocking=True).to(vals)
     # a rank without a valid target at a level has a NaN mean there (0/0) that weighs nothing
     summed = all_reduce_sum(torch.where(loc > 0, vals * loc, torch.zeros_like(vals)), ctx)
     mean = summed / glob.clamp_min(1)
-    return (betas.to(mean) * mean).sum(), mean.tolist()
+    return (betas.to(mean) * mean).sum(), mean

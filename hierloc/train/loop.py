@@ -32,18 +32,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hierloc.device import return_large_frees
+from hierloc.device import entity_chunk_rows, plain_loss_max_elems, return_large_frees
 from hierloc.digest import digest_of
-from hierloc.geometry.lorentz import check_finite
 from hierloc.model.io import build_model, save_model
-from hierloc.model.loss import GeoWeightedInfoNCE, Kernel
-from hierloc.model.model import ModelConfig
+from hierloc.model.loss import PLAIN_MAX_ELEMS, GeoWeightedInfoNCE, Kernel
+from hierloc.model.model import ENTITY_CHUNK, ModelConfig
 from hierloc.progress import Progress
 from hierloc.train.batch_loss import batch_loss, global_metrics, level_weights, weighted_total
 from hierloc.train.checkpoint import Position, load_checkpoint, save_checkpoint
 from hierloc.train.data import EntityData, TrainData, load_arrays
 from hierloc.train.distributed import DistContext, env_ranks, setup, shard, teardown
-from hierloc.train.finite_checks import check_step_finite
+from hierloc.train.finite_checks import FiniteWatch, scalar_tensors
 from hierloc.train.optim import make_optimisers, optimizer_step
 from hierloc.train.table_cycle import TableCycle
 from hierloc.train.warm_start import warm_start, warm_start_digest
@@ -190,6 +189,12 @@ class _Loop:
             betas=cfg.betas, tau=cfg.tau, lam=cfg.lam, sigma_km=cfg.sigma_km,
             kernel=cfg.kernel, learnable=cfg.learnable_loss, weighted=cfg.lam > 0,
         ).to(device)
+        # What the device's free memory allows (the CPU keeps its constants): materialised loss
+        # matrices and the entity MLP in one piece on a roomy GPU (hierloc.device).
+        self.loss_fn.plain_max_elems = plain_loss_max_elems(device, PLAIN_MAX_ELEMS)
+        if hasattr(self.model, "entity_chunk"):
+            width = self.model.ent_mlp[0].in_features + 4 * model_cfg.hidden
+            self.model.entity_chunk = entity_chunk_rows(device, sum(ents.level_sizes), width, ENTITY_CHUNK)
         self.n = data.features.shape[0]
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
         # a budget ends the run early; the warmup + cosine schedule spans the steps it will run
@@ -205,7 +210,10 @@ class _Loop:
         pos = load_checkpoint(ckpt_path, digest=self.digest, seed=cfg.seed, **self._state())
         if pos is None:
             pos = Position(0, 0, 0, np.zeros(1 + len(ents.level_sizes)))
-        self.start, self.step, self.sums = (pos.epoch, pos.batch), pos.step, pos.sums
+        self.start, self.step = (pos.epoch, pos.batch), pos.step
+        # the epoch's running (total, per-level) losses, float64 on the device (read at the epoch's end)
+        self.sums = torch.as_tensor(np.asarray(pos.sums, np.float64), device=device)
+        self.watch = FiniteWatch(device)  # non-finite steps, recorded on the device, checked at log points
 
         self.feats = data.batch_source()  # a tensor, or a FeatureRows gathered per batch from its memory map
         self.targets = torch.tensor(data.targets, dtype=torch.long)  # a copy: parquet-backed arrays are read-only
@@ -219,8 +227,9 @@ class _Loop:
         return dict(model=self.model, loss_fn=self.loss_fn, optims=self.optims, ctx=self.ctx, device=self.device)
 
     def checkpoint(self, epoch: int, batch: int) -> None:
-        save_checkpoint(self.ckpt_path, digest=self.digest, pos=Position(epoch, batch, self.step, self.sums),
-                        **self._state())
+        self.watch.check()  # never a checkpoint after a non-finite step
+        save_checkpoint(self.ckpt_path, digest=self.digest,
+                        pos=Position(epoch, batch, self.step, self.sums.cpu().numpy()), **self._state())
 
     def run(self) -> tuple[dict[str, float], float]:
         """Every epoch left; returns the last epoch's mean losses and the seconds taken."""
@@ -232,6 +241,7 @@ class _Loop:
                 break
             last = self._epoch(epoch, start_batch if epoch == start_epoch else 0)
             self.epochs_run += 1
+        self.watch.check()
         return last, time.perf_counter() - t0
 
     def _epoch(self, epoch: int, first: int) -> dict[str, float]:
@@ -260,7 +270,8 @@ class _Loop:
         finally:
             if bar is not None:
                 bar.close()
-        means = self.sums / max(1, end)
+        self.watch.check()
+        means = self.sums.cpu().numpy() / max(1, end)
         dt = time.perf_counter() - t_epoch
         last = {"epoch_loss": float(means[0])}
         last.update({f"epoch_loss_l{l}": float(v) for l, v in enumerate(means[1:])})
@@ -269,7 +280,7 @@ class _Loop:
             self.emit({**last, "epoch": epoch + 1 if end == self.steps_per_epoch else epoch + end / self.steps_per_epoch,
                        "epoch_seconds": dt, "epoch_steps_per_s": epoch_steps / dt,
                        "epoch_samples_per_s": epoch_samples / dt}, self.step)
-        self.sums = np.zeros_like(self.sums)
+        self.sums = torch.zeros_like(self.sums)
         self.checkpoint(*((epoch + 1, 0) if end == self.steps_per_epoch else (epoch, end)))
         return last
 
@@ -278,29 +289,33 @@ class _Loop:
         table cycle ends (the k-th step, the epoch's last batch, a checkpoint). Returns whether
         to checkpoint after it."""
         cfg, cycle = self.cfg, self.cycle
-        g_loss, g_levels, grad_norm = self._forward_backward(rows)
+        g_loss, g_levels, grad_norm = self._forward_backward(rows)  # device tensors: no host read in a step
         self.step += 1
         self.steps_run += 1
         self.log_steps += 1
         ckpt_now = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0 and not last_batch
         if cycle is not None and (cycle.steps == cfg.entity_refresh_every or last_batch or ckpt_now):
             table_params = set(map(id, cycle.finish()))
-            optimizer_step(self.optims.opt, self.optims.ropt, [(n_, p) for n_, p in self.named if id(p) in table_params],
-                           cfg.grad_clip, self.step, self.ctx)
+            _, names, norms = optimizer_step(self.optims.opt, self.optims.ropt,
+                                             [(n_, p) for n_, p in self.named if id(p) in table_params],
+                                             cfg.grad_clip, self.ctx)
+            self.watch.observe_grads(self.step - 1, names, norms)
         for s in self.optims.sched:
             s.step()
-        self.sums += np.array([float(g_loss)] + g_levels)
+        self.sums += torch.cat([g_loss.reshape(1), g_levels]).double()
         if self.step % cfg.log_every == 0:
             self._log_step(g_loss, grad_norm)
         return ckpt_now
 
-    def _forward_backward(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[float], float]:
+    def _forward_backward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's shard of ``rows``: loss, backward, the (Euclidean and manifold) optimiser
-        step. Returns the global loss, per-level losses and the gradient norm."""
+        step. Returns the global loss, per-level losses and the gradient norm (device tensors)."""
         ctx, cycle, model, loss_fn = self.ctx, self.cycle, self.model, self.loss_fn
         idx = shard(rows, ctx)
-        x, y, ll = self.feats[idx].to(self.device), self.targets[idx].to(self.device), self.latlon[idx].to(self.device)
+        # non_blocking: a blocking host-to-device copy waits for the device's queue to drain
+        x, y, ll = (t[idx].to(self.device, non_blocking=True) for t in (self.feats, self.targets, self.latlon))
         weights = level_weights(self.targets[rows], self.targets[idx], ctx)
+        fresh = self.cycle is None or not self.cycle.active
         tangent, points = self._entity_table()
         z, loss, per_level = batch_loss(model, loss_fn, x, y, ll, points, tangent, amp=self.use_amp)
         if weights is not None:
@@ -308,11 +323,13 @@ class _Loop:
         g_loss, g_levels = global_metrics(per_level, self.targets[rows], self.targets[idx], loss_fn.betas, ctx)
         if not ctx.active:
             g_loss = loss.detach()
-        check_step_finite(g_loss, g_levels, {"image points": z, "entity points": points}, self.step, model, loss_fn)
+        named = {"image points": z, **({"entity points": points} if fresh else {})}  # a cached table: checked once
+        self.watch.observe_loss(self.step, g_loss, g_levels, named, scalar_tensors(model, loss_fn))
         loss.backward()
         if cycle is not None:
             cycle.stash()
-        grad_norm = optimizer_step(self.optims.opt, self.optims.ropt, self.named, self.cfg.grad_clip, self.step, ctx)
+        grad_norm, names, norms = optimizer_step(self.optims.opt, self.optims.ropt, self.named, self.cfg.grad_clip, ctx)
+        self.watch.observe_grads(self.step, names, norms)
         return g_loss, g_levels, grad_norm
 
     def _entity_table(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,15 +341,16 @@ class _Loop:
             return tangent, self.model.to_space(tangent)
         if not self.cycle.active:
             self.cycle.start()
-            check_finite("entity table (cached)", self.cycle.points, step=self.step)
         return self.cycle.tangent, self.cycle.points
 
-    def _log_step(self, g_loss: torch.Tensor, grad_norm: float) -> None:
-        """The training metrics every ``log_every`` steps, with the speed since the last ones."""
+    def _log_step(self, g_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The training metrics every ``log_every`` steps, with the speed since the last ones; the
+        non-finite checks of the steps since the last ones (the host waits for the device here)."""
+        self.watch.check()
         if self.emit is not None:
             dt = time.perf_counter() - self.t_log
             loss_fn, sched = self.loss_fn, self.optims.sched
-            self.emit({"train_loss": float(g_loss), "grad_norm": grad_norm, "tau": loss_fn.tau.item(),
+            self.emit({"train_loss": float(g_loss), "grad_norm": float(grad_norm), "tau": loss_fn.tau.item(),
                        "lambda": loss_fn.log_lambda.exp().item(), "sigma_km": loss_fn.sigma_km.item(),
                        "lr": sched[0].get_last_lr()[0], "steps_per_s": self.log_steps / dt,
                        "samples_per_s": self.log_steps * self.cfg.batch_size / dt}, self.step)

@@ -3,7 +3,7 @@
 AdamW for Euclidean parameters, with weight decay on weight matrices only
 (``param_groups``); geoopt's RiemannianAdam for manifold parameters (the anchors at a
 fixed K); linear warmup then cosine decay (``lr_lambda``); ``optimizer_step`` averages
-gradients over ranks, checks and clips them, and steps.
+gradients over ranks, clips them and steps, reading nothing back to the host.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from hierloc.train.distributed import DistContext, all_reduce_mean_
-from hierloc.train.finite_checks import check_grads_finite
 from hierloc.model.loss import GeoWeightedInfoNCE
 from hierloc.model.model import HierLocModel
 
@@ -99,20 +98,35 @@ def make_optimisers(
     return Optimisers(opt, ropt, sched)
 
 
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip gradients to a total norm of ``max_norm``, without a host read: (total norm, per-parameter
+    norms (P,)). The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (per-tensor norms, their
+    norm, grads times min(max_norm / (total + 1e-6), 1)), bit for bit on one device and dtype."""
+    grads = [p.grad for p in params]
+    norms = torch.stack(torch._foreach_norm(grads, 2.0))
+    total = torch.linalg.vector_norm(norms, 2.0)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total, norms
+
+
 def optimizer_step(
     opt: torch.optim.Optimizer, ropt: torch.optim.Optimizer | None, named: list[tuple[str, torch.nn.Parameter]],
-    grad_clip: float, step: int, ctx: DistContext,
-) -> float:
-    """Average gradients over ranks, check them, clip, step; returns the (pre-clip) gradient norm."""
+    grad_clip: float, ctx: DistContext,
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Average gradients over ranks, clip, step. Returns (pre-clip total gradient norm, the names of
+    the parameters with a gradient, their norms): device tensors, never read on the host here
+    (hierloc.train.finite_checks.FiniteWatch checks them at logging points)."""
     with_grad = [(n, p) for n, p in named if p.grad is not None]
-    all_reduce_mean_([p for _, p in with_grad], ctx)
-    norm = torch.nn.utils.clip_grad_norm_([p for _, p in with_grad], grad_clip)
-    if not bool(torch.isfinite(norm)):
-        check_grads_finite(with_grad, step)
+    params = [p for _, p in with_grad]
+    all_reduce_mean_(params, ctx)
+    if params:
+        total, norms = clip_grads(params, grad_clip)
+    else:
+        total, norms = torch.zeros(()), torch.zeros(0)
     opt.step()
     if ropt is not None:
         ropt.step()
     opt.zero_grad(set_to_none=True)
     if ropt is not None:
         ropt.zero_grad(set_to_none=True)
-    return float(norm)
+    return total, [n for n, _ in with_grad], norms

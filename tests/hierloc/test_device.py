@@ -27,3 +27,14 @@ def test_large_frees_go_back_to_the_os_on_glibc():
         assert return_large_frees(1 << 20) is True
     else:
         assert return_large_frees(1 << 20) in (True, False)
+
+
+def test_memory_based_choices_keep_the_cpu_constants():
+    """On the CPU the loss threshold and the entity chunk stay the tuned constants (the CPU path as it
+    was); a GPU derives them from its free memory (tests/hierloc/test_cuda.py checks that side)."""
+    from hierloc.device import entity_chunk_rows, free_device_bytes, plain_loss_max_elems
+
+    cpu = torch.device("cpu")
+    assert free_device_bytes(cpu) is None
+    assert plain_loss_max_elems(cpu, 1 << 24) == 1 << 24
+    assert entity_chunk_rows(cpu, 244_000, 3_600, 16_384) == 16_384

@@ -174,7 +174,8 @@ def test_level_without_targets_contributes_zero():
 
 
 def test_small_levels_take_the_materialised_path_large_ones_stream(monkeypatch):
-    """Same value either way; which path runs depends on B x N against PLAIN_MAX_ELEMS."""
+    """Same value either way; which path runs depends on B x N against the loss's plain_max_elems
+    (PLAIN_MAX_ELEMS by default; the training loop sets it from the device's free memory)."""
     import hierloc.model.loss as L
 
     loss = GeoWeightedInfoNCE(betas=(1.0,))
@@ -184,7 +185,8 @@ def test_small_levels_take_the_materialised_path_large_ones_stream(monkeypatch):
     monkeypatch.setattr(L, "chunked_level_loss", lambda *a, **kw: calls.append(1) or torch.zeros(4))
     loss.level_loss_points(z, h, target, torch.zeros(4, 2), torch.zeros(6, 2))
     assert calls == []
-    monkeypatch.setattr(L, "PLAIN_MAX_ELEMS", 4 * 6 - 1)
+    assert loss.plain_max_elems == L.PLAIN_MAX_ELEMS
+    loss.plain_max_elems = 4 * 6 - 1
     loss.level_loss_points(z, h, target, torch.zeros(4, 2), torch.zeros(6, 2))
     assert calls == [1]
 

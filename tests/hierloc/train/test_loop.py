@@ -274,14 +274,19 @@ def test_nonfinite_loss_stops_naming_the_tensor_and_keeps_the_checkpoint(tiny, t
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_check_grads_finite_names_the_parameter():
-    from hierloc.train.finite_checks import check_grads_finite
+def test_finite_watch_names_the_parameter_and_the_first_bad_step():
+    """Gradient norms are recorded on the device each step; the check (at a logging point) names the
+    first bad step and every parameter whose gradient was not finite there."""
+    from hierloc.train.finite_checks import FiniteWatch
 
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
-    a.grad, b.grad = torch.ones(3), torch.tensor([[1.0, float("nan")], [float("inf"), 0.0]])
-    check_grads_finite([("a", a)], step=3)
-    with pytest.raises(FloatingPointError, match=r"step 7.*b \(2, 2\): 1 NaN, 1 inf"):
-        check_grads_finite([("a", a), ("b", b)], step=7)
+    watch = FiniteWatch(torch.device("cpu"))
+    watch.observe_grads(3, ["a", "b"], torch.tensor([1.0, 2.0]))
+    watch.check()  # all finite: nothing to say
+    watch.observe_grads(7, ["a", "b"], torch.tensor([1.0, float("nan")]))
+    watch.observe_grads(8, ["a", "b"], torch.tensor([float("inf"), float("nan")]))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 7 .*: b: gradient norm nan\. ") as err:
+        watch.check()
+    assert "a: gradient" not in str(err.value)
 
 
 # --- mid-epoch checkpoints ----------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""A training step reads nothing back from the device between logging points (issue 15).
+
+Counted on the CPU with hierloc.train.host_syncs.HostSyncs, which follows the tensors that live on
+the GPU when training there and records every .item() / float() / bool() / .tolist() / .cpu() and
+data-dependent shape on them. The same checks on a GPU: tests/hierloc/test_cuda.py.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hierloc.model.model import ModelConfig
+from hierloc.train.distributed import setup
+from hierloc.train.host_syncs import HostSyncs, training_tensors
+from hierloc.train.loop import TrainConfig, _Loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _loop(tiny, tmp_path: Path, **cfg) -> _Loop:
+    data, ents = tiny
+    ctx, device = setup("cpu")
+    tcfg = TrainConfig(**{"epochs": 1, "batch_size": 32, "warmup_steps": 2, "device": "cpu", **cfg})
+    return _Loop(data, ents, ModelConfig(dim=8, hidden=32), tcfg, tmp_path / "checkpoint.pt", lambda m, s: None,
+                 None, None, ctx, device)
+
+
+def _count(loop: _Loop, steps: range) -> list:
+    perm = torch.randperm(loop.n, generator=torch.Generator().manual_seed(0))
+    bs = loop.cfg.batch_size
+    for b in range(steps.start):  # optimiser state exists from here on
+        loop._step(perm[b * bs : (b + 1) * bs], last_batch=False)
+    with HostSyncs(training_tensors([loop.model, loop.loss_fn], [loop.optims.opt, loop.optims.ropt])) as hs:
+        for b in steps:
+            loop._step(perm[b * bs : (b + 1) * bs], last_batch=False)
+    return hs.syncs
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_no_host_sync_between_logging_points(tiny, tmp_path, k, streamed):
+    """Steps 2..13 with log_every 16: the materialised and the streamed loss, the entity table every
+    step (k=1) or per cycle (k=4, the cycle's closing step included), geoopt's stabilising step (every
+    10), activation-checkpointed entity chunks: not one host sync."""
+    loop = _loop(tiny, tmp_path, log_every=16, entity_refresh_every=k)
+    if streamed:
+        loop.loss_fn.plain_max_elems = 0  # every level streamed over chunks of entities
+        loop.model.entity_chunk = 16  # f_e in checkpointed chunks
+    syncs = _count(loop, range(2, 14))
+    assert syncs == [], "\n".join(f"{s.what} at {s.where}" for s in syncs)
+
+
+def test_a_logging_step_reads_the_device_and_the_counter_sees_it(tiny, tmp_path):
+    """The counter is not blind: a logging step reads the loss, the finite flags and the scalars."""
+    loop = _loop(tiny, tmp_path, log_every=4)
+    syncs = _count(loop, range(2, 5))  # step 4 logs
+    assert syncs, "a logging step must show its host reads"
+    assert any("finite_checks.py" in s.where for s in syncs)
+    assert all("loop.py" in s.where or "finite_checks.py" in s.where for s in syncs), syncs
+
+
+def test_nan_gradient_is_named_at_the_next_logging_point(tiny, tmp_path):
+    """A NaN gradient of one parameter (the loss finite) at step 5 is caught at the logging point of
+    step 8, naming step 5 and that parameter; no checkpoint was written."""
+    loop = _loop(tiny, tmp_path, log_every=8)
+    hit = {"n": 0}
+
+    def poison(g):
+        hit["n"] += 1
+        return g * float("nan") if hit["n"] == 6 else g  # the 6th backward: step 5
+
+    loop.model.img_proj.weight.register_hook(poison)
+    perm = torch.randperm(loop.n, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 5 .*img_proj\.weight: gradient norm nan"):
+        for b in range(8):
+            loop._step(perm[b * 32 : (b + 1) * 32], last_batch=False)
+    assert loop.step == 8  # it ran on to the logging point, then stopped
+    assert not (tmp_path / "checkpoint.pt").exists()
