@@ -28,80 +28,16 @@ A level where no row has a target (all -1) contributes 0 (not NaN).
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hierloc.geometry import lorentz
-from hierloc.geometry.geo import EARTH_RADIUS_KM, latlon_to_unit
-
-Kernel = Literal["laplace", "gaussian", "inverse"]
-Geometry = Literal["lorentz", "euclidean"]
-
-#: Default number of (B x chunk) elements per chunk of the streamed loss (16 MiB of float32).
-CHUNK_ELEMS = 1 << 22
-#: Up to this many (B x N_l) elements a level is computed on materialised matrices (fast, ~70 MB
-#: per float32 matrix); above, it is streamed over chunks (bounded memory, recomputed in backward).
-PLAIN_MAX_ELEMS = 1 << 24
-
-
-def pairwise_sq_dist(z: torch.Tensor, h: torch.Tensor, *, geometry: Geometry, k: torch.Tensor | float) -> torch.Tensor:
-    """Squared distances between all pairs in the model's space: (B, D) x (N, D) -> (B, N), float32+.
-
-    lorentz: K arcosh(-<z,h>_L / K)^2 (hierloc.geometry.lorentz); euclidean: |z - h|^2 (k ignored).
-    """
-    if geometry == "lorentz":
-        return lorentz.pairwise_sq_dist(z, h, k=k)
-    if geometry != "euclidean":
-        raise ValueError(f"unknown geometry {geometry!r}: expected lorentz or euclidean")
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        z, h = lorentz._upcast(z), lorentz._upcast(h).to(lorentz._upcast(z).dtype)
-        # The expanded form can round below zero for near-identical points: clamp.
-        return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ h.T + h.pow(2).sum(-1)).clamp_min(0.0)
-
-
-def unit_xyz(latlon_deg: torch.Tensor) -> torch.Tensor:
-    """(..., 2) degrees -> unit vectors (..., 3) in float64 (for geo_km_from_unit)."""
-    ll = latlon_deg.double()
-    return latlon_to_unit(ll[..., 0], ll[..., 1])
-
-
-def geo_km_from_unit(a_xyz: torch.Tensor, b_xyz: torch.Tensor) -> torch.Tensor:
-    """Great-circle km between all pairs of unit vectors: (B, 3) x (N, 3) float64 -> (B, N) float32.
-
-    One matmul: the chord c = |a - b| gives the haversine's a = c^2 / 4 and
-    d = 2 R asin(c / 2), the official OSV-5M formula (hierloc.geometry.geo.haversine_km) to float32
-    precision. The dot product and 1 - a.b are float64 because 1 - a.b cancels: in
-    float32 points a few km apart would be off by kilometres.
-    """
-    dot = a_xyz.double() @ b_xyz.double().T
-    # Only 1 - a.b cancels; after it float32 keeps full relative precision, so sqrt and asin
-    # run in float32 (twice as fast on CPUs). Rounding can put |a.b| a hair above 1: clamp.
-    half_chord_sq = ((1.0 - dot) * 0.5).float().clamp_(0.0, 1.0)
-    return (2.0 * EARTH_RADIUS_KM) * torch.asin(half_chord_sq.sqrt_())
-
-
-def log_geo_weight(
-    dist_km: torch.Tensor, *, log_lambda: torch.Tensor, sigma_km: torch.Tensor, kernel: Kernel
-) -> torch.Tensor:
-    """log w = log(1 + lambda * kernel(g / sigma)) for geographic distances g: (...) -> (...).
-
-    laplace: exp(-g/sigma) (the paper's); gaussian: exp(-g^2 / (2 sigma^2));
-    inverse: 1 / (1 + g/sigma). Computed as softplus(log lambda + log kernel), stable
-    for any g.
-    """
-    ratio = dist_km / sigma_km
-    if kernel == "laplace":
-        log_kernel = -ratio
-    elif kernel == "gaussian":
-        log_kernel = -0.5 * ratio.pow(2)
-    elif kernel == "inverse":
-        log_kernel = -torch.log1p(ratio)
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}: expected laplace, gaussian or inverse")
-    return F.softplus(log_lambda + log_kernel)
+from hierloc.model.loss_terms import (  # noqa: F401 (the loss's public names, defined with the other terms)
+    CHUNK_ELEMS, PLAIN_MAX_ELEMS, Geometry, Kernel, compiled_plain_level_loss, geo_km_from_unit, level_loss_of,
+    log_geo_weight, masked_mean, pairwise_sq_dist, plain_level_loss, unit_xyz,
+)
 
 
 class GeoWeightedInfoNCE(nn.Module):
@@ -141,6 +77,9 @@ class GeoWeightedInfoNCE(nn.Module):
         # Materialised up to this many (B x N_l) elements, streamed above (level_loss_points); the
         # training loop sets it from the device's free memory (hierloc.device.plain_loss_max_elems).
         self.plain_max_elems = PLAIN_MAX_ELEMS
+        # The materialised path through torch.compile (fused elementwise work; the training loop
+        # turns it on on CUDA: TrainConfig.compile). Same formula, float32 rounding apart.
+        self.compiled = False
 
     @property
     def tau(self) -> torch.Tensor:
@@ -161,17 +100,8 @@ class GeoWeightedInfoNCE(nn.Module):
     ) -> torch.Tensor:
         """L_l averaged over the batch: sq_dist (B, N), target (B,) in [0, N) or -1 (ignored),
         geo_km (B, N) haversine km from each image to each entity (None: unweighted)."""
-        logits = -sq_dist.float() / self.tau
-        if self.weighted and geo_km is not None:
-            log_w = log_geo_weight(
-                geo_km.float(), log_lambda=self.log_lambda, sigma_km=self.sigma_km, kernel=self.kernel
-            )
-            valid = target >= 0
-            # The positive's own term is exp(-d+/tau), unweighted: zero its log-weight.
-            pos_mask = F.one_hot(target.clamp_min(0), sq_dist.shape[1]).bool() & valid[:, None]
-            logits = logits + log_w.masked_fill(pos_mask, 0.0)
-        per_row = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
-        return _masked_mean(per_row, target >= 0)
+        weights = (self.log_lambda, self.sigma_km) if self.weighted and geo_km is not None else ()
+        return level_loss_of(sq_dist, target, geo_km, self.tau, weights, self.kernel)
 
     def _weight_params(self) -> tuple[torch.Tensor, ...]:
         return (self.log_lambda, self.sigma_km) if self.weighted else ()
@@ -198,15 +128,14 @@ class GeoWeightedInfoNCE(nn.Module):
         ``level_loss`` is called (same values; faster when they fit).
         """
         if naive or (chunk is None and z.shape[0] * h.shape[0] <= self.plain_max_elems):
-            sq = pairwise_sq_dist(z, h, geometry=geometry, k=k)
-            geo = (geo_km_from_unit(unit_xyz(img_latlon_deg), unit_xyz(ent_latlon_deg))
-                   if self.weighted else None)
-            return self.level_loss(sq, target, geo)
+            fn = compiled_plain_level_loss() if self.compiled and not naive else plain_level_loss
+            return fn(z, h, target, img_latlon_deg, ent_latlon_deg, k, self.tau, self._weight_params(),
+                      kernel=self.kernel, geometry=geometry)
         per_row = chunked_level_loss(
             z, h, target, unit_xyz(img_latlon_deg), unit_xyz(ent_latlon_deg), k=k, tau=self.tau,
             weight_params=self._weight_params(), kernel=self.kernel, geometry=geometry, chunk=chunk,
         )
-        return _masked_mean(per_row, target >= 0)
+        return masked_mean(per_row, target >= 0)
 
     def forward_points(
         self,
@@ -246,11 +175,6 @@ class GeoWeightedInfoNCE(nn.Module):
         ]
         total = sum(b * l for b, l in zip(self.betas, per_level))
         return total, per_level
-
-
-def _masked_mean(per_row: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean of per_row (B,) over valid rows; 0 when there is none (cross_entropy would give NaN)."""
-    return (per_row * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _chunk_logits(

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -84,15 +84,18 @@ class TrainConfig(BaseModel):
         None, ge=1, le=1_000_000_000,
         description="budget: stop after this many optimiser steps in all (resumed ones count); None = no budget. "
                     "The LR schedule spans the budgeted steps; the smaller of max_steps and max_samples wins")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="the materialised loss through torch.compile (fused elementwise kernels): auto = on CUDA")
     max_samples: int | None = Field(
         None, ge=1, le=10**13,
         description="budget in samples: stop after ceil(max_samples / batch_size) steps; None = no budget")
 
     def to_dict(self) -> dict:
-        """The JSON form; an unset budget is left out, so configs without one keep their digests
-        (and their run folders and checkpoints)."""
+        """The JSON form; an unset budget and the default ``compile`` are left out, so configs
+        without them keep their digests (and their run folders and checkpoints)."""
         d = self.model_dump(mode="json")
-        return {k: v for k, v in d.items() if not (k in ("max_steps", "max_samples") and v is None)}
+        d = {k: v for k, v in d.items() if not (k in ("max_steps", "max_samples") and v is None)}
+        return {k: v for k, v in d.items() if k != "compile" or v != "auto"}
 
     def budget_steps(self) -> int | None:
         """The step budget (the smaller of max_steps and ceil(max_samples / batch_size)); None: no budget."""
@@ -189,12 +192,12 @@ class _Loop:
             betas=cfg.betas, tau=cfg.tau, lam=cfg.lam, sigma_km=cfg.sigma_km,
             kernel=cfg.kernel, learnable=cfg.learnable_loss, weighted=cfg.lam > 0,
         ).to(device)
-        # What the device's free memory allows (the CPU keeps its constants): materialised loss
-        # matrices and the entity MLP in one piece on a roomy GPU (hierloc.device).
+        # from the device's free memory (the CPU keeps its constants): materialised loss matrices and the
+        # entity MLP in one piece on a roomy GPU (hierloc.device); the loss compiled on CUDA by default
         self.loss_fn.plain_max_elems = plain_loss_max_elems(device, PLAIN_MAX_ELEMS)
-        if hasattr(self.model, "entity_chunk"):
-            width = self.model.ent_mlp[0].in_features + 4 * model_cfg.hidden
-            self.model.entity_chunk = entity_chunk_rows(device, sum(ents.level_sizes), width, ENTITY_CHUNK)
+        self.loss_fn.compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+        width = self.model.ent_mlp[0].in_features + 4 * model_cfg.hidden
+        self.model.entity_chunk = entity_chunk_rows(device, sum(ents.level_sizes), width, ENTITY_CHUNK)
         self.n = data.features.shape[0]
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
         # a budget ends the run early; the warmup + cosine schedule spans the steps it will run
@@ -211,8 +214,7 @@ class _Loop:
         if pos is None:
             pos = Position(0, 0, 0, np.zeros(1 + len(ents.level_sizes)))
         self.start, self.step = (pos.epoch, pos.batch), pos.step
-        # the epoch's running (total, per-level) losses, float64 on the device (read at the epoch's end)
-        self.sums = torch.as_tensor(np.asarray(pos.sums, np.float64), device=device)
+        self.sums = torch.as_tensor(np.asarray(pos.sums, np.float64), device=device)  # the epoch's, on the device
         self.watch = FiniteWatch(device)  # non-finite steps, recorded on the device, checked at log points
 
         self.feats = data.batch_source()  # a tensor, or a FeatureRows gathered per batch from its memory map

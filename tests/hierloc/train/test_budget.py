@@ -36,6 +36,8 @@ def test_an_unset_budget_keeps_the_config_digest_and_a_changed_one_changes_it():
                                                                  {"max_samples": 5})}
     assert len(digests) == 4
     assert TrainConfig(**TrainConfig(max_steps=5).to_dict()) == TrainConfig(max_steps=5)  # round trip
+    # compile (issue 15) is left out at its default too: runs from before it resume
+    assert "compile" not in plain.to_dict() and TrainConfig(compile="off").to_dict()["compile"] == "off"
 
 
 def test_a_budget_stops_mid_epoch_decays_the_lr_to_zero_and_writes_model_and_checkpoint(tiny, tmp_path):

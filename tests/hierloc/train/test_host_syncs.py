@@ -77,3 +77,22 @@ def test_nan_gradient_is_named_at_the_next_logging_point(tiny, tmp_path):
             loop._step(perm[b * 32 : (b + 1) * 32], last_batch=False)
     assert loop.step == 8  # it ran on to the logging point, then stopped
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_compiled_loss_trains_like_the_eager_one(tiny, tmp_path):
+    """TrainConfig.compile='on' (the CUDA default) runs the materialised loss through torch.compile:
+    the same losses as eager to float32 rounding, step after step (here on the CPU's inductor)."""
+    from hierloc.model import loss_terms
+
+    losses = {}
+    for mode in ("off", "on"):
+        loop = _loop(tiny, tmp_path / mode, compile=mode)
+        perm = torch.randperm(loop.n, generator=torch.Generator().manual_seed(0))
+        got = []
+        for b in range(4):
+            loop._step(perm[b * 32 : (b + 1) * 32], last_batch=False)
+            got.append(loop.sums[0].item())
+        losses[mode] = got
+    assert "fn" in loss_terms._COMPILED and not loss_terms._COMPILED.get("broken")
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-4, atol=1e-5)
