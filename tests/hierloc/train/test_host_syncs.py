@@ -96,3 +96,29 @@ def test_compiled_loss_trains_like_the_eager_one(tiny, tmp_path):
         losses[mode] = got
     assert "fn" in loss_terms._COMPILED and not loss_terms._COMPILED.get("broken")
     torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 4])
+def test_no_stream_sync_between_logging_points_on_cuda(tiny, tmp_path, k):
+    """On a GPU, torch itself flags every synchronising call (set_sync_debug_mode): steps between
+    logging points make none; a logging step does (the counter is not blind)."""
+    data, ents = tiny
+    ctx, device = setup("cuda")
+    cfg = TrainConfig(epochs=1, batch_size=32, warmup_steps=2, device="cuda", log_every=16, entity_refresh_every=k,
+                      compile="off")
+    loop = _Loop(data, ents, ModelConfig(dim=8, hidden=32), cfg, tmp_path / "checkpoint.pt", lambda m, s: None,
+                 None, None, ctx, device)
+    perm = torch.randperm(loop.n, generator=torch.Generator().manual_seed(0))
+    for b in range(2):
+        loop._step(perm[b * 32 : (b + 1) * 32], last_batch=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in range(2, 14):
+            loop._step(perm[b * 32 : (b + 1) * 32], last_batch=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            for b in range(14, 16):  # step 16 logs
+                loop._step(perm[b * 32 : (b + 1) * 32], last_batch=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
