@@ -84,16 +84,21 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypat
     assert "| features | SKIPPED | nothing to run |" in out
 
 
-def test_a_failing_part_leaves_the_rest_of_its_section():
+def test_table_rows_give_the_figures_and_each_failed_part():
     report = {"meta": {}, "sections": {"train": {
         "status": "partial", "entities": 10, "d_img": 4, "device": "cpu", "peak_bf16_tflops": 989.0,
         "configs": [{"batch": 16, "refresh_every": 1, "steps_per_s": 2.0, "images_per_s": 32.0,
                      "flops_per_step": 5e11, "tflop_s": 1.0, "of_peak": 1 / 989}],
-        "errors": {"batch 256, k=1": "OutOfMemoryError: CUDA out of memory"}}}}
+        "errors": {"batch 256, k=1": "OutOfMemoryError: CUDA out of memory"}}, "features": {
+        "status": "ok", "precision": "bf16", "workers": 14, "errors": {},
+        "models": [{"spec": "open_clip:ViT-L-14", "end_to_end_img_s": 1600.0, "encoder_only_img_s": 2000.0,
+                    "loader_only_img_s": 2500.0, "end_to_end_vs_encoder": 0.8}]}}}
     rows = gpu.table_rows(report)
     assert rows[0][0] == "train" and rows[0][2].startswith("2.00 steps/s, 32 images/s; 500.0 GFLOP/step, 1.00 TFLOP/s")
     assert rows[0][2].endswith("= 0.1 % of 989")
     assert rows[1] == ("train", "FAILED: batch 256, k=1", "OutOfMemoryError: CUDA out of memory")
+    assert rows[2] == ("features", "open_clip:ViT-L-14, bf16, 14 workers, end to end (encoder alone; loader alone)",
+                       "1,600 images/s (2,000; 2,500): 80 % of the encoder")
 
 
 @pytest.mark.slow
