@@ -24,11 +24,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture
 def fp32_matmul():
-    """float32 products in full precision for the test (restored after)."""
-    old = torch.get_float32_matmul_precision()
+    """float32 matrix products and convolutions (a ViT's patch embedding) in full precision, not
+    TF32, for the test; the settings are restored after."""
+    old = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.set_float32_matmul_precision(old)
+    torch.set_float32_matmul_precision(old[0])
+    torch.backends.cudnn.allow_tf32 = old[1]
 
 
 # --- beam search ---------------------------------------------------------------------------------
