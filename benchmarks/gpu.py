@@ -21,7 +21,7 @@ Without CUDA, or with ``--quick``, every size is reduced (tables of 1/16 and 1/1
 200k retrieval vectors, d_img 128, k=1 and 4, a dozen steps, 64 images through ViT-B-32) so that the run takes a minute or
 two on a CPU; the JSON says ``"reduced": true``. On the GPU machine (../shared/gpu/carry.sh):
 
-    python benchmarks/gpu.py --out OUT                  # all sections, < 8 min on an H200
+    python benchmarks/gpu.py --out OUT                  # all sections, sized for < 8 min on an H200 (~5 estimated)
     python benchmarks/gpu.py --quick --out OUT          # reduced sizes (CPU: ~1-2 min)
     python benchmarks/gpu.py --sections beam train --out OUT
 
