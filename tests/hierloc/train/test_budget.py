@@ -63,9 +63,11 @@ def test_max_samples_rounds_up_to_whole_steps_and_a_large_budget_ends_with_the_e
     data, ents = tiny
     res = train(data, ents, MCFG, TrainConfig(**FAST, max_samples=65), tmp_path / "a")
     assert res.budgeted and res.steps == 2
-    res = train(data, ents, MCFG, TrainConfig(**{**FAST, "epochs": 1}, max_steps=1000), tmp_path / "b")
+    # device="cpu" for the two runs compared bit for bit below (the CPU path's promise; "auto" would
+    # pick CUDA where present, whose kernels may reduce in another order from run to run)
+    res = train(data, ents, MCFG, TrainConfig(**{**FAST, "epochs": 1}, max_steps=1000, device="cpu"), tmp_path / "b")
     assert res.budgeted and res.steps == res.stop_step == 10  # one epoch of 10 steps comes first
-    plain = train(data, ents, MCFG, TrainConfig(**{**FAST, "epochs": 1}), tmp_path / "c")
+    plain = train(data, ents, MCFG, TrainConfig(**{**FAST, "epochs": 1}, device="cpu"), tmp_path / "c")
     assert not plain.budgeted and plain.steps == 10
     # a budget past the epochs changes nothing in the schedule: the same weights as no budget
     a, c = _weights(res.model_path), _weights(plain.model_path)
@@ -83,7 +85,9 @@ def test_a_changed_budget_does_not_resume_the_other_budgets_checkpoint(tiny, tmp
 @pytest.mark.parametrize("k", [1, 2])
 def test_a_killed_budgeted_run_resumes_to_the_same_step_and_weights(tiny, tmp_path, k):
     data, ents = tiny
-    cfg = TrainConfig(**FAST, max_steps=17, checkpoint_every_steps=4, entity_refresh_every=k)
+    # device="cpu": the resumed and the uninterrupted run are compared bit for bit (the CPU path's
+    # promise; "auto" would pick CUDA where present, whose kernels may reduce in another order)
+    cfg = TrainConfig(**FAST, max_steps=17, checkpoint_every_steps=4, entity_refresh_every=k, device="cpu")
     full = train(data, ents, MCFG, cfg, tmp_path / "a")
 
     def crash(m, step):

@@ -97,7 +97,10 @@ def test_sigkill_midway_then_resume_gives_identical_model(tmp_path):
         def log_fn(m, step):
             if kill_after and "epoch" in m and m["epoch"] == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(data, ents, ModelConfig(dim=8, hidden=32), TrainConfig(epochs=4, batch_size=64, warmup_steps=5, log_every=5),
+        # device="cpu": bit-identity after a resume is the CPU path's promise (on CUDA, "auto"'s pick,
+        # kernels may reduce in another order from run to run)
+        train(data, ents, ModelConfig(dim=8, hidden=32),
+              TrainConfig(epochs=4, batch_size=64, warmup_steps=5, log_every=5, device="cpu"),
               Path(sys.argv[1]), log_fn=log_fn)
         """
     )
@@ -185,7 +188,9 @@ def _reference_run(data, ents, mcfg, cfg):
 def test_refresh_every_step_is_the_reference_loop_exactly(tiny, tmp_path):
     data, ents = tiny
     mcfg = ModelConfig(dim=8, hidden=32)  # dropout on: the RNG streams must match too
-    cfg = TrainConfig(epochs=2, batch_size=64, warmup_steps=5, entity_refresh_every=1)
+    # device="cpu": the reference runs on the CPU and the comparison is bit for bit; "auto" would pick
+    # CUDA where present (other kernels, bf16 autocast, CUDA's RNG for dropout)
+    cfg = TrainConfig(epochs=2, batch_size=64, warmup_steps=5, entity_refresh_every=1, device="cpu")
     ref = _reference_run(data, ents, mcfg, cfg).state_dict()
     got = load_model(train(data, ents, mcfg, cfg, tmp_path).model_path).state_dict()
     for name in ref:
@@ -253,7 +258,9 @@ def test_nonfinite_loss_stops_naming_the_tensor_and_keeps_the_checkpoint(tiny, t
     from hierloc.train.data import TrainData
 
     data, ents = tiny
-    mcfg, cfg = ModelConfig(dim=8, hidden=32), TrainConfig(**{**FAST, "epochs": 3})
+    # device="cpu": the CPU path checks every step and names the step exactly; "auto" would pick CUDA
+    # where present, whose finite check runs on the device and is read at logging points (issue 15)
+    mcfg, cfg = ModelConfig(dim=8, hidden=32), TrainConfig(**{**FAST, "epochs": 3}, device="cpu")
 
     def crash_in_epoch_2(m, step):
         if m.get("epoch") == 2:
@@ -294,7 +301,10 @@ def test_finite_watch_names_the_parameter_and_the_first_bad_step():
 def test_crash_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, k):
     data, ents = tiny  # 600 images, batch 64: 10 steps per epoch
     mcfg = ModelConfig(dim=8, hidden=32)
-    cfg = TrainConfig(**{**FAST, "epochs": 2, "log_every": 1}, checkpoint_every_steps=4, entity_refresh_every=k)
+    # device="cpu": the resumed and the uninterrupted run are compared bit for bit, which the CPU path
+    # promises; "auto" would pick CUDA where present (kernels may reduce in another order per run)
+    cfg = TrainConfig(**{**FAST, "epochs": 2, "log_every": 1}, checkpoint_every_steps=4, entity_refresh_every=k,
+                      device="cpu")
     full = train(data, ents, mcfg, cfg, tmp_path / "a")
 
     def crash(m, step):
@@ -365,7 +375,9 @@ def test_warm_start_trains_to_a_lower_loss_and_is_part_of_the_digest(tiny, tmp_p
     from hierloc.train.warm_start import entity_row_map
 
     data, ents = tiny
-    mcfg, cfg = ModelConfig(dim=8, hidden=32), TrainConfig(**FAST)
+    # device="cpu": two runs of one configuration are compared to 1e-6 below, which the CPU path
+    # promises; "auto" would pick CUDA where present (kernels may reduce in another order per run)
+    mcfg, cfg = ModelConfig(dim=8, hidden=32), TrainConfig(**FAST, device="cpu")
     champion = train(data, ents, mcfg, cfg, tmp_path / "champion").model_path
     grown, old_keys, new_keys = _grown(data, ents)
     one = cfg.model_copy(update={"epochs": 1})
