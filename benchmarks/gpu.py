@@ -163,10 +163,15 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
             for c in sec["configs"]:
                 flops = c.get("flops_per_step")
                 share = f" = {100 * c['of_peak']:.1f} % of {peak:,.0f}" if c.get("of_peak") is not None else ""
-                rows.append((name, f"train, batch {c['batch']}, k={c['refresh_every']}, {sec['entities']:,} entities, "
+                eager = ", eager (compile off)" if c.get("compile") == "off" else ""
+                rows.append((name, f"train, batch {c['batch']}, k={c['refresh_every']}{eager}, {sec['entities']:,} entities, "
                                    f"d_img {sec['d_img']}, {sec['device']}",
                              f"{c['steps_per_s']:,.2f} steps/s, {_n(c['images_per_s'])} images/s; "
                              f"{_n(flops and flops / 1e9, 1)} GFLOP/step, {_n(c.get('tflop_s'), 2)} TFLOP/s{share}"))
+            for k, h in (sec.get("host_syncs") or {}).items():
+                cuda = f", CUDA sync warnings {h['cuda_sync_warnings']}" if "cuda_sync_warnings" in h else ""
+                rows.append((name, f"host syncs between logging points, first batch size, {k}",
+                             f"{h['host_syncs']} in {h['steps']} steps{cuda}"))
         elif name == "features":
             for m in sec["models"]:
                 rows.append((name, f"{m['spec']}, {sec['precision']}, {sec['workers']} workers, end to end "

@@ -53,13 +53,13 @@ def log_interval(log_every: int, k: int) -> int:
     return k * -(-log_every // k)
 
 
-def _config(batch: int, k: int, device: torch.device, steps: int, log_every: int) -> TrainConfig:
+def _config(batch: int, k: int, device: torch.device, steps: int, log_every: int, compile: str = "auto") -> TrainConfig:
     return TrainConfig(epochs=1, batch_size=batch, device=str(device), amp=True, entity_refresh_every=k,
-                       max_steps=steps, log_every=log_every, warmup_steps=10, seed=0)
+                       max_steps=steps, log_every=log_every, warmup_steps=10, seed=0, compile=compile)
 
 
 def timed_run(data, ents, batch: int, k: int, device: torch.device, log_every: int, intervals: int,
-              out_dir: Path) -> dict:
+              out_dir: Path, compile: str = "auto") -> dict:
     """Steady-state steps/s of one configuration: ``train`` for log_every x (1 + intervals) steps,
     timed from the first logging point to the last (module docstring)."""
     if log_every % k:
@@ -74,14 +74,14 @@ def timed_run(data, ents, batch: int, k: int, device: torch.device, log_every: i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    res = train(data, ents, ModelConfig(), _config(batch, k, device, log_every * (1 + intervals), log_every),
+    res = train(data, ents, ModelConfig(), _config(batch, k, device, log_every * (1 + intervals), log_every, compile),
                 out_dir, log_fn=log_fn)
     wall = time.perf_counter() - t0
     if len(marks) < 2:
         raise RuntimeError(f"batch {batch}, k={k}: {len(marks)} logging points, need 2 to time an interval")
     (s0, t_first, _), (s1, t_last, _) = marks[0], marks[-1]
     sps = (s1 - s0) / (t_last - t_first)
-    return {"batch": batch, "refresh_every": k, "steps_per_s": sps, "images_per_s": sps * batch,
+    return {"batch": batch, "refresh_every": k, "compile": compile, "steps_per_s": sps, "images_per_s": sps * batch,
             "timed_steps": s1 - s0, "warmup_steps": s0, "run_s": wall, "final_loss": res.final.get("epoch_loss"),
             "loop_steps_per_s": [m[2] for m in marks[1:]],
             "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
@@ -139,4 +139,54 @@ def train_rates(levels: tuple[int, ...], d_img: int, batches: tuple[int, ...], r
                 row["flops_per_step"] = flops if flops > 0 else None
                 row["tflop_s"] = flops * row["steps_per_s"] / 1e12 if flops > 0 else None
                 row["of_peak"] = row["tflop_s"] / peak if row["tflop_s"] and peak else None
+    if device.type == "cuda":  # what torch.compile of the loss brings: the first configuration, eager
+        batch, k = batches[0], refresh[0]
+        with guard(out["errors"], f"batch {batch}, k={k}, eager"):
+            row = timed_run(data, ents, batch, k, device, log_interval(log_every, k), intervals,
+                            work_dir / "eager", compile="off")
+            shutil.rmtree(work_dir / "eager")
+            out["configs"].append(row)
+    with guard(out["errors"], "host syncs"):
+        out["host_syncs"] = host_syncs_per_step(data, ents, batches[0], refresh, device)
+    return out
+
+
+def host_syncs_per_step(data, ents, batch: int, refresh: tuple[int, ...], device: torch.device) -> dict:
+    """Host syncs in the steps between two logging points, per k: counted by HostSyncs (it follows
+    the tensors that live on the device; on the CPU too), and on CUDA by torch's own sync debug
+    mode (a warning per synchronising call)."""
+    import tempfile
+    import warnings
+
+    from hierloc.train.distributed import setup
+    from hierloc.train.host_syncs import HostSyncs, training_tensors
+    from hierloc.train.loop import _Loop
+
+    out = {}
+    ctx, dev = setup(str(device))
+    for k in refresh:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = _config(batch, k, dev, 10**6, 10**6)
+            loop = _Loop(data, ents, ModelConfig(), cfg, Path(tmp) / "checkpoint.pt", None, None, None, ctx, dev)
+            perm = torch.randperm(loop.n, generator=torch.Generator().manual_seed(0))
+            steps = 2 * k + 2
+            batches = [perm[b * batch : (b + 1) * batch] for b in range(steps)]
+            for rows in batches[:2]:  # optimiser state, cuDNN/cuBLAS choices
+                loop._step(rows, last_batch=False)
+            with HostSyncs(training_tensors([loop.model, loop.loss_fn], [loop.optims.opt, loop.optims.ropt])) as hs:
+                for rows in batches[2:]:
+                    loop._step(rows, last_batch=False)
+            row = {"steps": steps - 2, "host_syncs": len(hs.syncs), "where": sorted({s.where for s in hs.syncs})}
+            if dev.type == "cuda":
+                sync(dev)
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        for rows in batches[2:]:
+                            loop._step(rows, last_batch=False)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                row["cuda_sync_warnings"] = sum("synchroniz" in str(w.message) for w in caught)
+            out[f"k={k}"] = row
     return out
