@@ -204,8 +204,9 @@ def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0, fa
 
     ``pretrained``: a local weights file (open_clip also takes one of its tags); None for a
     random init drawn with ``seed``. ``fast_decode``: reduced-scale JPEG decoding in the feature
-    stage (``Backbone``; False: today's full decode, exactly its features). Raises ValueError for an unknown spec and for
-    ``precomputed:`` (features without an encoder), FileNotFoundError for missing weights.
+    stage (``Backbone``; False: today's full decode, exactly its features). Raises ValueError for
+    an unknown spec and for ``precomputed:`` (features without an encoder), FileNotFoundError for
+    missing weights.
     """
     kind, name = parse_spec(spec)
     if kind == "fixed":

@@ -44,10 +44,12 @@ class ImageItems:
 
 class ImageDataset(Dataset):
     """(id, image tensor (C, H, W) as ``plan.worker`` makes it (uint8 where the transform splits), error
-    '' or why it could not be read: then zeros) per item."""
+    '' or why it could not be read: then zeros) per item. Holds the plan's worker side only (the device
+    part stays in the main process)."""
 
     def __init__(self, items: ImageItems, open_image: OpenImage, plan: DecodePlan):
-        self.items, self.open_image, self.plan = items, open_image, plan
+        self.items, self.open_image = items, open_image
+        self.worker, self.shape, self.dtype = plan.worker, plan.shape, plan.dtype
         self.decode = {"min_side": plan.min_side} if plan.min_side is not None else {}
 
     def __len__(self) -> int:
@@ -57,14 +59,14 @@ class ImageDataset(Dataset):
         it = self.items
         container, member, image_id = it.containers[it.codes[i]], it.members[i].decode(), int(it.ids[i])
         where = {"offset": int(it.offsets[i]), "size": int(it.sizes[i])} if it.offsets[i] >= 0 else {}
-        plan = self.plan
         try:
-            x = plan.worker(self.open_image(container, member, **where, **self.decode))
-            if tuple(x.shape) != plan.shape or x.dtype != plan.dtype:
-                raise ValueError(f"transform gave {tuple(x.shape)} {x.dtype}, expected {plan.shape} {plan.dtype}")
+            x = self.worker(self.open_image(container, member, **where, **self.decode))
+            if tuple(x.shape) != self.shape or x.dtype != self.dtype:
+                raise ValueError(f"transform gave {tuple(x.shape)} {x.dtype}, expected {self.shape} {self.dtype}")
             return image_id, x, ""
         except Exception as exc:  # reported per image, the batch goes on
-            return image_id, torch.zeros(plan.shape, dtype=plan.dtype), f"{container}:{member}: {type(exc).__name__}: {exc}"
+            reason = f"{container}:{member}: {type(exc).__name__}: {exc}"
+            return image_id, torch.zeros(self.shape, dtype=self.dtype), reason
 
 
 def check_open_image(open_image: OpenImage, plan: DecodePlan) -> None:

@@ -92,7 +92,8 @@ def test_the_draft_size_follows_the_first_resize_and_the_resize_is_torchvisions(
     assert load_backbone(clip_spec).decoding.min_side == 224  # Resize(224): shortest side 224
     assert load_backbone("timm:test_vit").decoding.min_side == 168  # Resize(168), then CenterCrop(160)
     assert load_backbone("fixed:pixelstats").decoding.min_side == 64  # PILToTensor, Resize((64, 64))
-    assert draft_min_side(v2.Compose([v2.ToImage(), v2.Resize((100, 300)), v2.ToDtype(torch.float32, scale=True)])) == 300
+    to_float = v2.ToDtype(torch.float32, scale=True)
+    assert draft_min_side(v2.Compose([v2.ToImage(), v2.Resize((100, 300)), to_float])) == 300
     assert draft_min_side(T.Compose([T.CenterCrop(200), T.Resize(64), T.ToTensor()])) is None  # a crop first
     assert draft_min_side(lambda im: T.functional.to_tensor(im)) is None  # not a Compose: full decode
     assert load_backbone(clip_spec, fast_decode=False).decoding.min_side is None
@@ -188,3 +189,25 @@ def test_worker_chunks_are_regrouped_into_the_models_batches_in_order(tmp_path, 
     assert x.dtype == torch.float32
     want = torch.stack([bb.decoding.worker(store.open(c, m, min_side=64)) for c, m in zip(containers, names)])
     assert torch.equal(x, bb.decoding.to_model(want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_device_part_is_the_cpus_and_bf16_features_stay_close(tmp_path, photos, clip_spec):
+    """Pinned uint8 chunks copied without blocking, converted and normalised on the GPU: the same float32
+    input as on the CPU (IEEE division and subtraction, correctly rounded on both); fp32 and bf16 autocast
+    features finite and close to the CPU's."""
+    bb = load_backbone(clip_spec)
+    plan = bb.decoding
+    x = torch.stack([plan.worker(Image.open(io.BytesIO(d)).convert("RGB")) for d in list(photos.values())[:8]])
+    assert torch.equal(plan.to_model(x.cuda()).cpu(), plan.to_model(x))
+    members = dict(list(photos.items())[:12])
+    cpu = _extract(tmp_path, members, bb, "cpu")
+    gpu = _extract(tmp_path, members, bb, "gpu", device="cuda", num_workers=2)
+    bf16 = _extract(tmp_path, members, bb, "bf16", device="cuda", precision="bf16", num_workers=2)
+    assert np.isfinite(gpu).all() and np.isfinite(bf16).all()
+
+    def cos(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    assert cos(gpu, cpu).min() > 0.9999  # fp32 (cuDNN may use TF32 for the patch convolution)
+    assert cos(bf16, cpu).min() > 0.99
