@@ -137,17 +137,21 @@ class _Steps:
 
 class _OnDevice:
     """The device part: float conversion and normalisation on the batch, float32, the same operations as
-    torchvision's (ToTensor: ``to(float32).div(255)``; Normalize: ``sub(mean).div(std)``)."""
+    torchvision's (ToTensor: ``to(float32).div(255)``; Normalize: ``sub(mean).div(std)``). The 255 is a
+    tensor on the device, not a Python number: CUDA divides by a host scalar as a multiplication by its
+    reciprocal (one bit off at times), by a tensor with IEEE division, as the CPU does."""
 
     def __init__(self, convert: Callable | None, normalize: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         self.convert, self.normalize = convert, list(normalize)
-        self._on: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32).div(255) if self.convert is None else self.convert(x)
-        stats = self._on.get(x.device)
-        if stats is None:  # mean/std moved once per device, not per batch
-            stats = self._on[x.device] = [(m.to(x.device), s.to(x.device)) for m, s in self.normalize]
+        consts = self._on.get(x.device)
+        if consts is None:  # moved once per device, not per batch
+            consts = self._on[x.device] = (torch.tensor(255.0, device=x.device),
+                                           [(m.to(x.device), s.to(x.device)) for m, s in self.normalize])
+        scale, stats = consts
+        x = x.to(torch.float32).div_(scale) if self.convert is None else self.convert(x)
         for mean, std in stats:
             x = x.sub_(mean).div_(std)
         return x
