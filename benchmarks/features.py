@@ -160,17 +160,22 @@ def encoder_rate(bb: Backbone, *, device: torch.device, precision: str, batch_si
 
 
 def feature_rates(spec: str, photos: list[Path], n_images: int, *, device: str | torch.device = "cpu",
-                  precision: str = "fp32", batch_size: int = 256, workers: int = 2, fast_decode: bool = True) -> dict:
+                  precision: str = "fp32", batch_size: int = 256, workers: int = 2, fast_decode: bool = True,
+                  backbone: Backbone | None = None) -> dict:
     """The feature stage's rates for backbone ``spec`` (random init) on ``device``, images/s:
     ``end_to_end_img_s`` (extract_features on a zip shard of ``photos`` repeated to ``n_images``, worker
-    start-up included), ``encoder_only_img_s`` (random inputs of the model's shape on the device),
-    ``loader_only_img_s`` (the same loader, no model); also ``end_to_end_steady_img_s`` (after the first
-    batch is encoded) and ``startup_s`` (until then). ``fast_decode``: the default path (JPEGs decoded at
-    reduced scale, uint8 from the workers, normalised on the device); False: today's path (full decode,
-    the whole transform in the workers, float32). ``precision``: fp32, or bf16 / fp16 autocast on CUDA."""
+    start-up included), ``encoder_only_img_s`` (random inputs of the model's shape on the device, after
+    2 warm-up batches), ``loader_only_img_s`` (the same loader, no model, start-up included); also
+    ``startup_s`` (until the first batch is encoded) and ``end_to_end_steady_img_s`` (after it; the
+    workers decode ahead during start-up, so it reads high unless ``n_images`` is well above
+    workers x 4 chunks x 32 images: 1,792 with 14 workers). ``fast_decode``: the default path (JPEGs
+    decoded at reduced scale, uint8 from the workers, normalised on the device); False: today's path
+    (full decode, the whole transform in the workers, float32). ``precision``: fp32, or bf16 / fp16
+    autocast on CUDA (the CPU computes fp32). ``backbone``: ``load_backbone(spec)`` already built (a
+    random-init ViT-L-14 takes seconds to build), reused for both paths."""
     device = resolve_device(device)
     precision = effective_precision(device, precision)
-    bb = load_backbone(spec)
+    bb = load_backbone(spec) if backbone is None else backbone
     bb = bb if fast_decode else todays_backbone(bb)
     out = {"spec": spec, "device": str(device), "precision": precision, "batch_size": batch_size, "workers": workers,
            "fast_decode": fast_decode, "n_images": n_images}
