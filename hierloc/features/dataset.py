@@ -3,8 +3,8 @@ regrouped on the device into the batches the model takes (``device_batches``).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
