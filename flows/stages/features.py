@@ -71,9 +71,9 @@ def _precomputed(backbone: str, name: str, ingest_dir: Path) -> dict:
 
 
 def _encode(backbone: str, pretrained: str | None, data_dir: Path, manifests: dict[str, pd.DataFrame],
-            out_root: Path, device: str, precision: str, **extract_kwargs) -> dict:
+            out_root: Path, device: str, precision: str, fast_decode: bool = True, **extract_kwargs) -> dict:
     """Encode the images the backbone's cache lacks (both splits in one pass)."""
-    bb = load_backbone(backbone, pretrained)
+    bb = load_backbone(backbone, pretrained, fast_decode=fast_decode)
     device = resolve_device(device)
     precision = effective_precision(device, precision)
     cache = feature_cache_dir(Path(out_root), backbone, bb.weights_key, precision)
@@ -91,7 +91,7 @@ def run_features(
     data_dir: Path, ingest_dir: Path, out_root: Path, backbone: str = "fixed:pixelstats",
     pretrained: str | None = None, batch_size: int = 256, num_workers: int = 2, device: str = "cpu",
     progress: Callable[[int, int, float], None] | None = None, *, precision: str = "fp32",
-    shard_size: int = 8192, retry_failed: bool = False, max_bad_fraction: float = 0.05,
+    shard_size: int = 8192, retry_failed: bool = False, max_bad_fraction: float = 0.05, fast_decode: bool = True,
 ) -> dict:
     """Frozen backbone features of every manifest image, in one incremental cache per backbone.
 
@@ -100,8 +100,9 @@ def run_features(
     every manifest id is there. Returns backbone, dim, weights (content key), cache, ``dirs``
     {split: view folder} for the later stages, ``digests`` {split: sha256 of backbone, weights,
     precision and the split's ids}, and per split n, encoded, cached, failures, seconds, images_per_s.
-    Unreadable images get NaN features (left out later); FeatureFailureError when a split's
-    share of them is above ``max_bad_fraction`` (a wrong image root, a broken backbone).
+    ``fast_decode``: JPEGs decoded at reduced scale (hierloc.features.decode; its own cache key);
+    False: full decode. Unreadable images get NaN features (left out later); FeatureFailureError
+    when a split's share of them is above ``max_bad_fraction`` (a wrong image root, a broken backbone).
     """
     kind, name = parse_spec(backbone)
     manifests = _image_columns(ingest_dir)
@@ -109,7 +110,8 @@ def run_features(
         got = _precomputed(backbone, name, ingest_dir)
     else:
         got = _encode(backbone, pretrained, data_dir, manifests, out_root, device, precision, batch_size=batch_size,
-                      shard_size=shard_size, num_workers=num_workers, retry_failed=retry_failed, progress=progress)
+                      shard_size=shard_size, num_workers=num_workers, retry_failed=retry_failed, progress=progress,
+                      fast_decode=fast_decode)
     cache, weights, precision, index = got["cache"], got["weights"], got["precision"], got["index"]
     out: dict = {"backbone": backbone, "dim": index.dim, "weights": weights, "precision": precision,
                  "cache": str(cache), "dirs": {}, "digests": {}}

@@ -33,15 +33,29 @@ class ImageDecodeError(InputError):
 
 
 def decode_image(
-    data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES
+    data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES,
+    *, min_side: int | None = None,
 ) -> Image.Image:
     """Decode image bytes fully; return RGB with EXIF orientation applied.
+
+    ``min_side``: decode a JPEG at reduced scale (libjpeg's DCT scaling through PIL's
+    ``draft``: 1/2, 1/4 or 1/8, the smallest that keeps both sides >= ``min_side``, so a
+    caller resizing to ``min_side`` or less only ever downscales); a 909x512 photo with
+    ``min_side=224`` decodes at 455x256, about 2.3x faster. The whole stream is still
+    decoded (truncation is caught as without it). Other formats (PNG, WebP, ...) and JPEGs
+    smaller than twice ``min_side`` decode at full size. None: full resolution. A reduced
+    image carries ``info["full_size"]`` (the photo's (width, height) at full resolution) and
+    ``info["draft_box"]`` (the float box (left, upper, right, lower) of its pixels that holds
+    the whole photo: 454.5 of 455 columns for 909 at 1/2), both after EXIF orientation, so a
+    caller can resize exactly as from the full image (``Image.resize(size, box=...)``).
 
     Raises InputTooLargeError when ``data`` is over ``max_image_bytes`` (nothing decoded),
     PIL.Image.DecompressionBombError above ``max_image_pixels`` (checked from the
     header, before any pixel is decoded) and ImageDecodeError (an OSError) when the data
     is truncated, corrupt or not an image; messages start with ``where``.
     """
+    if min_side is not None and int(min_side) < 1:
+        raise ValueError(f"{where}: min_side={min_side}: give a size of at least 1 pixel, or None for full resolution")
     check_size(len(data), max_image_bytes, where)
     try:
         image = Image.open(io.BytesIO(data))
@@ -52,8 +66,14 @@ def decode_image(
                 f"max_image_pixels={max_image_pixels} (possible decompression bomb); "
                 "raise the limit only for trusted data"
             )
+        full_size, drafted = image.size, None
+        if min_side is not None:  # (mode, box of the photo in the reduced image) for a JPEG; None elsewhere
+            drafted = image.draft("RGB", (int(min_side), int(min_side)))
         image.load()  # full decode: truncated data raises here, not later in a worker
-        return to_rgb(image)
+        rgb = to_rgb(image)
+        if drafted is not None and image.size != full_size:
+            _mark_reduced(rgb, image, full_size, drafted[1])
+        return rgb
     except Image.DecompressionBombError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
@@ -63,6 +83,26 @@ def decode_image(
         raise ImageDecodeError(
             f"{where}: cannot decode image ({reason}); the file is truncated, corrupt or not an image", reason
         ) from exc
+
+
+def _mark_reduced(rgb: Image.Image, decoded: Image.Image, full_size: tuple[int, int],
+                  box: tuple[float, float, float, float]) -> None:
+    """Set ``rgb.info`` full_size and draft_box (decode_image) for a JPEG decoded at reduced scale:
+    ``box`` and ``full_size`` are given before EXIF orientation (``decoded``), stored after it."""
+    try:
+        orientation = int(decoded.getexif().get(0x0112, 1))  # as ImageOps.exif_transpose reads it
+    except Exception:  # unreadable EXIF: to_rgb kept the image unrotated
+        orientation = 1
+    (w, h), (left, upper, right, lower) = decoded.size, box
+    if orientation in (2, 3, 7, 8):  # mirrored left-right before any axis swap (7, 8: with it)
+        left, right = w - right, w - left
+    if orientation in (3, 4, 6, 7):  # mirrored top-bottom
+        upper, lower = h - lower, h - upper
+    if orientation in (5, 6, 7, 8):  # the axes swap
+        left, upper, right, lower, w, h, full_size = upper, left, lower, right, h, w, full_size[::-1]
+    if rgb.size != (w, h):  # the orientation was not applied after all (malformed EXIF): no box
+        return
+    rgb.info["full_size"], rgb.info["draft_box"] = tuple(full_size), (left, upper, right, lower)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -241,8 +241,12 @@ class ImageStore:
         with zf.open(info) as fh:
             return read_stream_capped(fh, info.file_size, self.max_image_bytes, where)
 
-    def open(self, container: str, member: str, *, offset: int | None = None, size: int | None = None) -> Image.Image:
+    def open(self, container: str, member: str, *, offset: int | None = None, size: int | None = None,
+             min_side: int | None = None) -> Image.Image:
         """Decode one image fully and return it as RGB with EXIF orientation applied.
+
+        ``min_side``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay >=
+        ``min_side`` (geodata.ingest.image_decode.decode_image); other formats ignore it.
 
         Raises PIL.Image.DecompressionBombError when it has more than max_image_pixels,
         ImageDecodeError (an OSError) when it is truncated, corrupt or not an image,
@@ -250,4 +254,5 @@ class ImageStore:
         container and member.
         """
         data = self.read_bytes(container, member, offset=offset, size=size)
-        return decode_image(data, f"{container}:{member}", self.max_image_pixels, self.max_image_bytes)
+        return decode_image(data, f"{container}:{member}", self.max_image_pixels, self.max_image_bytes,
+                            min_side=min_side)

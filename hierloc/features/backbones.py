@@ -16,8 +16,9 @@ Specs:
 
 Without ``pretrained`` the weights are a random init drawn from a fixed seed, so two runs
 build the same model. ``Backbone.weights_key`` hashes the weights actually loaded (every
-tensor of the state dict) and the input transform: the feature cache is keyed by it, so
-changing the weights file, the tag or the library's init never reuses stale features.
+tensor of the state dict), the input transform and reduced-scale JPEG decoding (``fast_decode``):
+the feature cache is keyed by it, so changing the weights file, the tag, the library's init or
+the decoding never reuses stale features.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hierloc.features.decode import DecodePlan, plan_decoding
 from hierloc.model.io import MAX_WEIGHTS_FILE_BYTES, load_plain, open_regular
 
 SPEC_KINDS = ("fixed", "open_clip", "timm", "precomputed")
@@ -57,25 +59,36 @@ class PixelStats(nn.Module):
 
 @dataclass
 class Backbone:
-    """A frozen image encoder: ``transform`` (PIL RGB image -> (3, H, W) float tensor, run in
-    DataLoader workers) and ``module`` ((B, 3, H, W) -> (B, dim) features)."""
+    """A frozen image encoder: ``transform`` (PIL RGB image -> (3, H, W) float tensor) and ``module``
+    ((B, 3, H, W) -> (B, dim) features). ``fast_decode``: the feature stage decodes JPEGs at reduced
+    scale where the transform starts with a Resize (hierloc.features.decode; False: full
+    resolution, the features of a full decode exactly); ``decoding`` is how it splits the transform
+    between DataLoader workers and the device."""
 
     spec: str
     module: nn.Module
     transform: Callable
     dim: int
+    fast_decode: bool = True
+
+    @cached_property
+    def decoding(self) -> DecodePlan:
+        """The transform split into a worker part (uint8) and a device part, and the JPEG draft size."""
+        return plan_decoding(self.transform, fast_decode=self.fast_decode)
 
     @cached_property
     def weights_key(self) -> str:
-        """sha256 hex of the weights and the transform (``weights_key()``); computed on first use
-        (about a second per GB of weights), so a predictor that only encodes never pays it."""
-        return weights_key(self.module, self.transform)
+        """sha256 hex of the weights, the transform and the decoding (``weights_key()``); computed on
+        first use (about a second per GB of weights), so a predictor that only encodes never pays it.
+        Reduced-scale decoding changes the features, so it changes the key; a full decode keeps the key
+        the features had before reduced-scale decoding existed (they are the same features)."""
+        min_side = self.decoding.min_side
+        return weights_key(self.module, self.transform, decode="" if min_side is None else f"jpeg-draft:{min_side}")
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dim) float32."""
         return self.module(x).float()
-
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """'kind:name' -> (kind, name); ValueError naming the accepted forms."""
@@ -86,8 +99,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, name
 
 
-def weights_key(module: nn.Module, transform: Callable) -> str:
-    """sha256 hex of every state-dict tensor (name, dtype, shape, bytes) and of the transform's repr."""
+def weights_key(module: nn.Module, transform: Callable, *, decode: str = "") -> str:
+    """sha256 hex of every state-dict tensor (name, dtype, shape, bytes), of the transform's repr and
+    of ``decode`` (how images are decoded before the transform; '' for a full decode)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -95,6 +109,8 @@ def weights_key(module: nn.Module, transform: Callable) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     # Function reprs carry memory addresses (open_clip's _convert_to_rgb): not part of the content.
     h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)).encode())
+    if decode:  # appended only when set: keys of fully decoded features stay what they were
+        h.update(f"|decode={decode}".encode())
     return h.hexdigest()
 
 
@@ -183,12 +199,14 @@ def _timm(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module, Call
     return model, transform, int(model.num_features)
 
 
-def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0) -> Backbone:
+def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0, fast_decode: bool = True) -> Backbone:
     """Build a frozen backbone from its spec (module docstring), in eval mode on the CPU.
 
     ``pretrained``: a local weights file (open_clip also takes one of its tags); None for a
-    random init drawn with ``seed``. Raises ValueError for an unknown spec and for
-    ``precomputed:`` (features without an encoder), FileNotFoundError for missing weights.
+    random init drawn with ``seed``. ``fast_decode``: reduced-scale JPEG decoding in the feature
+    stage (``Backbone``; False: today's full decode, exactly its features). Raises ValueError for
+    an unknown spec and for ``precomputed:`` (features without an encoder), FileNotFoundError for
+    missing weights.
     """
     kind, name = parse_spec(spec)
     if kind == "fixed":
@@ -200,4 +218,4 @@ def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0) ->
     else:
         raise ValueError(f"backbone {spec!r}: precomputed features have no image encoder; compute them with the "
                          "backbone they came from, or pass features instead of images")
-    return Backbone(spec, module.eval().requires_grad_(False), transform, dim)
+    return Backbone(spec, module.eval().requires_grad_(False), transform, dim, fast_decode)

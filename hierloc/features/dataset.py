@@ -1,20 +1,31 @@
-"""The images to encode as a torch Dataset: compact per-item arrays, read in DataLoader workers."""
+"""The images to encode: compact per-item arrays, read in DataLoader workers (a torch Dataset), and
+regrouped on the device into the batches the model takes (``device_batches``)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from hierloc.features.backbones import Backbone
+from hierloc.features.decode import DecodePlan
 
 #: (container, member) -> RGB image; called with offset=, size= keywords too where the item has them
-#: (a tar member's data position, so the reader seeks straight to it): geodata.ingest.image_store.ImageStore.open.
+#: (a tar member's data position, so the reader seeks straight to it), and min_side= where the
+#: backbone decodes JPEGs at reduced scale: geodata.ingest.image_store.ImageStore.open.
 OpenImage = Callable[..., "PIL.Image.Image"]  # noqa: F821
+
+#: Images per DataLoader worker batch: workers hand on small chunks, regrouped into the model's
+#: batches on the device, so the first batch does not wait for one worker to decode a whole batch
+#: and the last ones are not left to a few workers (with 14 workers and batches of 256, a short run
+#: of 4,096 images otherwise ends with 2 workers decoding while 12 idle).
+WORKER_CHUNK = 32
+#: Chunks each worker decodes ahead (DataLoader prefetch_factor).
+PREFETCH_CHUNKS = 4
 
 
 @dataclass
@@ -32,10 +43,14 @@ class ImageItems:
 
 
 class ImageDataset(Dataset):
-    """(id, transformed image (C, H, W), error '' or why it could not be read) per item."""
+    """(id, image tensor (C, H, W) as ``plan.worker`` makes it (uint8 where the transform splits), error
+    '' or why it could not be read: then zeros) per item. Holds the plan's worker side only (the device
+    part stays in the main process)."""
 
-    def __init__(self, items: ImageItems, open_image: OpenImage, transform: Callable, shape: tuple[int, ...]):
-        self.items, self.open_image, self.transform, self.shape = items, open_image, transform, shape
+    def __init__(self, items: ImageItems, open_image: OpenImage, plan: DecodePlan):
+        self.items, self.open_image = items, open_image
+        self.worker, self.shape, self.dtype = plan.worker, plan.shape, plan.dtype
+        self.decode = {"min_side": plan.min_side} if plan.min_side is not None else {}
 
     def __len__(self) -> int:
         return len(self.items.ids)
@@ -45,19 +60,53 @@ class ImageDataset(Dataset):
         container, member, image_id = it.containers[it.codes[i]], it.members[i].decode(), int(it.ids[i])
         where = {"offset": int(it.offsets[i]), "size": int(it.sizes[i])} if it.offsets[i] >= 0 else {}
         try:
-            x = self.transform(self.open_image(container, member, **where))
-            if tuple(x.shape) != self.shape:
-                raise ValueError(f"transform gave shape {tuple(x.shape)}, expected {self.shape}")
+            x = self.worker(self.open_image(container, member, **where, **self.decode))
+            if tuple(x.shape) != self.shape or x.dtype != self.dtype:
+                raise ValueError(f"transform gave {tuple(x.shape)} {x.dtype}, expected {self.shape} {self.dtype}")
             return image_id, x, ""
         except Exception as exc:  # reported per image, the batch goes on
-            return image_id, torch.zeros(self.shape), f"{container}:{member}: {type(exc).__name__}: {exc}"
+            reason = f"{container}:{member}: {type(exc).__name__}: {exc}"
+            return image_id, torch.zeros(self.shape, dtype=self.dtype), reason
 
 
-def probe_shape(backbone: Backbone) -> tuple[int, ...]:
-    """(C, H, W) of what the backbone's transform makes of an image (the shape a failed read fills)."""
-    from PIL import Image
+def check_open_image(open_image: OpenImage, plan: DecodePlan) -> None:
+    """TypeError, before any image is read, when the plan decodes at reduced scale and ``open_image``
+    takes no ``min_side`` keyword (every image would fail)."""
+    if plan.min_side is None:
+        return
+    try:
+        params = inspect.signature(open_image).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): cannot tell, so refuse
+        params = []
+    if not any(p.name == "min_side" or p.kind is p.VAR_KEYWORD for p in params):
+        raise TypeError(f"open_image {open_image!r} takes no min_side= keyword, which reduced-scale JPEG decoding "
+                        "needs: pass geodata.ingest.image_store.ImageStore.open, or load the backbone with "
+                        "fast_decode=False")
 
-    return tuple(backbone.transform(Image.new("RGB", (640, 480))).shape)
+
+def device_batches(items: ImageItems, open_image: OpenImage, plan: DecodePlan, *, batch_size: int, num_workers: int,
+                   device: torch.device) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
+    """The items in order, in batches of ``batch_size`` (the last one shorter), ready for the model:
+    (ids (B,) int64, x (B, C, H, W) float32 on ``device``, errors (B,) '' or why). Workers decode
+    chunks of WORKER_CHUNK images into pinned memory (on CUDA); each chunk is copied to the device
+    without blocking, and the batch is assembled and converted (``plan.to_model``) there."""
+    device = torch.device(device)
+    loader = DataLoader(ImageDataset(items, open_image, plan), batch_size=min(batch_size, WORKER_CHUNK),
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=PREFETCH_CHUNKS if num_workers else None)
+    ids: list[torch.Tensor] = []
+    xs: list[torch.Tensor] = []
+    errors: list[str] = []
+    for c_ids, c_x, c_err in loader:
+        ids.append(c_ids)
+        xs.append(c_x.to(device, non_blocking=True))
+        errors.extend(c_err)
+        while len(errors) >= batch_size:
+            b_ids, b_x = torch.cat(ids), torch.cat(xs) if len(xs) > 1 else xs[0]
+            yield b_ids[:batch_size].numpy().astype(np.int64), plan.to_model(b_x[:batch_size]), errors[:batch_size]
+            ids, xs, errors = [b_ids[batch_size:]], [b_x[batch_size:]], errors[batch_size:]
+    if errors:
+        yield torch.cat(ids).numpy().astype(np.int64), plan.to_model(torch.cat(xs)), errors
 
 
 def compact_items(ids: np.ndarray, containers: np.ndarray, members: np.ndarray, offsets: np.ndarray | None,

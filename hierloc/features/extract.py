@@ -2,8 +2,10 @@
 
 ``extract_features`` encodes only the ids not cached yet (hierloc.features.cache), so a run
 that adds a few thousand images to millions encodes those; a killed run (even SIGKILL) loses
-at most the images since its last shard. The images are read in DataLoader workers
-(hierloc.features.dataset); a stage hands the result on as a view (hierloc.features.views).
+at most the images since its last shard. The images are decoded in DataLoader workers
+(hierloc.features.dataset), JPEGs at reduced scale and handed on as uint8, converted and
+normalised on the device (hierloc.features.decode); a stage hands the result on as a view
+(hierloc.features.views).
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from hierloc.device import resolve_device
 from hierloc.features.backbones import Backbone
 from hierloc.features.cache import CacheIndex, cache_lock, scan_cache, shard_number, write_failures, write_shard
-from hierloc.features.dataset import ImageDataset, ImageItems, OpenImage, compact_items, probe_shape
+from hierloc.features.dataset import ImageItems, OpenImage, check_open_image, compact_items, device_batches
 from hierloc.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,10 @@ def extract_features(
     """Encode the images (ids[i] at containers[i]:members[i]) that ``cache_dir`` lacks.
 
     ``open_image``: (container, member) -> PIL RGB image, picklable (it runs in DataLoader
-    workers; geodata.ingest.image_store.ImageStore.open). A shard is written every ``shard_size`` images.
+    workers; geodata.ingest.image_store.ImageStore.open); it is passed ``min_side=`` where the
+    backbone decodes JPEGs at reduced scale (``Backbone.fast_decode``, TypeError up front if it
+    takes no such keyword). ``batch_size``: images per forward pass. A shard is written every
+    ``shard_size`` images.
     Unreadable images get NaN features and a reason (failures.json); with ``retry_failed``
     images that failed before are read again. ``offsets``/``sizes`` (int64, -1 where none): where
     a tar member's bytes lie, passed on to ``open_image``. ``device``: 'cpu', 'cuda[:n]' or 'auto';
@@ -168,10 +172,10 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
     if index.dim and index.dim != backbone.dim:
         raise ValueError(f"{cache_dir}: cached features have D={index.dim}, backbone {backbone.spec} gives "
                          f"{backbone.dim}; this folder belongs to another backbone")
+    plan = backbone.decoding
+    check_open_image(open_image, plan)
     backbone.module.to(device)
     dtype = PRECISIONS[precision]
-    dataset = ImageDataset(items, open_image, backbone.transform, probe_shape(backbone))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     next_no = max((n for n in map(shard_number, index.paths) if n is not None), default=-1) + 1
     failures, pending, written, done = dict(index.failures), _Pending(), 0, 0
     total = len(items.ids)
@@ -188,15 +192,17 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
 
     try:
         with torch.inference_mode():
-            for batch_ids, x, errors in loader:
+            # x: float32 on the device, normalised there (outside autocast); autocast covers the model only
+            for batch_ids, x, errors in device_batches(items, open_image, plan, batch_size=batch_size,
+                                                       num_workers=num_workers, device=device):
                 amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
                 with amp:
-                    f = backbone.encode(x.to(device, non_blocking=True)).float().cpu().numpy()
+                    f = backbone.encode(x).float().cpu().numpy()
                 f[[bool(e) for e in errors]] = np.nan  # unreadable: the stages drop and count these rows
                 if precision == "fp16":  # stored as float16 (half the disk), unless a value overflows it
                     f16 = f.astype(np.float16)
                     f = f16 if np.array_equal(np.isfinite(f16), np.isfinite(f)) else f
-                pending.add(batch_ids.numpy().astype(np.int64), f, list(errors))
+                pending.add(batch_ids, f, list(errors))
                 while len(pending) >= shard_size:
                     write(shard_size)
                 done += len(errors)

@@ -166,3 +166,24 @@ def test_the_ceiling_is_a_validated_parameter():
     assert FeatureParams().max_bad_fraction == 0.05
     with pytest.raises(ValidationError, match="max_bad_fraction"):
         FeatureParams(max_bad_fraction=1.5)
+
+
+def test_reduced_scale_and_full_decoding_keep_separate_caches(tmp_path):
+    """features.fast_decode: reduced-scale JPEG decoding (the default) gives slightly other features, so
+    its own cache and digests; the full decode keeps the cache it had before (its features are the same)."""
+    from flows.params import FeatureParams
+
+    data, ingest, hier, feats_root = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy", tmp_path / "features"
+    train, test = ID0 + np.arange(6), ID0 + 100 + np.arange(3)
+    _data(data, "train", train)
+    _data(data, "test", test)
+    _write_split(ingest, hier, "train", train)
+    _write_split(ingest, hier, "test", test)
+    full = run_features(data, ingest, feats_root, num_workers=0, fast_decode=False)
+    fast = run_features(data, ingest, feats_root, num_workers=0)
+    assert FeatureParams().fast_decode is True
+    assert fast["cache"] != full["cache"] and fast["weights"] != full["weights"]
+    assert (fast["train"]["encoded"], fast["test"]["encoded"]) == (6, 3)  # nothing taken from the other cache
+    assert fast["digests"]["train"] != full["digests"]["train"]
+    again = run_features(data, ingest, feats_root, num_workers=0, fast_decode=False)
+    assert again["cache"] == full["cache"] and again["train"]["encoded"] == 0

@@ -64,9 +64,12 @@ def _dataset(root: Path, n: int, shards: int = 2) -> tuple[np.ndarray, list[str]
 
 
 def _direct(backbone, store: ImageStore, containers, members) -> np.ndarray:
-    """Reference: decode and encode one image at a time, no DataLoader, no cache."""
+    """Reference: decode (at the scale the backbone decodes at, hierloc.features.decode) and encode one
+    image at a time, no DataLoader, no batches, no cache."""
+    plan = backbone.decoding
+    decode = {} if plan.min_side is None else {"min_side": plan.min_side}
     with torch.no_grad():
-        return np.concatenate([backbone.encode(backbone.transform(store.open(c, m))[None]).numpy()
+        return np.concatenate([backbone.encode(plan.to_model(plan.worker(store.open(c, m, **decode))[None])).numpy()
                                for c, m in zip(containers, members)])
 
 
