@@ -116,13 +116,17 @@ def run_features(sz: Sizes, device: torch.device, args, work: Path) -> dict:
     workers = min(sz.workers, os.cpu_count() or 1)
     out: dict = {"photos": len(photos), "images": sz.feature_images, "precision": precision, "workers": workers,
                  "batch_size": sz.feature_batch, "device": str(device), "models": [], "errors": {}}
-    for spec in sz.feature_specs:
-        with guard(out["errors"], spec):
+    # the new decoding (reduced-scale JPEGs, uint8 workers) for every model; the last model also with
+    # today's full decode, in the same process: the ratio against the old path
+    runs = [(spec, True) for spec in sz.feature_specs] + [(sz.feature_specs[-1], False)]
+    for spec, fast in runs:
+        with guard(out["errors"], f"{spec}{'' if fast else ', full decode'}"):
             r = rates(spec, photos, sz.feature_images, device=str(device), precision=precision,
-                      batch_size=sz.feature_batch, workers=workers, fast_decode=True)
-            row = {"spec": spec, **{key: float(r[key]) for key in
-                                    ("end_to_end_img_s", "encoder_only_img_s", "loader_only_img_s")}}
+                      batch_size=sz.feature_batch, workers=workers, fast_decode=fast)
+            row = {"spec": spec, "fast_decode": fast, **{key: float(r[key]) for key in
+                                                         ("end_to_end_img_s", "encoder_only_img_s", "loader_only_img_s")}}
             row["end_to_end_vs_encoder"] = row["end_to_end_img_s"] / row["encoder_only_img_s"]
+            row.update({key: float(r[key]) for key in ("startup_s", "end_to_end_steady_img_s") if key in r})
             out["models"].append(row)
     return out
 
@@ -174,7 +178,8 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
                              f"{h['host_syncs']} in {h['steps']} steps{cuda}"))
         elif name == "features":
             for m in sec["models"]:
-                rows.append((name, f"{m['spec']}, {sec['precision']}, {sec['workers']} workers, end to end "
+                rows.append((name, f"{m['spec']}{'' if m.get('fast_decode', True) else ', full decode (the old path)'}, "
+                                   f"{sec['precision']}, {sec['workers']} workers, end to end "
                                    f"(encoder alone; loader alone)",
                              f"{_n(m['end_to_end_img_s'])} images/s ({_n(m['encoder_only_img_s'])}; "
                              f"{_n(m['loader_only_img_s'])}): {100 * m['end_to_end_vs_encoder']:.0f} % of the encoder"))

@@ -114,10 +114,12 @@ def test_features_section_runs_feature_rates_or_says_why_not(tmp_path):
         assert entry["status"] == "skipped" and "no feature_rates" in entry["reason"]
         return
     assert entry["status"] == "ok", entry
-    (row,) = entry["models"]
-    assert row["spec"] == "open_clip:ViT-B-32" and entry["images"] == 64 and entry["precision"] == "fp32"
-    assert min(row["end_to_end_img_s"], row["encoder_only_img_s"], row["loader_only_img_s"]) > 0
-    assert row["end_to_end_vs_encoder"] == pytest.approx(row["end_to_end_img_s"] / row["encoder_only_img_s"])
+    new, old = entry["models"]  # the new decoding, then the old full decode of the same model (the baseline)
+    assert (new["fast_decode"], old["fast_decode"]) == (True, False)
+    for row in (new, old):
+        assert row["spec"] == "open_clip:ViT-B-32" and entry["images"] == 64 and entry["precision"] == "fp32"
+        assert min(row["end_to_end_img_s"], row["encoder_only_img_s"], row["loader_only_img_s"]) > 0
+        assert row["end_to_end_vs_encoder"] == pytest.approx(row["end_to_end_img_s"] / row["encoder_only_img_s"])
 
 
 @pytest.mark.parametrize("k,max_elems", [(1, 1 << 28), (1, 1000), (3, 700)])
