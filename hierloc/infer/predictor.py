@@ -74,8 +74,8 @@ def write_bundle(
             weights = "backbone.pt"
         meta = {"format": BUNDLE_FORMAT, "backbone": backbone, "backbone_weights": weights,
                 "backbone_tag": None if weights or not pretrained else pretrained, "fast_decode": fast_decode,
-                "tau": model.tau, "level_sizes": model.level_sizes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": source or {}}
+                "tau": model.tau, "level_sizes": model.level_sizes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source or {}}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a bundle is an ordinary shared folder
         if out_dir.exists():
