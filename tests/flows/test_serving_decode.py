@@ -173,8 +173,9 @@ def test_the_pyfunc_decodes_photos_as_the_bundle_says(served, tmp_path):
 def test_hierloc_predict_decodes_photos_as_the_bundle_says(served):
     names = sorted(served.photos)[:3]
     for kind, stage in (("fast", "fast"), ("old", "full")):
-        res = CliRunner().invoke(app, ["predict", *(str(served.photos[n]) for n in names), "--model",
-                                       str(served.bundles[kind]), "--batch-size", "1", "--json"], catch_exceptions=False)
+        args = ["predict", *(str(served.photos[n]) for n in names), "--model", str(served.bundles[kind]),
+                "--batch-size", "1", "--json"]
+        res = CliRunner().invoke(app, args, catch_exceptions=False)
         assert res.exit_code == 0, res.stderr
         docs = json.loads(res.stdout)
         want = _answers(Predictor.load(served.bundles[kind], with_backbone=False),
