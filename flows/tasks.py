@@ -29,7 +29,7 @@ from flows.stages.hierarchy import run_hierarchy
 from flows.stages.ingest import run_ingest
 from flows.stages.train import budget_tags, run_train
 from flows.tracking import registry
-from flows.tracking.lineage import OUTPUTS, files_digest, log_dataset
+from flows.tracking.lineage import OUTPUTS, features_fast_decode, files_digest, log_dataset
 from hierloc.digest import digest_of
 from flows.tracking.result_cache import RESULT_SERIALIZER, JsonRecordsOnly
 from flows.tracking.runs import Run, tracked_run
@@ -199,7 +199,8 @@ def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeaturePar
         run.json(out, "features.json")
         # digest: backbone spec + weights content + each split's ids (hierloc.features.views.features_digest)
         return _finish(run, "features", {"dirs": out["dirs"], "backbone": f.backbone, "pretrained": f.pretrained,
-                                         "dim": out["dim"], "digests": out["digests"],
+                                         "fast_decode": out["fast_decode"], "dim": out["dim"],
+                                         "digests": out["digests"],
                                          "digest": digest_of([out["digests"][s] for s in SPLITS])})
 
 
@@ -213,6 +214,7 @@ def train_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dict, 
         log_dataset(run.client, run.run_id, "manifest", ingest["digest"], ingest["dir"], "train")
         log_dataset(run.client, run.run_id, "entities", hierarchy["digest"], hierarchy["dir"], "train")
         log_dataset(run.client, run.run_id, "features", feats["digest"], feats["dirs"]["train"], "train")
+        fast_decode = features_fast_decode(feats)  # before training: the bundle records it, serving decodes alike
         out = run_train(Path(ingest["dir"]), Path(hierarchy["dir"]), feats["dirs"], Path(cfg.work_dir) / "train",
                                cfg.model, cfg.train, log_fn=lambda m, step: run.metrics(m, step=step),
                                init_from=Path(init["model_path"]) if init else None,
@@ -224,7 +226,8 @@ def train_task(cfg: PipelineConfig, ingest: dict, hierarchy: dict, feats: dict, 
         run.tags(budget_tags(cfg.train))
         bundle = run_export(out["model_path"], Path(hierarchy["dir"]), feats["backbone"], feats["pretrained"],
                                    Path(cfg.work_dir) / "export" / Path(out["run_dir"]).name,
-                                   source={"train_run_id": run.run_id, "parent_run_id": parent})
+                                   source={"train_run_id": run.run_id, "parent_run_id": parent},
+                                   fast_decode=fast_decode)
         model_uri = log_pyfunc(run.client, run.run_id, bundle)
         run.tags({"model_path": out["model_path"], "bundle_path": str(bundle), "model_uri": model_uri})
         return _finish(run, "train", {"model_path": out["model_path"], "bundle": str(bundle), "model_uri": model_uri,

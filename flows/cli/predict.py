@@ -68,12 +68,13 @@ def _expand(photos: list[Path]) -> tuple[list[dict], list[Path]]:
 
 def _predict_batches(predictor, files: list[Path], entry_of: list[dict], *, batch_size: int, max_pixels: int,
                      top_k: int, beam_k: int) -> tuple[int, float]:
-    """Decode, encode and search ``files`` in batches; each photo's entry gets ``_pred`` or an
-    ``error``. Returns (photos answered, seconds spent in the search)."""
+    """Decode (as the model's features were: ``Predictor.decode_min_side``), encode and search ``files``
+    in batches; each photo's entry gets ``_pred`` or an ``error``. Returns (photos answered, seconds
+    spent in the search)."""
     from geodata.eval_sets.photos import decoded_batches
 
     t_search, n_answered = 0.0, 0
-    for batch in decoded_batches(files, batch_size, max_pixels):
+    for batch in decoded_batches(files, batch_size, max_pixels, min_side=predictor.decode_min_side):
         good = []
         for i, image, err in batch:
             if image is None:

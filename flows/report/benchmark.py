@@ -127,11 +127,12 @@ class _Predictions:
 
 def _predict(predictor: Predictor, rows: pd.DataFrame, paths: Sequence[Path], *, batch_size: int, beam_k: int,
              max_image_pixels: int, progress: Callable[[int, int, float], None] | None, t_start: float) -> _Predictions:
-    """Decode the photos in batches and run the backbone and the beam search on those that decode."""
+    """Decode the photos in batches (as the model's features were: ``Predictor.decode_min_side``) and run
+    the backbone and the beam search on those that decode."""
     n = len(rows)
     out = _Predictions.empty(n)
     done = 0
-    for batch in decoded_batches(paths, batch_size, max_image_pixels):
+    for batch in decoded_batches(paths, batch_size, max_image_pixels, min_side=predictor.decode_min_side):
         good = [(i, im) for i, im, err in batch if im is not None]
         out.unreadable += [(rows.at[i, "id"], rows.at[i, "image"], err) for i, im, err in batch if im is None]
         if good:

@@ -11,6 +11,9 @@ Input: a DataFrame with one of the columns
   that resolves outside it (``..``, a link), is missing, or is not a regular file gets one
   uniform error (which says nothing about whether it exists); a file over
   ``max_image_bytes`` is not read.
+Photos (``image``, ``path``) are decoded as the model's training features were: JPEGs at the
+reduced scale the bundle's ``fast_decode`` implies (Predictor.decode_min_side), the transform
+split as in the feature stage (Predictor.image_features).
 Output: one row per input row (hierloc.infer.predictor.predictions_frame): latitude,
 longitude, path, <level>_key / _name / _prob, candidates (JSON), and ``error``
 (empty when the row was answered; a bad row does not fail the batch, its other fields are
@@ -144,6 +147,7 @@ class HierLocPyfunc(PythonModel):
         col = cols[0]
         top_k = int((params or {}).get("top_k", self.top_k))
         errors = [""] * len(df)
+        min_side = self.predictor.decode_min_side  # photos decoded as the model's training features were
         feats: list[np.ndarray | None] = [None] * len(df)
         images, image_rows = [], []
         for i, value in enumerate(df[col].tolist()):
@@ -152,10 +156,11 @@ class HierLocPyfunc(PythonModel):
                     feats[i] = self.predictor.check_features(np.asarray(value, dtype=np.float32)[None])[0]
                 elif col == "path":
                     data = read_served_path(value, self.path_root, self.max_image_bytes)
-                    images.append(decode_image(data, str(value), self.max_image_pixels))
+                    images.append(decode_image(data, str(value), self.max_image_pixels, min_side=min_side))
                     image_rows.append(i)
                 else:
-                    images.append(decode_image(_as_bytes(value, self.max_image_bytes), f"row {i}", self.max_image_pixels))
+                    data = _as_bytes(value, self.max_image_bytes)
+                    images.append(decode_image(data, f"row {i}", self.max_image_pixels, min_side=min_side))
                     image_rows.append(i)
             except Exception as exc:  # one bad row is reported, the batch goes on
                 errors[i] = f"{type(exc).__name__}: {exc}"

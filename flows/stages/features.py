@@ -99,7 +99,9 @@ def run_features(
     reads ``ingest_dir/features/<name>`` (written by the WebDataset ingest) and only checks that
     every manifest id is there. Returns backbone, dim, weights (content key), cache, ``dirs``
     {split: view folder} for the later stages, ``digests`` {split: sha256 of backbone, weights,
-    precision and the split's ids}, and per split n, encoded, cached, failures, seconds, images_per_s.
+    precision and the split's ids}, ``fast_decode`` (whether images were decoded at reduced scale:
+    the export records it, so serving decodes alike; False for ``precomputed:``), and per split n,
+    encoded, cached, failures, seconds, images_per_s.
     ``fast_decode``: JPEGs decoded at reduced scale (hierloc.features.decode; its own cache key);
     False: full decode. Unreadable images get NaN features (left out later); FeatureFailureError
     when a split's share of them is above ``max_bad_fraction`` (a wrong image root, a broken backbone).
@@ -114,7 +116,8 @@ def run_features(
                       fast_decode=fast_decode)
     cache, weights, precision, index = got["cache"], got["weights"], got["precision"], got["index"]
     out: dict = {"backbone": backbone, "dim": index.dim, "weights": weights, "precision": precision,
-                 "cache": str(cache), "dirs": {}, "digests": {}}
+                 "fast_decode": bool(fast_decode) and kind != "precomputed", "cache": str(cache), "dirs": {},
+                 "digests": {}}
     for split, m in manifests.items():
         ids = m["id"].to_numpy(np.int64)
         missing = index.missing(ids)

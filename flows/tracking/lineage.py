@@ -94,6 +94,25 @@ def load_outputs(run_id: str) -> dict:
                          f"({plain_reason(exc)}): pass the id of a finished hierloc stage run") from exc
 
 
+def features_fast_decode(outputs: dict) -> bool:
+    """Whether a features run decoded JPEGs at reduced scale (what the export records, so serving decodes
+    alike): its outputs' ``fast_decode``; for outputs written before that field, the run's logged
+    parameter (logged since reduced-scale decoding exists), else False (a run from before it: full decodes)."""
+    if "fast_decode" in outputs:
+        return bool(outputs["fast_decode"])
+    run_id = outputs.get("run_id")
+    if not run_id:
+        return False
+    try:
+        logged = MlflowClient().get_run(run_id).data.params.get("fast_decode", "False")
+    except Exception as exc:  # MlflowException, OSError: say which run and store
+        raise ValueError(f"features run {run_id}: cannot read its parameters in {mlflow.get_tracking_uri()} "
+                         f"({plain_reason(exc)}) to tell how its images were decoded") from exc
+    if logged not in ("True", "False"):
+        raise ValueError(f"features run {run_id}: parameter fast_decode is {logged!r}, expected True or False")
+    return logged == "True"
+
+
 def latest_stage_run(experiment: str, stage: str) -> str:
     """The newest FINISHED run of ``stage`` in ``experiment`` that logged its outputs."""
     client = MlflowClient()

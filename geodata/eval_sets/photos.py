@@ -105,9 +105,9 @@ def find_benchmark_images(
     return found, missing
 
 
-def _decode(path: Path, max_image_pixels: int) -> tuple[object | None, str]:
+def _decode(path: Path, max_image_pixels: int, min_side: int | None = None) -> tuple[object | None, str]:
     try:
-        return open_photo(path, max_image_pixels), ""
+        return open_photo(path, max_image_pixels, min_side=min_side), ""
     except Exception as exc:  # reported per photo; the others go on
         return None, photo_error(path, exc)
 
@@ -123,12 +123,15 @@ def photo_error(path: Path, exc: BaseException) -> str:
 
 
 def decoded_batches(paths: Sequence[Path], batch_size: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                    workers: int | None = None) -> Iterator[list[tuple[int, object | None, str]]]:
+                    workers: int | None = None, *, min_side: int | None = None
+                    ) -> Iterator[list[tuple[int, object | None, str]]]:
     """Decode photos in batches of ``batch_size``: yields [(index in paths, RGB image or None, error)].
 
     A thread pool decodes the next batch while the caller works on the current one, so at
     most two batches of images are in memory. Errors (missing, not an image, over
-    ``max_image_pixels``) are returned per photo, never raised.
+    ``max_image_pixels``) are returned per photo, never raised. ``min_side``: JPEGs decoded at
+    reduced scale (geodata.ingest.image_decode.decode_image; a model's Predictor.decode_min_side,
+    so photos are read as its training features were); None: full resolution.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -136,7 +139,8 @@ def decoded_batches(paths: Sequence[Path], batch_size: int, max_image_pixels: in
     starts = range(0, len(paths), batch_size)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit(s: int):
-            return [(i, pool.submit(_decode, paths[i], max_image_pixels)) for i in range(s, min(s + batch_size, len(paths)))]
+            return [(i, pool.submit(_decode, paths[i], max_image_pixels, min_side))
+                    for i in range(s, min(s + batch_size, len(paths)))]
 
         pending = submit(0) if len(paths) else []
         for s in starts:

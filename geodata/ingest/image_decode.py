@@ -168,10 +168,13 @@ def _photos_under(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def open_photo(
-    path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES
+    path: Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES,
+    *, min_side: int | None = None,
 ) -> Image.Image:
     """Open one photo file as RGB (EXIF rotation applied; bomb guard; clear errors).
 
     Only a regular file of at most ``max_image_bytes`` is read (NotRegularFileError,
-    InputTooLargeError otherwise, before any byte is read)."""
-    return decode_image(read_capped(path, max_image_bytes), str(path), max_image_pixels, max_image_bytes)
+    InputTooLargeError otherwise, before any byte is read). ``min_side``: a JPEG decoded at
+    reduced scale (``decode_image``); None: full resolution."""
+    return decode_image(read_capped(path, max_image_bytes), str(path), max_image_pixels, max_image_bytes,
+                        min_side=min_side)

@@ -2,7 +2,8 @@
 
 A *bundle* is one folder:
 
-    bundle.json        format version, backbone spec, tau, where it came from
+    bundle.json        format version, backbone spec, how training's features were decoded
+                       (fast_decode), tau, where it came from
     model.pt           the HierLoc head (hierloc.model.io.save_model)
     entities.parquet   the entity table, rows in the model's order (key, name, lat, lon, ...)
     backbone.pt        the backbone's weights, when they came from a local file
@@ -11,6 +12,13 @@ A *bundle* is one folder:
 features: the top-k hierarchical paths with probabilities and coordinates
 (hierloc.infer.beam). The MLflow pyfunc model (flows/serving/) and the
 ``hierloc predict`` tool are thin shells around it.
+
+Images are served as the feature stage read them (no train/serve skew): the backbone is built
+with the bundle's ``fast_decode`` (absent in bundles from before it existed: False, the full
+decode those models were trained on), callers decode request bytes with
+``Predictor.decode_min_side`` (geodata.ingest.image_decode.decode_image ``min_side``), and
+``image_features`` runs the feature stage's decode plan (hierloc.features.decode: the worker
+part per image, the device part on the batch).
 """
 
 from __future__ import annotations
@@ -41,9 +49,13 @@ _NEEDED_ENTITY_COLUMNS = ("key", "name", "lat", "lon", "level")
 
 def write_bundle(
     out_dir: Path, model_path: Path, entities: pd.DataFrame, backbone: str, pretrained: str | None,
-    source: dict | None = None,
+    source: dict | None = None, *, fast_decode: bool,
 ) -> Path:
-    """Write a bundle folder atomically (built beside it, then renamed into place)."""
+    """Write a bundle folder atomically (built beside it, then renamed into place). ``fast_decode``:
+    how the feature stage decoded the images the model was trained on (hierloc.features.decode),
+    so that serving decodes the same way."""
+    if not isinstance(fast_decode, bool):
+        raise TypeError(f"fast_decode must be True or False, got {fast_decode!r}")
     out_dir = Path(out_dir)
     missing = [c for c in _NEEDED_ENTITY_COLUMNS if c not in entities.columns]
     if missing:
@@ -61,9 +73,9 @@ def write_bundle(
             shutil.copy2(pretrained, tmp / "backbone.pt")
             weights = "backbone.pt"
         meta = {"format": BUNDLE_FORMAT, "backbone": backbone, "backbone_weights": weights,
-                "backbone_tag": None if weights or not pretrained else pretrained, "tau": model.tau,
-                "level_sizes": model.level_sizes, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": source or {}}
+                "backbone_tag": None if weights or not pretrained else pretrained, "fast_decode": fast_decode,
+                "tau": model.tau, "level_sizes": model.level_sizes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source or {}}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a bundle is an ordinary shared folder
         if out_dir.exists():
@@ -110,6 +122,16 @@ def bundle_weights(bundle: Path, meta: dict) -> Path | None:
     if not path.is_relative_to(root) or path == root:
         raise ValueError(f"{Path(bundle) / 'bundle.json'}: field backbone_weights {name!r} points outside the bundle")
     return path
+
+
+def bundle_fast_decode(bundle: Path, meta: dict) -> bool:
+    """Whether the bundle's features were decoded at reduced scale (field ``fast_decode``); a bundle
+    written before the field existed was trained on full decodes: False."""
+    value = meta.get("fast_decode", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{Path(bundle) / 'bundle.json'}: field fast_decode must be true or false, got {value!r}")
+    return value
+
 
 @dataclass
 class Prediction:
@@ -160,19 +182,29 @@ class Predictor:
         backbone = None
         if with_backbone:
             weights = bundle_weights(bundle, meta)
-            backbone = load_backbone(meta["backbone"], str(weights) if weights else meta.get("backbone_tag"))
+            backbone = load_backbone(meta["backbone"], str(weights) if weights else meta.get("backbone_tag"),
+                                     fast_decode=bundle_fast_decode(bundle, meta))
         return cls(model, entities, backbone, tau=meta.get("tau"), device=device, backend=backend)
 
     # --- answering ----------------------------------------------------------
+    @property
+    def decode_min_side(self) -> int | None:
+        """Decode request images with this ``min_side`` (geodata.ingest.image_decode.decode_image): JPEGs
+        at the reduced scale the feature stage read them at; None: full resolution (also without a
+        backbone, or for a bundle trained on full decodes)."""
+        return None if self.backbone is None else self.backbone.decoding.min_side
+
     @torch.no_grad()
     def image_features(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
-        """PIL images (RGB) -> backbone features (B, D)."""
+        """PIL images (RGB, decoded with ``decode_min_side``) -> backbone features (B, D), as the feature
+        stage computes them: the decode plan's worker part per image, its device part on the batch
+        (hierloc.features.decode; the same float32 input as the whole transform on a full decode)."""
         if self.backbone is None:
             raise RuntimeError("this predictor was loaded without its backbone: pass features instead")
-        out = []
+        plan, out = self.backbone.decoding, []
         for s in range(0, len(images), batch_size):
-            x = torch.stack([self.backbone.transform(im) for im in images[s : s + batch_size]]).to(self.device)
-            out.append(self.backbone.encode(x).float().cpu().numpy())
+            x = torch.stack([plan.worker(im) for im in images[s : s + batch_size]]).to(self.device, non_blocking=True)
+            out.append(self.backbone.encode(plan.to_model(x)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
 
     def check_features(self, features: np.ndarray) -> np.ndarray:

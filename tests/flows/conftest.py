@@ -32,7 +32,8 @@ def demo_work(tmp_path_factory) -> Path:
     feats = run_features(data, work / "ingest", work / "features", num_workers=0)
     trained = run_train(work / "ingest", work / "hierarchy", feats["dirs"], work / "train",
                         ModelConfig(dim=16, hidden=64), TrainConfig(epochs=2, batch_size=128, warmup_steps=5, device="cpu"))
-    run_export(Path(trained["model_path"]), work / "hierarchy", feats["backbone"], None, work / "export" / "demo")
+    run_export(Path(trained["model_path"]), work / "hierarchy", feats["backbone"], None, work / "export" / "demo",
+               fast_decode=feats["fast_decode"])
     return work
 
 

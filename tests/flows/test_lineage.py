@@ -66,3 +66,30 @@ def test_a_dead_tracking_server_is_reported_before_any_work(monkeypatch):
         assert time.monotonic() - t0 < 10
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_features_runs_decoding_comes_from_its_outputs_else_its_logged_parameter(tmp_path, tracking_store):
+    """What the export records as the bundle's fast_decode: the features outputs' field; outputs.json
+    written before that field: the run's logged parameter (True for runs made with reduced-scale
+    decoding on); a run from before reduced-scale decoding logged none: full decodes (False)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking.lineage import features_fast_decode
+
+    with tracking_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        client = MlflowClient()
+        exp = client.create_experiment("lineage")
+        runs = {}
+        for name, logged in (("on", "True"), ("off", "False"), ("before", None), ("odd", "yes")):
+            runs[name] = client.create_run(exp).info.run_id
+            if logged is not None:
+                client.log_param(runs[name], "fast_decode", logged)
+        assert features_fast_decode({"run_id": runs["on"], "fast_decode": False}) is False  # the outputs say
+        assert features_fast_decode({"run_id": runs["off"], "fast_decode": True}) is True
+        assert features_fast_decode({"run_id": runs["on"]}) is True
+        assert features_fast_decode({"run_id": runs["off"]}) is False
+        assert features_fast_decode({"run_id": runs["before"]}) is False
+        with pytest.raises(ValueError, match=f"features run {runs['odd']}: parameter fast_decode is 'yes'"):
+            features_fast_decode({"run_id": runs["odd"]})
+        with pytest.raises(ValueError, match="features run 0123456789abcdef: cannot read its parameters"):
+            features_fast_decode({"run_id": "0123456789abcdef"})

@@ -84,6 +84,14 @@ def test_mlflow_has_a_parent_run_and_one_nested_run_per_stage(pipeline_result, t
     assert {"quarantine.parquet", "ingest_report.json"} <= arts
 
 
+def test_the_exported_bundle_records_how_the_features_stage_decoded(pipeline_result):
+    """features.fast_decode (on by default) reaches the bundle, so serving decodes as the stage did."""
+    cfg, result = pipeline_result
+    assert result["features"]["fast_decode"] is cfg.features.fast_decode is True
+    meta = json.loads((Path(result["train"]["bundle"]) / "bundle.json").read_text())
+    assert meta["fast_decode"] is True
+
+
 def test_bad_parameters_are_rejected_before_anything_runs():
     from pydantic import ValidationError
 
