@@ -57,6 +57,7 @@ from hierloc.device import resolve_device
 from hierloc.features.backbones import Backbone, load_backbone
 from hierloc.features.dataset import compact_items, device_batches
 from hierloc.features.decode import DecodePlan, plan_decoding
+from hierloc.features.device_decode import DeviceDecodePlan, device_decoded_batches
 from hierloc.features.extract import PRECISIONS, effective_precision, extract_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,16 +126,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loader_rate(store: ImageStore, ids, containers, members, plan: DecodePlan, *, batch_size: int, workers: int,
-                device: torch.device) -> float:
-    """Images/s of the stage's loader alone: workers decode, batches reach the device model-ready, no model."""
+def loader_rate(store: ImageStore, ids, containers, members, plan: DecodePlan | DeviceDecodePlan, *, batch_size: int,
+                workers: int, device: torch.device) -> float:
+    """Images/s of the stage's loader alone: workers decode, batches reach the device model-ready, no model.
+    A DeviceDecodePlan: workers read bytes, the JPEGs are decoded on ``device`` (decoder 'device')."""
     items = compact_items(np.asarray(ids, np.int64), np.asarray(containers, object), np.asarray(members, object),
                           None, None)
     _sync(device)
     t0, n = time.perf_counter(), 0
     with torch.inference_mode():
-        for _, _, errors in device_batches(items, store.open, plan, batch_size=batch_size, num_workers=workers,
-                                           device=device):
+        batches = device_decoded_batches if isinstance(plan, DeviceDecodePlan) else device_batches
+        for _, _, errors in batches(items, store.open, plan, batch_size=batch_size, num_workers=workers,
+                                    device=device):
             n += len(errors)
     _sync(device)
     return n / (time.perf_counter() - t0)
@@ -161,7 +164,7 @@ def encoder_rate(bb: Backbone, *, device: torch.device, precision: str, batch_si
 
 def feature_rates(spec: str, photos: list[Path], n_images: int, *, device: str | torch.device = "cpu",
                   precision: str = "fp32", batch_size: int = 256, workers: int = 2, fast_decode: bool = True,
-                  backbone: Backbone | None = None) -> dict:
+                  backbone: Backbone | None = None, decoder: str = "pil") -> dict:
     """The feature stage's rates for backbone ``spec`` (random init) on ``device``, images/s:
     ``end_to_end_img_s`` (extract_features on a zip shard of ``photos`` repeated to ``n_images``, worker
     start-up included), ``encoder_only_img_s`` (random inputs of the model's shape on the device, after
@@ -172,20 +175,24 @@ def feature_rates(spec: str, photos: list[Path], n_images: int, *, device: str |
     decoded at reduced scale, uint8 from the workers, normalised on the device); False: today's path
     (full decode, the whole transform in the workers, float32). ``precision``: fp32, or bf16 / fp16
     autocast on CUDA (the CPU computes fp32). ``backbone``: ``load_backbone(spec)`` already built (a
-    random-init ViT-L-14 takes seconds to build), reused for both paths."""
+    random-init ViT-L-14 takes seconds to build), reused for both paths. ``decoder``: 'pil' (JPEGs decoded in
+    the workers) or 'device' (workers read bytes, decode_jpeg on ``device``: nvjpeg on CUDA)."""
     device = resolve_device(device)
     precision = effective_precision(device, precision)
     bb = load_backbone(spec) if backbone is None else backbone
     bb = bb if fast_decode else todays_backbone(bb)
+    if decoder != bb.decoder:
+        bb = Backbone(bb.spec, bb.module, bb.transform, bb.dim, bb.fast_decode, decoder)
     out = {"spec": spec, "device": str(device), "precision": precision, "batch_size": batch_size, "workers": workers,
-           "fast_decode": fast_decode, "n_images": n_images}
+           "fast_decode": fast_decode, "decoder": decoder, "n_images": n_images}
     out["encoder_only_img_s"] = encoder_rate(bb, device=device, precision=precision, batch_size=batch_size,
                                              n_images=n_images)
     with tempfile.TemporaryDirectory(prefix="hierloc-bench-features-") as tmp:
         root = Path(tmp)
         ids, containers, members = build_shard(root, n_images, photos)
         store = ImageStore(root)
-        out["loader_only_img_s"] = loader_rate(store, ids, containers, members, bb.decoding, batch_size=batch_size,
+        plan = bb.device_decoding if decoder == "device" else bb.decoding
+        out["loader_only_img_s"] = loader_rate(store, ids, containers, members, plan, batch_size=batch_size,
                                                workers=workers, device=device)
         marks: list[tuple[int, float]] = []
         _sync(device)

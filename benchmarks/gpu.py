@@ -118,12 +118,15 @@ def run_features(sz: Sizes, device: torch.device, args, work: Path) -> dict:
                  "batch_size": sz.feature_batch, "device": str(device), "models": [], "errors": {}}
     # the new decoding (reduced-scale JPEGs, uint8 workers) for every model; the last model also with
     # today's full decode, in the same process: the ratio against the old path
-    runs = [(spec, True) for spec in sz.feature_specs] + [(sz.feature_specs[-1], False)]
-    for spec, fast in runs:
-        with guard(out["errors"], f"{spec}{'' if fast else ', full decode'}"):
+    # and the last model with JPEGs decoded on the device (decode_jpeg: nvjpeg on CUDA)
+    runs = ([(spec, True, "pil") for spec in sz.feature_specs] + [(sz.feature_specs[-1], False, "pil")]
+            + [(sz.feature_specs[-1], True, "device")])
+    for spec, fast, decoder in runs:
+        how = f"{'' if fast else ', full decode'}{', device decode' if decoder == 'device' else ''}"
+        with guard(out["errors"], f"{spec}{how}"):
             r = rates(spec, photos, sz.feature_images, device=str(device), precision=precision,
-                      batch_size=sz.feature_batch, workers=workers, fast_decode=fast)
-            row = {"spec": spec, "fast_decode": fast, **{key: float(r[key]) for key in
+                      batch_size=sz.feature_batch, workers=workers, fast_decode=fast, decoder=decoder)
+            row = {"spec": spec, "fast_decode": fast, "decoder": decoder, **{key: float(r[key]) for key in
                                                          ("end_to_end_img_s", "encoder_only_img_s", "loader_only_img_s")}}
             row["end_to_end_vs_encoder"] = row["end_to_end_img_s"] / row["encoder_only_img_s"]
             row.update({key: float(r[key]) for key in ("startup_s", "end_to_end_steady_img_s") if key in r})
@@ -178,7 +181,9 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
                              f"{h['host_syncs']} in {h['steps']} steps{cuda}"))
         elif name == "features":
             for m in sec["models"]:
-                rows.append((name, f"{m['spec']}{'' if m.get('fast_decode', True) else ', full decode (the old path)'}, "
+                how = ", device decode" if m.get("decoder") == "device" else ""
+                how += "" if m.get("fast_decode", True) else ", full decode (the old path)"
+                rows.append((name, f"{m['spec']}{how}, "
                                    f"{sec['precision']}, {sec['workers']} workers, end to end "
                                    f"(encoder alone; loader alone)",
                              f"{_n(m['end_to_end_img_s'])} images/s ({_n(m['encoder_only_img_s'])}; "

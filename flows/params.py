@@ -83,6 +83,10 @@ class FeatureParams(BaseModel):
     fast_decode: bool = Field(True, description="decode JPEGs at 1/2, 1/4 or 1/8 scale where the backbone resizes to "
                                                 "less (2.3x faster per core; features within the resize tolerance, "
                                                 "hierloc.features.decode); false: full decode, today's exact features")
+    decoder: Literal["pil", "device"] = Field("pil", description="where JPEGs are decoded: pil (in the DataLoader "
+                                              "workers) or device (workers read bytes; torchvision's decode_jpeg on "
+                                              "the device, nvjpeg on CUDA; hierloc.features.device_decode; its own "
+                                              "cache key)")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="fail the stage when more of a split's images "
                                                                      "cannot be read (a wrong root, a broken backbone)")
 

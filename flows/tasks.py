@@ -191,7 +191,7 @@ def features_task(data_dir: str, ingest: dict, work_dir: str, params: FeaturePar
         out = run_features(Path(data_dir), Path(ingest["dir"]), Path(work_dir) / "features", f.backbone,
                                   f.pretrained, f.batch_size, f.num_workers, f.device,
                                   precision=f.precision, shard_size=f.shard_size, retry_failed=f.retry_failed,
-                                  fast_decode=f.fast_decode,
+                                  fast_decode=f.fast_decode, decoder=f.decoder,
                                   max_bad_fraction=f.max_bad_fraction)
         for split in SPLITS:
             run.metrics({f"{split}_{k}": out[split][k] for k in ("n", "encoded", "cached", "failures", "images_per_s")})

@@ -71,9 +71,10 @@ def _precomputed(backbone: str, name: str, ingest_dir: Path) -> dict:
 
 
 def _encode(backbone: str, pretrained: str | None, data_dir: Path, manifests: dict[str, pd.DataFrame],
-            out_root: Path, device: str, precision: str, fast_decode: bool = True, **extract_kwargs) -> dict:
+            out_root: Path, device: str, precision: str, fast_decode: bool = True, decoder: str = "pil",
+            **extract_kwargs) -> dict:
     """Encode the images the backbone's cache lacks (both splits in one pass)."""
-    bb = load_backbone(backbone, pretrained, fast_decode=fast_decode)
+    bb = load_backbone(backbone, pretrained, fast_decode=fast_decode, decoder=decoder)
     device = resolve_device(device)
     precision = effective_precision(device, precision)
     cache = feature_cache_dir(Path(out_root), backbone, bb.weights_key, precision)
@@ -92,6 +93,7 @@ def run_features(
     pretrained: str | None = None, batch_size: int = 256, num_workers: int = 2, device: str = "cpu",
     progress: Callable[[int, int, float], None] | None = None, *, precision: str = "fp32",
     shard_size: int = 8192, retry_failed: bool = False, max_bad_fraction: float = 0.05, fast_decode: bool = True,
+    decoder: str = "pil",
 ) -> dict:
     """Frozen backbone features of every manifest image, in one incremental cache per backbone.
 
@@ -103,7 +105,9 @@ def run_features(
     the export records it, so serving decodes alike; False for ``precomputed:``), and per split n,
     encoded, cached, failures, seconds, images_per_s.
     ``fast_decode``: JPEGs decoded at reduced scale (hierloc.features.decode; its own cache key);
-    False: full decode. Unreadable images get NaN features (left out later); FeatureFailureError
+    False: full decode. ``decoder``: "pil", or "device" (JPEGs decoded by decode_jpeg on ``device``,
+    hierloc.features.device_decode; its own cache key; recorded as ``decoder``). Unreadable images
+    get NaN features (left out later); FeatureFailureError
     when a split's share of them is above ``max_bad_fraction`` (a wrong image root, a broken backbone).
     """
     kind, name = parse_spec(backbone)
@@ -113,11 +117,11 @@ def run_features(
     else:
         got = _encode(backbone, pretrained, data_dir, manifests, out_root, device, precision, batch_size=batch_size,
                       shard_size=shard_size, num_workers=num_workers, retry_failed=retry_failed, progress=progress,
-                      fast_decode=fast_decode)
+                      fast_decode=fast_decode, decoder=decoder)
     cache, weights, precision, index = got["cache"], got["weights"], got["precision"], got["index"]
     out: dict = {"backbone": backbone, "dim": index.dim, "weights": weights, "precision": precision,
                  "fast_decode": bool(fast_decode) and kind != "precomputed", "cache": str(cache), "dirs": {},
-                 "digests": {}}
+                 "digests": {}, "decoder": decoder if kind != "precomputed" else "pil"}
     for split, m in manifests.items():
         ids = m["id"].to_numpy(np.int64)
         missing = index.missing(ids)

@@ -2,6 +2,8 @@
 
 - `decode_image` decodes bytes fully (the ingest's decode check, the service's uploads);
   `open_photo` reads one photo file first (capped, regular files only);
+- `inspect_image` checks the caps and reads the header only (format, size, EXIF orientation), for a
+  caller that decodes the bytes itself (the feature stage's device decoder);
 - `to_rgb` turns any PIL mode into RGB;
 - `expand_photo_paths` turns the files and folders given to the predict tool into photo files.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -83,6 +86,44 @@ def decode_image(
         raise ImageDecodeError(
             f"{where}: cannot decode image ({reason}); the file is truncated, corrupt or not an image", reason
         ) from exc
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image bytes not decoded yet, with what their header says: ``format`` (PIL's name: 'JPEG',
+    'PNG', ...), ``size`` (width, height) before EXIF orientation, ``orientation`` (the EXIF tag,
+    1-8; 1 where absent or unreadable, as `to_rgb` then leaves the image unrotated)."""
+
+    data: bytes
+    format: str
+    size: tuple[int, int]
+    orientation: int
+
+
+def inspect_image(
+    data: bytes, where: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = MAX_IMAGE_BYTES,
+) -> EncodedImage:
+    """The header of image bytes, no pixel decoded: the same byte and pixel caps as `decode_image`
+    (InputTooLargeError, PIL.Image.DecompressionBombError), ImageDecodeError when no image format
+    recognises the header. A corrupt body is only found by decoding it."""
+    check_size(len(data), max_image_bytes, where)
+    try:
+        image = Image.open(io.BytesIO(data))  # lazy: reads the header
+        fmt, size = str(image.format), (int(image.width), int(image.height))
+    except Exception as exc:
+        detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        reason = f"{type(exc).__name__}: {detail}"
+        raise ImageDecodeError(f"{where}: cannot read the image header ({reason}); the file is corrupt or not an image",
+                               reason) from exc
+    if size[0] * size[1] > max_image_pixels:
+        raise Image.DecompressionBombError(
+            f"{where}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels exceeds max_image_pixels={max_image_pixels} "
+            "(possible decompression bomb); raise the limit only for trusted data")
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))  # as ImageOps.exif_transpose reads it
+    except Exception:  # malformed EXIF is not a broken photo: unrotated, as to_rgb does
+        orientation = 1
+    return EncodedImage(data, fmt, size, orientation if 1 <= orientation <= 8 else 1)
 
 
 def _mark_reduced(rgb: Image.Image, decoded: Image.Image, full_size: tuple[int, int],

@@ -37,7 +37,13 @@ from geodata.ingest.archive_members import (
     tar_refusal,
     zip_refusal,
 )
-from geodata.ingest.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from geodata.ingest.image_decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    EncodedImage,
+    ImageDecodeError,
+    decode_image,
+    inspect_image,
+)
 
 
 #: Zip shards an ImageStore keeps open per process (least recently used closed first).
@@ -242,11 +248,14 @@ class ImageStore:
             return read_stream_capped(fh, info.file_size, self.max_image_bytes, where)
 
     def open(self, container: str, member: str, *, offset: int | None = None, size: int | None = None,
-             min_side: int | None = None) -> Image.Image:
+             min_side: int | None = None, raw: bool = False) -> Image.Image | EncodedImage:
         """Decode one image fully and return it as RGB with EXIF orientation applied.
 
         ``min_side``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay >=
         ``min_side`` (geodata.ingest.image_decode.decode_image); other formats ignore it.
+        ``raw``: decode nothing; return the bytes with their header's format, size and EXIF
+        orientation (an EncodedImage, geodata.ingest.image_decode.inspect_image), after the same
+        byte and pixel caps, for a caller that decodes them itself.
 
         Raises PIL.Image.DecompressionBombError when it has more than max_image_pixels,
         ImageDecodeError (an OSError) when it is truncated, corrupt or not an image,
@@ -254,5 +263,7 @@ class ImageStore:
         container and member.
         """
         data = self.read_bytes(container, member, offset=offset, size=size)
+        if raw:
+            return inspect_image(data, f"{container}:{member}", self.max_image_pixels, self.max_image_bytes)
         return decode_image(data, f"{container}:{member}", self.max_image_pixels, self.max_image_bytes,
                             min_side=min_side)

@@ -36,9 +36,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from hierloc.features.decode import DecodePlan, plan_decoding
+from hierloc.features.device_decode import DeviceDecodePlan, plan_device_decoding
 from hierloc.model.io import MAX_WEIGHTS_FILE_BYTES, load_plain, open_regular
 
 SPEC_KINDS = ("fixed", "open_clip", "timm", "precomputed")
+#: Where JPEGs are decoded: PIL in the DataLoader workers, or decode_jpeg on the device.
+DECODERS = ("pil", "device")
 
 
 class PixelStats(nn.Module):
@@ -63,18 +66,30 @@ class Backbone:
     ((B, 3, H, W) -> (B, dim) features). ``fast_decode``: the feature stage decodes JPEGs at reduced
     scale where the transform starts with a Resize (hierloc.features.decode; False: full
     resolution, the features of a full decode exactly); ``decoding`` is how it splits the transform
-    between DataLoader workers and the device."""
+    between DataLoader workers and the device. ``decoder``: "pil" (JPEGs decoded by PIL in the workers) or
+    "device" (workers read bytes, JPEGs decoded by torchvision's decode_jpeg on the extraction device:
+    nvjpeg on CUDA; hierloc.features.device_decode; its own cache key)."""
 
     spec: str
     module: nn.Module
     transform: Callable
     dim: int
     fast_decode: bool = True
+    decoder: str = "pil"
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"backbone {self.spec}: decoder {self.decoder!r}: use one of {', '.join(DECODERS)}")
 
     @cached_property
     def decoding(self) -> DecodePlan:
         """The transform split into a worker part (uint8) and a device part, and the JPEG draft size."""
         return plan_decoding(self.transform, fast_decode=self.fast_decode)
+
+    @cached_property
+    def device_decoding(self) -> DeviceDecodePlan:
+        """The device decoder's plan (decoder "device"); ValueError for a transform it cannot run."""
+        return plan_device_decoding(self.decoding)
 
     @cached_property
     def weights_key(self) -> str:
@@ -83,7 +98,10 @@ class Backbone:
         Reduced-scale decoding changes the features, so it changes the key; a full decode keeps the key
         the features had before reduced-scale decoding existed (they are the same features)."""
         min_side = self.decoding.min_side
-        return weights_key(self.module, self.transform, decode="" if min_side is None else f"jpeg-draft:{min_side}")
+        decode = "" if min_side is None else f"jpeg-draft:{min_side}"
+        if self.decoder == "device":  # JPEGs decoded in full by decode_jpeg, resized as tensors
+            decode = f"jpeg-device:{self.device_decoding.geometry}|others:{decode or 'full'}"
+        return weights_key(self.module, self.transform, decode=decode)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,12 +217,14 @@ def _timm(name: str, pretrained: str | None, seed: int) -> tuple[nn.Module, Call
     return model, transform, int(model.num_features)
 
 
-def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0, fast_decode: bool = True) -> Backbone:
+def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0, fast_decode: bool = True,
+                  decoder: str = "pil") -> Backbone:
     """Build a frozen backbone from its spec (module docstring), in eval mode on the CPU.
 
     ``pretrained``: a local weights file (open_clip also takes one of its tags); None for a
     random init drawn with ``seed``. ``fast_decode``: reduced-scale JPEG decoding in the feature
-    stage (``Backbone``; False: today's full decode, exactly its features). Raises ValueError for
+    stage (``Backbone``; False: today's full decode, exactly its features); ``decoder``: "pil" or
+    "device" (``Backbone``; ValueError up front where the transform does not suit it). Raises ValueError for
     an unknown spec and for ``precomputed:`` (features without an encoder), FileNotFoundError for
     missing weights.
     """
@@ -218,4 +238,7 @@ def load_backbone(spec: str, pretrained: str | None = None, *, seed: int = 0, fa
     else:
         raise ValueError(f"backbone {spec!r}: precomputed features have no image encoder; compute them with the "
                          "backbone they came from, or pass features instead of images")
-    return Backbone(spec, module.eval().requires_grad_(False), transform, dim, fast_decode)
+    bb = Backbone(spec, module.eval().requires_grad_(False), transform, dim, fast_decode, decoder)
+    if decoder == "device":
+        bb.device_decoding  # noqa: B018 - refuse an unsuitable transform now, not in the stage
+    return bb

@@ -26,6 +26,7 @@ from hierloc.device import resolve_device
 from hierloc.features.backbones import Backbone
 from hierloc.features.cache import CacheIndex, cache_lock, scan_cache, shard_number, write_failures, write_shard
 from hierloc.features.dataset import ImageItems, OpenImage, check_open_image, compact_items, device_batches
+from hierloc.features.device_decode import check_raw_open_image, device_decoded_batches
 from hierloc.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def extract_features(
     ``open_image``: (container, member) -> PIL RGB image, picklable (it runs in DataLoader
     workers; geodata.ingest.image_store.ImageStore.open); it is passed ``min_side=`` where the
     backbone decodes JPEGs at reduced scale (``Backbone.fast_decode``, TypeError up front if it
-    takes no such keyword). ``batch_size``: images per forward pass. A shard is written every
+    takes no such keyword), and ``raw=True`` where the backbone decodes on the device
+    (``Backbone.decoder``: then it returns the bytes and their header). ``batch_size``: images per forward pass. A shard is written every
     ``shard_size`` images.
     Unreadable images get NaN features and a reason (failures.json); with ``retry_failed``
     images that failed before are read again. ``offsets``/``sizes`` (int64, -1 where none): where
@@ -174,6 +176,13 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
                          f"{backbone.dim}; this folder belongs to another backbone")
     plan = backbone.decoding
     check_open_image(open_image, plan)
+    if backbone.decoder == "device":  # workers read bytes, JPEGs decoded on the device
+        check_raw_open_image(open_image)
+        batches = device_decoded_batches(items, open_image, backbone.device_decoding, batch_size=batch_size,
+                                         num_workers=num_workers, device=device)
+    else:
+        batches = device_batches(items, open_image, plan, batch_size=batch_size, num_workers=num_workers,
+                                 device=device)
     backbone.module.to(device)
     dtype = PRECISIONS[precision]
     next_no = max((n for n in map(shard_number, index.paths) if n is not None), default=-1) + 1
@@ -193,8 +202,7 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
     try:
         with torch.inference_mode():
             # x: float32 on the device, normalised there (outside autocast); autocast covers the model only
-            for batch_ids, x, errors in device_batches(items, open_image, plan, batch_size=batch_size,
-                                                       num_workers=num_workers, device=device):
+            for batch_ids, x, errors in batches:
                 amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
                 with amp:
                     f = backbone.encode(x).float().cpu().numpy()

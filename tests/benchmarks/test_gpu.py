@@ -114,9 +114,11 @@ def test_features_section_runs_feature_rates_or_says_why_not(tmp_path):
         assert entry["status"] == "skipped" and "no feature_rates" in entry["reason"]
         return
     assert entry["status"] == "ok", entry
-    new, old = entry["models"]  # the new decoding, then the old full decode of the same model (the baseline)
+    # the new decoding, then the old full decode of the same model (the baseline), then JPEGs decoded on the device
+    new, old, dev = entry["models"]
     assert (new["fast_decode"], old["fast_decode"]) == (True, False)
-    for row in (new, old):
+    assert (new["decoder"], old["decoder"], dev["decoder"]) == ("pil", "pil", "device")
+    for row in (new, old, dev):
         assert row["spec"] == "open_clip:ViT-B-32" and entry["images"] == 64 and entry["precision"] == "fp32"
         assert min(row["end_to_end_img_s"], row["encoder_only_img_s"], row["loader_only_img_s"]) > 0
         assert row["end_to_end_vs_encoder"] == pytest.approx(row["end_to_end_img_s"] / row["encoder_only_img_s"])

@@ -187,3 +187,26 @@ def test_reduced_scale_and_full_decoding_keep_separate_caches(tmp_path):
     assert fast["digests"]["train"] != full["digests"]["train"]
     again = run_features(data, ingest, feats_root, num_workers=0, fast_decode=False)
     assert again["cache"] == full["cache"] and again["train"]["encoded"] == 0
+
+
+def test_the_device_decoder_is_a_setting_with_its_own_cache(tmp_path):
+    """features.decoder: 'pil' by default; 'device' (decode_jpeg on the stage's device) encodes into its
+    own cache, reaches the stage's outputs, and a wrong name is refused by the settings."""
+    from pydantic import ValidationError
+
+    from flows.params import FeatureParams
+
+    data, ingest, hier, feats_root = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy", tmp_path / "features"
+    train, test = ID0 + np.arange(4), ID0 + 100 + np.arange(2)
+    _data(data, "train", train)
+    _data(data, "test", test)
+    _write_split(ingest, hier, "train", train)
+    _write_split(ingest, hier, "test", test)
+    pil = run_features(data, ingest, feats_root, num_workers=0)
+    dev = run_features(data, ingest, feats_root, num_workers=0, decoder="device")
+    assert FeatureParams().decoder == "pil" and FeatureParams(decoder="device").decoder == "device"
+    with pytest.raises(ValidationError, match="decoder"):
+        FeatureParams(decoder="gpu")
+    assert (pil["decoder"], dev["decoder"]) == ("pil", "device")
+    assert dev["cache"] != pil["cache"] and dev["digests"]["train"] != pil["digests"]["train"]
+    assert (dev["train"]["encoded"], dev["test"]["encoded"], dev["train"]["failures"]) == (4, 2, 0)
