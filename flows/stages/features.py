@@ -102,7 +102,9 @@ def run_features(
     every manifest id is there. Returns backbone, dim, weights (content key), cache, ``dirs``
     {split: view folder} for the later stages, ``digests`` {split: sha256 of backbone, weights,
     precision and the split's ids}, ``fast_decode`` (whether images were decoded at reduced scale:
-    the export records it, so serving decodes alike; False for ``precomputed:``), and per split n,
+    the export records it, so serving decodes alike; False for ``precomputed:`` and for the "device"
+    decoder, which decodes at full size: serving's PIL full decode is within 1/255 a pixel of it on the
+    CPU), and per split n,
     encoded, cached, failures, seconds, images_per_s.
     ``fast_decode``: JPEGs decoded at reduced scale (hierloc.features.decode; its own cache key);
     False: full decode. ``decoder``: "pil", or "device" (JPEGs decoded by decode_jpeg on ``device``,
@@ -120,7 +122,7 @@ def run_features(
                       fast_decode=fast_decode, decoder=decoder)
     cache, weights, precision, index = got["cache"], got["weights"], got["precision"], got["index"]
     out: dict = {"backbone": backbone, "dim": index.dim, "weights": weights, "precision": precision,
-                 "fast_decode": bool(fast_decode) and kind != "precomputed", "cache": str(cache), "dirs": {},
+                 "fast_decode": bool(fast_decode) and kind != "precomputed" and decoder == "pil", "cache": str(cache), "dirs": {},
                  "digests": {}, "decoder": decoder if kind != "precomputed" else "pil"}
     for split, m in manifests.items():
         ids = m["id"].to_numpy(np.int64)

@@ -208,5 +208,7 @@ def test_the_device_decoder_is_a_setting_with_its_own_cache(tmp_path):
     with pytest.raises(ValidationError, match="decoder"):
         FeatureParams(decoder="gpu")
     assert (pil["decoder"], dev["decoder"]) == ("pil", "device")
+    # the device decoder decodes at full size: the bundle tells serving to decode at full size too
+    assert (pil["fast_decode"], dev["fast_decode"]) == (True, False)
     assert dev["cache"] != pil["cache"] and dev["digests"]["train"] != pil["digests"]["train"]
     assert (dev["train"]["encoded"], dev["test"]["encoded"], dev["train"]["failures"]) == (4, 2, 0)
