@@ -27,6 +27,11 @@ POOL = "hierloc-process"
 SERVICES = ("prefect-server", "mlflow-server", "worker")
 
 
+#: How far apart two readings of one process's start time may be (psutil's create_time is the start in
+#: clock ticks since boot plus the boot time, which /proc/stat recomputes from the wall clock).
+START_TIME_SLACK_S = 2.0
+
+
 class ServiceError(RuntimeError):
     pass
 
@@ -98,8 +103,11 @@ class Services:
         try:
             rec = json.loads(f.read_text())
             proc = psutil.Process(rec["pid"])
-            # the same process: same start time (a recycled pid has another), still running the same command
-            same = proc.create_time() == rec["create_time"] and proc.cmdline()[: len(rec["argv"])] == rec["argv"]
+            # the same process: same start time (a recycled pid has another), still running the same command.
+            # psutil adds the boot time read from /proc/stat at each call, which moves with the wall clock
+            # (a second either way after an NTP adjustment): compared within START_TIME_SLACK_S.
+            same = (abs(proc.create_time() - rec["create_time"]) <= START_TIME_SLACK_S
+                    and proc.cmdline()[: len(rec["argv"])] == rec["argv"])
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):  # gone, a zombie, or not our record
             return None
         return rec if same else None

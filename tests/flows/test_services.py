@@ -32,6 +32,21 @@ def test_stop_kills_what_it_started_and_only_that(svc):
             os.waitpid(pid, os.WNOHANG)
 
 
+def test_a_start_time_moved_by_a_clock_adjustment_is_still_ours(svc):
+    """psutil's start time is ticks since boot plus /proc/stat's boot time, which follows the wall
+    clock: a second's drift between the record and a later reading must not disown a running server
+    (it made `make up` report MLflow as exited while it ran); a start a minute off is another process."""
+    pid = svc._start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = json.loads(svc._pid_file("sleeper").read_text())
+        for drift, ours in ((1.0, True), (-1.0, True), (60.0, False)):
+            svc._pid_file("sleeper").write_text(json.dumps({**rec, "create_time": rec["create_time"] + drift}))
+            assert (svc.running("sleeper") == pid) is ours, drift
+    finally:
+        svc._pid_file("sleeper").write_text(json.dumps(rec))
+        svc.stop("sleeper", timeout_s=5)
+
+
 def test_a_port_taken_by_someone_else_is_a_clear_error(svc):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
