@@ -6,8 +6,8 @@ cosine decay, gradient clipping, bf16 autocast on CUDA (hierloc.train.optim). Ev
 the batch against ALL entities of every level (the paper's full-table negatives,
 hierloc.train.batch_loss). With ``entity_refresh_every = k > 1`` the entity table is computed
 once per k steps and its gradient accumulated (hierloc.train.table_cycle): the loss stays exact,
-the entity branch steps every k batches. Non-finite losses or gradients stop the run
-before the optimiser step, naming the tensor (hierloc.train.finite_checks).
+the entity branch steps every k batches. No host read inside a step: non-finite losses or gradients
+stop the run at the next logging point or checkpoint, naming step and tensor (train.finite_checks).
 
 A checkpoint is written atomically after every epoch (and every
 ``checkpoint_every_steps``); a run that finds one with the same configuration resumes
