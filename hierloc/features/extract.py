@@ -167,6 +167,34 @@ def _record_failures(failures: dict[int, str], ids: np.ndarray, errors: list[str
     return changed
 
 
+def _encoded(batches, backbone: Backbone, device: torch.device, dtype: torch.dtype | None):
+    """(ids, features (B, D) float32 numpy, errors) per batch of ``batches``. On CUDA one batch stays in
+    flight: its features go to pinned host memory without blocking and are read once the next batch is
+    queued, so the GPU does not wait for the host (shards, progress) between batches."""
+    inflight = None
+    for batch_ids, x, errors in batches:
+        amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with amp:
+            f = backbone.encode(x).float()
+        if device.type != "cuda":
+            yield batch_ids, f.cpu().numpy(), errors
+            continue
+        host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+        host.copy_(f, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        if inflight is not None:
+            yield _landed(*inflight)
+        inflight = (batch_ids, host, errors, ready)
+    if inflight is not None:
+        yield _landed(*inflight)
+
+
+def _landed(batch_ids, host: torch.Tensor, errors, ready) -> tuple:
+    ready.synchronize()  # this batch's copy to the host is done (the next one is queued behind it)
+    return batch_ids, host.numpy(), errors
+
+
 def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, cache_dir: Path, index: CacheIndex, *,
                  batch_size: int, shard_size: int, num_workers: int, device: torch.device, precision: str,
                  progress: ProgressFn | None) -> int:
@@ -202,10 +230,7 @@ def _encode_into(items: ImageItems, open_image: OpenImage, backbone: Backbone, c
     try:
         with torch.inference_mode():
             # x: float32 on the device, normalised there (outside autocast); autocast covers the model only
-            for batch_ids, x, errors in batches:
-                amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-                with amp:
-                    f = backbone.encode(x).float().cpu().numpy()
+            for batch_ids, f, errors in _encoded(batches, backbone, device, dtype):
                 f[[bool(e) for e in errors]] = np.nan  # unreadable: the stages drop and count these rows
                 if precision == "fp16":  # stored as float16 (half the disk), unless a value overflows it
                     f16 = f.astype(np.float16)
