@@ -46,6 +46,18 @@ def _data(root: Path, split: str, ids: np.ndarray, broken: set[int] = frozenset(
             zf.writestr(f"{i}.jpg", b"not a jpeg" if i in broken else _jpeg(int(i)))
 
 
+def _both_splits(tmp_path: Path, train: np.ndarray, test: np.ndarray,
+                 broken: set[int] = frozenset()) -> tuple[Path, Path, Path]:
+    """Images (train ids in ``broken`` unreadable) and the upstream tables of both splits under
+    ``tmp_path``: (data, ingest, hierarchy)."""
+    data, ingest, hier = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy"
+    _data(data, "train", train, broken=broken)
+    _data(data, "test", test)
+    _write_split(ingest, hier, "train", train)
+    _write_split(ingest, hier, "test", test)
+    return data, ingest, hier
+
+
 def test_a_grown_manifest_encodes_only_its_new_images(tmp_path):
     data, ingest, hier, feats_root = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy", tmp_path / "features"
     train, test = ID0 + np.arange(20), ID0 + 100 + np.arange(6)
@@ -129,12 +141,8 @@ def test_tar_rows_pass_their_offsets_to_the_reader(tmp_path):
 def test_a_wrong_image_root_fails_the_stage_with_the_count_and_first_failures(tmp_path):
     """Every image unreadable (the images are read from the wrong folder): no NaN features for
     training to go on with, a clear error instead (flows.stages.faults.FeatureFailureError)."""
-    data, ingest, hier = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy"
     train, test = ID0 + np.arange(12), ID0 + 100 + np.arange(4)
-    _data(data, "train", train)
-    _data(data, "test", test)
-    _write_split(ingest, hier, "train", train)
-    _write_split(ingest, hier, "test", test)
+    data, ingest, hier = _both_splits(tmp_path, train, test)
     with pytest.raises(ValueError) as err:
         run_features(tmp_path / "elsewhere", ingest, tmp_path / "features", num_workers=0)
     msg = str(err.value)
@@ -143,12 +151,8 @@ def test_a_wrong_image_root_fails_the_stage_with_the_count_and_first_failures(tm
 
 
 def test_a_few_failures_below_the_ceiling_pass_counted_and_logged(tmp_path, caplog):
-    data, ingest, hier = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy"
     train, test = ID0 + np.arange(40), ID0 + 100 + np.arange(4)
-    _data(data, "train", train, broken={int(train[5])})  # 1 of 40: 2.5 %, under the default 5 %
-    _data(data, "test", test)
-    _write_split(ingest, hier, "train", train)
-    _write_split(ingest, hier, "test", test)
+    data, ingest, hier = _both_splits(tmp_path, train, test, broken={int(train[5])})  # 1 of 40: 2.5 %, under the default 5 %
     with caplog.at_level("WARNING", logger="flows.stages"):
         out = run_features(data, ingest, tmp_path / "features", num_workers=0)
     assert out["train"]["failures"] == 1 and out["test"]["failures"] == 0
@@ -173,12 +177,8 @@ def test_reduced_scale_and_full_decoding_keep_separate_caches(tmp_path):
     its own cache and digests; the full decode keeps the cache it had before (its features are the same)."""
     from flows.params import FeatureParams
 
-    data, ingest, hier, feats_root = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy", tmp_path / "features"
-    train, test = ID0 + np.arange(6), ID0 + 100 + np.arange(3)
-    _data(data, "train", train)
-    _data(data, "test", test)
-    _write_split(ingest, hier, "train", train)
-    _write_split(ingest, hier, "test", test)
+    train, test, feats_root = ID0 + np.arange(6), ID0 + 100 + np.arange(3), tmp_path / "features"
+    data, ingest, hier = _both_splits(tmp_path, train, test)
     full = run_features(data, ingest, feats_root, num_workers=0, fast_decode=False)
     fast = run_features(data, ingest, feats_root, num_workers=0)
     assert FeatureParams().fast_decode is True
@@ -196,12 +196,8 @@ def test_the_device_decoder_is_a_setting_with_its_own_cache(tmp_path):
 
     from flows.params import FeatureParams
 
-    data, ingest, hier, feats_root = tmp_path / "data", tmp_path / "ingest", tmp_path / "hierarchy", tmp_path / "features"
-    train, test = ID0 + np.arange(4), ID0 + 100 + np.arange(2)
-    _data(data, "train", train)
-    _data(data, "test", test)
-    _write_split(ingest, hier, "train", train)
-    _write_split(ingest, hier, "test", test)
+    train, test, feats_root = ID0 + np.arange(4), ID0 + 100 + np.arange(2), tmp_path / "features"
+    data, ingest, hier = _both_splits(tmp_path, train, test)
     pil = run_features(data, ingest, feats_root, num_workers=0)
     dev = run_features(data, ingest, feats_root, num_workers=0, decoder="device")
     assert FeatureParams().decoder == "pil" and FeatureParams(decoder="device").decoder == "device"
