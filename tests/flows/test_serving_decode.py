@@ -32,11 +32,9 @@ from hierloc.features.views import load_features
 from hierloc.infer.predictor import Predictor, predictions_frame
 from hierloc.model.io import save_model
 from hierloc.model.model import HierLocModel, ModelConfig
+from tests.hierloc.features.sample_shard import TINY_CLIP_224, write_clip_spec
 
 SAMPLE = Path(os.environ["HIERLOC_OSV5M_SAMPLE"])
-TINY_CLIP_224 = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32,
-                                                 "patch_size": 32},
-                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 LEVEL_SIZES = [2, 4, 8, 16]  # fan-out 2 below the countries
 
 
@@ -82,9 +80,7 @@ def served(tmp_path_factory) -> SimpleNamespace:
     bundles of one head: ``fast`` (exported from the reduced-scale run), ``full`` (from the full-decode
     run) and ``old`` (``full`` with bundle.json as written before the fast_decode field existed)."""
     root = tmp_path_factory.mktemp("serve_decode")
-    spec_path = root / "hierloc-test-tiny-vit-224.json"
-    spec_path.write_text(json.dumps(TINY_CLIP_224))
-    spec = f"open_clip:{spec_path}"
+    spec = write_clip_spec(root)
     photos = sorted((SAMPLE / "images").glob("*.jpg"))
     assert len(photos) >= 20
     data, ingest = _stage_inputs(root, photos)

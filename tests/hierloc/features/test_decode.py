@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,44 +24,7 @@ from hierloc.features.backbones import load_backbone, weights_key
 from hierloc.features.dataset import ImageDataset, compact_items, device_batches
 from hierloc.features.decode import draft_min_side, plan_decoding, resized_size
 from hierloc.features.extract import extract_features
-from hierloc.features.views import load_features
-
-SAMPLE_PHOTOS = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
-TINY_CLIP_224 = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32,
-                                                 "patch_size": 32},
-                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-@pytest.fixture(scope="module")
-def clip_spec(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("clipcfg") / "hierloc-test-tiny-vit-224.json"
-    path.write_text(json.dumps(TINY_CLIP_224))
-    return f"open_clip:{path}"
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    found = {p.name: p.read_bytes() for p in sorted(SAMPLE_PHOTOS.glob("*.jpg"))}
-    assert len(found) >= 20
-    return found
-
-
-def _shard(root: Path, members: dict[str, bytes]) -> tuple[np.ndarray, list[str], list[str]]:
-    """The members in root/images/train/00.zip; (ids, containers, members)."""
-    path = root / "images" / "train" / "00.zip"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return np.arange(1, len(members) + 1, dtype=np.int64), ["images/train/00.zip"] * len(members), list(members)
-
-
-def _extract(root: Path, members: dict[str, bytes], backbone, cache: str, **kw) -> np.ndarray:
-    ids, containers, names = _shard(root, members)
-    kw = {"batch_size": 8, "num_workers": 0, **kw}
-    extract_features(ids, containers, names, ImageStore(root).open, backbone, root / cache, **kw)
-    return load_features(root / cache, ids)
-
+from tests.hierloc.features.sample_shard import SHARD, extract_shard, zip_shard
 
 def _specs(clip_spec: str) -> list[str]:
     return ["fixed:pixelstats", clip_spec, "timm:test_vit"]
@@ -107,19 +67,19 @@ def test_the_draft_size_follows_the_first_resize_and_the_resize_is_torchvisions(
 def test_reduced_scale_decoding_stays_within_the_resize_tolerance(tmp_path, photos, clip_spec):
     fast, full = load_backbone(clip_spec), load_backbone(clip_spec, fast_decode=False)
     store = ImageStore(tmp_path)
-    _shard(tmp_path, photos)
+    zip_shard(tmp_path, photos)
     plan, base = fast.decoding, full.decoding
     for name in photos:
-        reduced = store.open("images/train/00.zip", name, min_side=plan.min_side)
-        assert min(reduced.size) >= 224 and reduced.width < store.open("images/train/00.zip", name).width / 1.9
+        reduced = store.open(SHARD, name, min_side=plan.min_side)
+        assert min(reduced.size) >= 224 and reduced.width < store.open(SHARD, name).width / 1.9
     # Pixels after the worker part (resize + crop), in [0, 1]: measured max 0.137, mean 0.0044 (all 22 photos)
-    x_fast = torch.stack([plan.worker(store.open("images/train/00.zip", n, min_side=224)) for n in photos]) / 255
-    x_full = torch.stack([base.worker(store.open("images/train/00.zip", n)) for n in photos]) / 255
+    x_fast = torch.stack([plan.worker(store.open(SHARD, n, min_side=224)) for n in photos]) / 255
+    x_full = torch.stack([base.worker(store.open(SHARD, n)) for n in photos]) / 255
     diff = (x_fast - x_full).abs()
     assert diff.max() < 0.16 and diff.mean() < 0.006
     assert diff.mean() > 0.001  # decoded at reduced scale indeed
-    feats_fast = _extract(tmp_path, photos, fast, "fast")
-    feats_full = _extract(tmp_path, photos, full, "full")
+    feats_fast = extract_shard(tmp_path, photos, fast, "fast")
+    feats_full = extract_shard(tmp_path, photos, full, "full")
     cos = (feats_fast * feats_full).sum(1) / np.linalg.norm(feats_fast, axis=1) / np.linalg.norm(feats_full, axis=1)
     assert cos.min() > 0.9995  # measured 0.99996 here; a random-init ViT-B-32: 0.99981, mean 0.99995
     assert not np.array_equal(feats_fast, feats_full)
@@ -127,10 +87,10 @@ def test_reduced_scale_decoding_stays_within_the_resize_tolerance(tmp_path, phot
 
 def test_the_switch_off_gives_todays_features_bit_for_bit_under_their_old_key(tmp_path, photos, clip_spec):
     off = load_backbone(clip_spec, fast_decode=False)
-    got = _extract(tmp_path, photos, off, "off", num_workers=2)
+    got = extract_shard(tmp_path, photos, off, "off", num_workers=2)
     # Today's path: full decode, the whole transform per image in float32, batches of 8 encoded as they come.
     store = ImageStore(tmp_path)
-    x = torch.stack([off.transform(store.open("images/train/00.zip", n)) for n in photos])
+    x = torch.stack([off.transform(store.open(SHARD, n)) for n in photos])
     want = torch.cat([off.encode(x[s : s + 8]) for s in range(0, len(x), 8)]).numpy()
     assert np.array_equal(got, want)
     # The cache key: today's formula for the full decode; reduced-scale features get their own.
@@ -147,13 +107,13 @@ def test_png_photos_decode_at_full_size_and_a_corrupt_one_is_nan_with_its_reason
     members["truncated.jpg"] = photos[names[1]][: len(photos[names[1]]) // 2]
     members["not_an_image.jpg"] = b"<html>404</html>"
     fast, full = load_backbone(clip_spec), load_backbone(clip_spec, fast_decode=False)
-    got = _extract(tmp_path, members, fast, "fast", num_workers=2)
-    ref = _extract(tmp_path, members, full, "full")
+    got = extract_shard(tmp_path, members, fast, "fast", num_workers=2)
+    ref = extract_shard(tmp_path, members, full, "full")
     assert np.isfinite(got[:6]).all() and np.isnan(got[6:]).all()
     np.testing.assert_array_equal(got[5], ref[5])  # the PNG: decoded at full size either way
     reasons = json.loads((tmp_path / "fast" / "failures.json").read_text())
     assert set(reasons) == {"7", "8"} and "truncated.jpg" in reasons["7"] and "not_an_image.jpg" in reasons["8"]
-    ids, containers, names_ = _shard(tmp_path / "again", members)
+    ids, containers, names_ = zip_shard(tmp_path / "again", members)
     items = compact_items(ids, np.array(containers, object), np.array(names_, object), None, None)
     dataset = ImageDataset(items, ImageStore(tmp_path / "again").open, fast.decoding)
     image_id, x, err = dataset[6]
@@ -167,7 +127,7 @@ def test_an_open_image_without_min_side_is_refused_before_reading(tmp_path, phot
     def plain_open(container, member):  # a reader from before reduced-scale decoding
         return store.open(container, member)
 
-    ids, containers, names = _shard(tmp_path, dict(list(photos.items())[:3]))
+    ids, containers, names = zip_shard(tmp_path, dict(list(photos.items())[:3]))
     with pytest.raises(TypeError, match="takes no min_side= keyword.*fast_decode=False"):
         extract_features(ids, containers, names, plain_open, load_backbone(clip_spec), tmp_path / "c1", num_workers=0)
     assert not (tmp_path / "c1").exists() or not list((tmp_path / "c1").glob("shard-*"))
@@ -179,7 +139,7 @@ def test_an_open_image_without_min_side_is_refused_before_reading(tmp_path, phot
 def test_worker_chunks_are_regrouped_into_the_models_batches_in_order(tmp_path, photos):
     bb = load_backbone("fixed:pixelstats")
     members = {f"{k}_{n}": d for k in range(3) for n, d in photos.items()}  # 66 images
-    ids, containers, names = _shard(tmp_path, members)
+    ids, containers, names = zip_shard(tmp_path, members)
     items = compact_items(ids, np.array(containers, object), np.array(names, object), None, None)
     store = ImageStore(tmp_path)
     batches = list(device_batches(items, store.open, bb.decoding, batch_size=40, num_workers=2, device="cpu"))
@@ -201,9 +161,9 @@ def test_on_cuda_the_device_part_is_the_cpus_and_bf16_features_stay_close(tmp_pa
     x = torch.stack([plan.worker(Image.open(io.BytesIO(d)).convert("RGB")) for d in list(photos.values())[:8]])
     assert torch.equal(plan.to_model(x.cuda()).cpu(), plan.to_model(x))
     members = dict(list(photos.items())[:12])
-    cpu = _extract(tmp_path, members, bb, "cpu")
-    gpu = _extract(tmp_path, members, bb, "gpu", device="cuda", num_workers=2)
-    bf16 = _extract(tmp_path, members, bb, "bf16", device="cuda", precision="bf16", num_workers=2)
+    cpu = extract_shard(tmp_path, members, bb, "cpu")
+    gpu = extract_shard(tmp_path, members, bb, "gpu", device="cuda", num_workers=2)
+    bf16 = extract_shard(tmp_path, members, bb, "bf16", device="cuda", precision="bf16", num_workers=2)
     assert np.isfinite(gpu).all() and np.isfinite(bf16).all()
 
     def cos(a, b):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,50 +20,13 @@ from hierloc.features.backbones import Backbone, load_backbone
 from hierloc.features.dataset import compact_items
 from hierloc.features.device_decode import ENCODED, EncodedDataset, as_lists, decode_batch, orient
 from hierloc.features.extract import extract_features
-from hierloc.features.views import load_features
-
-SAMPLE_PHOTOS = Path(os.environ["HIERLOC_OSV5M_SAMPLE"]) / "images"
-TINY_CLIP_224 = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32,
-                                                 "patch_size": 32},
-                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-SHARD = "images/train/00.zip"
-
-
-@pytest.fixture(scope="module")
-def clip_spec(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("clipcfg") / "hierloc-test-tiny-vit-224.json"
-    path.write_text(json.dumps(TINY_CLIP_224))
-    return f"open_clip:{path}"
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    found = {p.name: p.read_bytes() for p in sorted(SAMPLE_PHOTOS.glob("*.jpg"))}
-    assert len(found) >= 20
-    return found
-
-
-def _shard(root: Path, members: dict[str, bytes]) -> tuple[np.ndarray, list[str], list[str]]:
-    path = root / SHARD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return np.arange(1, len(members) + 1, dtype=np.int64), [SHARD] * len(members), list(members)
-
-
-def _extract(root: Path, members: dict[str, bytes], backbone, cache: str, **kw) -> np.ndarray:
-    ids, containers, names = _shard(root, members)
-    kw = {"batch_size": 8, "num_workers": 0, **kw}
-    extract_features(ids, containers, names, ImageStore(root).open, backbone, root / cache, **kw)
-    return load_features(root / cache, ids)
-
+from tests.hierloc.features.sample_shard import SHARD, extract_shard, zip_shard
 
 def _device_pixels(root: Path, members: dict[str, bytes], backbone, device: str = "cpu",
                    store: ImageStore | None = None) -> tuple[torch.Tensor, list[str]]:
     """The device decoder's uint8 batch (after resize and crop) for ``members``, and the errors."""
     store = store or ImageStore(root)
-    ids, containers, names = _shard(root, members)
+    ids, containers, names = zip_shard(root, members)
     items = compact_items(ids, np.array(containers, object), np.array(names, object), None, None)
     dataset = EncodedDataset(items, store.open, backbone.decoding)
     chunk = as_lists([dataset[i] for i in range(len(names))])
@@ -87,8 +48,8 @@ def test_device_decoding_gives_the_pil_full_decode_features_within_tolerance(tmp
     # (libjpeg-turbo decodes as PIL does; torch's uint8 antialiased bicubic is PIL's filter)
     diff = (x_dev.float() - x_pil.float()).abs() / 255
     assert diff.max() <= 2 / 255 and diff.mean() < 1e-4
-    feats_dev = _extract(tmp_path, photos, dev, "dev")
-    feats_pil = _extract(tmp_path, photos, full, "pil")
+    feats_dev = extract_shard(tmp_path, photos, dev, "dev")
+    feats_pil = extract_shard(tmp_path, photos, full, "pil")
     assert np.isfinite(feats_dev).all()
     assert _cosine(feats_dev, feats_pil).min() > 0.99999  # measured >= 0.9999998
 
@@ -128,8 +89,8 @@ def test_png_refused_and_corrupt_images_take_the_pil_path_or_give_nan_with_the_r
     members["truncated.jpg"] = photos[names[1]][: len(photos[names[1]]) // 2]
     members["not_an_image.jpg"] = b"<html>404</html>"
     dev, pil = load_backbone(clip_spec, decoder="device"), load_backbone(clip_spec)
-    got = _extract(tmp_path, members, dev, "dev", num_workers=2)
-    ref = _extract(tmp_path, members, pil, "pil")
+    got = extract_shard(tmp_path, members, dev, "dev", num_workers=2)
+    ref = extract_shard(tmp_path, members, pil, "pil")
     assert np.isfinite(got[:5]).all() and np.isnan(got[5:]).all()
     np.testing.assert_array_equal(got[4], ref[4])  # the PNG: the PIL path, the same features
     reasons = json.loads((tmp_path / "dev" / "failures.json").read_text())
@@ -137,7 +98,7 @@ def test_png_refused_and_corrupt_images_take_the_pil_path_or_give_nan_with_the_r
     assert "not a known image format" in reasons["7"]
     # A JPEG the decoder refuses (here: its bytes replaced by garbage after the worker read them) is
     # read again through the PIL path in the main process: the PIL path's pixels, no error.
-    ids, containers, names_ = _shard(tmp_path, members)
+    ids, containers, names_ = zip_shard(tmp_path, members)
     items = compact_items(ids, np.array(containers, object), np.array(names_, object), None, None)
     store = ImageStore(tmp_path)
     chunk = as_lists([EncodedDataset(items, store.open, dev.decoding)[i] for i in range(3)])
@@ -172,7 +133,7 @@ def test_the_device_decoder_has_its_own_cache_key_and_refuses_what_it_cannot_run
                    decoder="device")
     with pytest.raises(ValueError, match="decoder 'device' needs a transform of Resize"):
         odd.device_decoding
-    ids, containers, names = _shard(tmp_path, dict(list(photos.items())[:2]))
+    ids, containers, names = zip_shard(tmp_path, dict(list(photos.items())[:2]))
     store = ImageStore(tmp_path)
     with pytest.raises(TypeError, match="takes no raw= keyword"):
         extract_features(ids, containers, names, lambda c, m, min_side=None: store.open(c, m, min_side=min_side),
@@ -187,6 +148,6 @@ def test_cuda_decoding_equals_the_cpu_decoding_within_tolerance(tmp_path, photos
     assert not any(e_cpu) and not any(e_gpu)
     diff = (x_gpu.float() - x_cpu.float()).abs() / 255  # nvjpeg's IDCT and float resize vs libjpeg-turbo
     assert diff.max() < 0.1 and diff.mean() < 0.005
-    feats_gpu = _extract(tmp_path, photos, dev, "gpu", device="cuda", precision="fp32")
-    feats_cpu = _extract(tmp_path, photos, dev, "cpu")
+    feats_gpu = extract_shard(tmp_path, photos, dev, "gpu", device="cuda", precision="fp32")
+    feats_cpu = extract_shard(tmp_path, photos, dev, "cpu")
     assert _cosine(feats_gpu, feats_cpu).min() > 0.9995
