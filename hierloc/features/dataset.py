@@ -42,43 +42,63 @@ class ImageItems:
     sizes: np.ndarray
 
 
+def item_location(items: ImageItems, i: int) -> tuple[str, str, dict]:
+    """(container, member, {offset, size} where a tar member's position is known, else {}) of item ``i``."""
+    container, member = items.containers[items.codes[i]], items.members[i].decode()
+    where = {"offset": int(items.offsets[i]), "size": int(items.sizes[i])} if items.offsets[i] >= 0 else {}
+    return container, member, where
+
+
+def failure_reason(items: ImageItems, i: int, exc: Exception) -> str:
+    """Why item ``i`` could not be read, naming its container and member."""
+    container, member, _ = item_location(items, i)
+    return f"{container}:{member}: {type(exc).__name__}: {exc}"
+
+
+def read_pixels(items: ImageItems, i: int, open_image: OpenImage, plan: DecodePlan) -> torch.Tensor:
+    """Item ``i`` opened (at reduced scale where the plan says) and through the plan's worker part:
+    (C, H, W) of the plan's shape and dtype; raises what reading or the transform raises."""
+    container, member, where = item_location(items, i)
+    decode = {"min_side": plan.min_side} if plan.min_side is not None else {}
+    x = plan.worker(open_image(container, member, **where, **decode))
+    if tuple(x.shape) != plan.shape or x.dtype != plan.dtype:
+        raise ValueError(f"transform gave {tuple(x.shape)} {x.dtype}, expected {plan.shape} {plan.dtype}")
+    return x
+
+
 class ImageDataset(Dataset):
     """(id, image tensor (C, H, W) as ``plan.worker`` makes it (uint8 where the transform splits), error
     '' or why it could not be read: then zeros) per item. Holds the plan's worker side only (the device
     part stays in the main process)."""
 
     def __init__(self, items: ImageItems, open_image: OpenImage, plan: DecodePlan):
-        self.items, self.open_image = items, open_image
-        self.worker, self.shape, self.dtype = plan.worker, plan.shape, plan.dtype
-        self.decode = {"min_side": plan.min_side} if plan.min_side is not None else {}
+        self.items, self.open_image, self.plan = items, open_image, plan.worker_side()
 
     def __len__(self) -> int:
         return len(self.items.ids)
 
     def __getitem__(self, i: int):
-        it = self.items
-        container, member, image_id = it.containers[it.codes[i]], it.members[i].decode(), int(it.ids[i])
-        where = {"offset": int(it.offsets[i]), "size": int(it.sizes[i])} if it.offsets[i] >= 0 else {}
+        image_id = int(self.items.ids[i])
         try:
-            x = self.worker(self.open_image(container, member, **where, **self.decode))
-            if tuple(x.shape) != self.shape or x.dtype != self.dtype:
-                raise ValueError(f"transform gave {tuple(x.shape)} {x.dtype}, expected {self.shape} {self.dtype}")
-            return image_id, x, ""
+            return image_id, read_pixels(self.items, i, self.open_image, self.plan), ""
         except Exception as exc:  # reported per image, the batch goes on
-            reason = f"{container}:{member}: {type(exc).__name__}: {exc}"
-            return image_id, torch.zeros(self.shape, dtype=self.dtype), reason
+            return image_id, torch.zeros(self.plan.shape, dtype=self.plan.dtype), failure_reason(self.items, i, exc)
+
+
+def takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (by name or **kwargs); False where it has no
+    signature to read (a builtin: cannot tell)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def check_open_image(open_image: OpenImage, plan: DecodePlan) -> None:
     """TypeError, before any image is read, when the plan decodes at reduced scale and ``open_image``
     takes no ``min_side`` keyword (every image would fail)."""
-    if plan.min_side is None:
-        return
-    try:
-        params = inspect.signature(open_image).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): cannot tell, so refuse
-        params = []
-    if not any(p.name == "min_side" or p.kind is p.VAR_KEYWORD for p in params):
+    if plan.min_side is not None and not takes_keyword(open_image, "min_side"):
         raise TypeError(f"open_image {open_image!r} takes no min_side= keyword, which reduced-scale JPEG decoding "
                         "needs: pass geodata.ingest.image_store.ImageStore.open, or load the backbone with "
                         "fast_decode=False")

@@ -39,7 +39,7 @@ features of the two are never mixed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -75,6 +75,11 @@ class DecodePlan:
     shape: tuple[int, ...]
     dtype: torch.dtype
     split: bool
+
+    def worker_side(self) -> DecodePlan:
+        """This plan without its device part: what a DataLoader worker holds (the device part keeps its
+        constants on the device once used, which a worker must not inherit)."""
+        return replace(self, to_model=_identity)
 
 
 def resized_size(size: tuple[int, int], resize_to: Sequence[int], max_size: int | None = None) -> tuple[int, int]:

@@ -32,15 +32,16 @@ the CUDA test allows 0.1 / 0.005, cosine >= 0.9995). The backbone's cache key re
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hierloc.features.dataset import PREFETCH_CHUNKS, WORKER_CHUNK, ImageItems, OpenImage
+from hierloc.features.dataset import (
+    PREFETCH_CHUNKS, WORKER_CHUNK, ImageItems, OpenImage, failure_reason, item_location, read_pixels, takes_keyword,
+)
 from hierloc.features.decode import DecodePlan, _first_resize, _is_size_keeping, _tv, resized_size
 
 #: Pixels (width x height, by the headers) decoded in one decode_jpeg call: 128 Mpx is 384 MB of RGB
@@ -100,34 +101,9 @@ def plan_device_decoding(pixels: DecodePlan) -> DeviceDecodePlan:
 
 def check_raw_open_image(open_image: OpenImage) -> None:
     """TypeError, before any image is read, when ``open_image`` takes no ``raw`` keyword."""
-    try:
-        params = inspect.signature(open_image).parameters.values()
-    except (TypeError, ValueError):
-        params = []
-    if not any(p.name == "raw" or p.kind is p.VAR_KEYWORD for p in params):
+    if not takes_keyword(open_image, "raw"):
         raise TypeError(f"open_image {open_image!r} takes no raw= keyword, which the device decoder needs: pass "
                         "geodata.ingest.image_store.ImageStore.open, or use decoder 'pil'")
-
-
-def _item(items: ImageItems, i: int) -> tuple[str, str, dict]:
-    container, member = items.containers[items.codes[i]], items.members[i].decode()
-    where = {"offset": int(items.offsets[i]), "size": int(items.sizes[i])} if items.offsets[i] >= 0 else {}
-    return container, member, where
-
-
-def _pil_pixels(items: ImageItems, i: int, open_image: OpenImage, plan: DecodePlan) -> torch.Tensor:
-    """Item ``i`` through the PIL plan's worker part (uint8 (C, H, W)); raises what it raises."""
-    container, member, where = _item(items, i)
-    decode = {"min_side": plan.min_side} if plan.min_side is not None else {}
-    x = plan.worker(open_image(container, member, **where, **decode))
-    if tuple(x.shape) != plan.shape or x.dtype != plan.dtype:
-        raise ValueError(f"transform gave {tuple(x.shape)} {x.dtype}, expected {plan.shape} {plan.dtype}")
-    return x
-
-
-def _reason(items: ImageItems, i: int, exc: Exception) -> str:
-    container, member, _ = _item(items, i)
-    return f"{container}:{member}: {type(exc).__name__}: {exc}"
 
 
 class EncodedDataset(Dataset):
@@ -135,21 +111,21 @@ class EncodedDataset(Dataset):
     uint8), PIXELS with the PIL path's uint8 (C, H, W), FAILED with an empty tensor and why."""
 
     def __init__(self, items: ImageItems, open_image: OpenImage, plan: DecodePlan):
-        self.items, self.open_image, self.plan = items, open_image, plan
+        self.items, self.open_image, self.plan = items, open_image, plan.worker_side()
 
     def __len__(self) -> int:
         return len(self.items.ids)
 
     def __getitem__(self, i: int):
-        container, member, where = _item(self.items, i)
+        container, member, where = item_location(self.items, i)
         try:
             enc = self.open_image(container, member, **where, raw=True)
             if enc.format == "JPEG":
                 data = torch.frombuffer(bytearray(enc.data), dtype=torch.uint8)
                 return i, ENCODED, data, enc.orientation, enc.size[0] * enc.size[1], ""
-            return i, PIXELS, _pil_pixels(self.items, i, self.open_image, self.plan), 1, 0, ""
+            return i, PIXELS, read_pixels(self.items, i, self.open_image, self.plan), 1, 0, ""
         except Exception as exc:  # reported per image, the batch goes on
-            return i, FAILED, torch.zeros(0, dtype=torch.uint8), 1, 0, _reason(self.items, i, exc)
+            return i, FAILED, torch.zeros(0, dtype=torch.uint8), 1, 0, failure_reason(self.items, i, exc)
 
 
 def as_lists(batch: list[tuple]) -> tuple[list, ...]:
@@ -219,9 +195,9 @@ def decode_batch(chunk: tuple[list, ...], items: ImageItems, open_image: OpenIma
         if isinstance(img, Exception):  # refused here: the PIL path in this process
             kinds[k] = PIXELS
             try:
-                tensors[k] = _pil_pixels(items, idx[k], open_image, plan.pixels)
+                tensors[k] = read_pixels(items, idx[k], open_image, plan.pixels)
             except Exception as exc:
-                kinds[k], errors[k] = FAILED, _reason(items, idx[k], exc)
+                kinds[k], errors[k] = FAILED, failure_reason(items, idx[k], exc)
             continue
         tensors[k] = orient(img, orients[k])
         groups.setdefault(tuple(tensors[k].shape), []).append(k)
@@ -236,7 +212,7 @@ def decode_batch(chunk: tuple[list, ...], items: ImageItems, open_image: OpenIma
         elif kind == FAILED:
             out[k] = torch.zeros(shape, dtype=torch.uint8, device=device)
         elif tuple(out[k].shape) != shape:
-            errors[k] = _reason(items, idx[k], ValueError(f"decoded to {tuple(out[k].shape)}, expected {shape}"))
+            errors[k] = failure_reason(items, idx[k], ValueError(f"decoded to {tuple(out[k].shape)}, expected {shape}"))
             out[k] = torch.zeros(shape, dtype=torch.uint8, device=device)
     return torch.stack(out), errors
 
