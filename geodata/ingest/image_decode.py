@@ -62,13 +62,7 @@ def decode_image(
     check_size(len(data), max_image_bytes, where)
     try:
         image = Image.open(io.BytesIO(data))
-        n_pixels = image.width * image.height
-        if n_pixels > max_image_pixels:
-            raise Image.DecompressionBombError(
-                f"{where}: {image.width}x{image.height} = {n_pixels} pixels exceeds "
-                f"max_image_pixels={max_image_pixels} (possible decompression bomb); "
-                "raise the limit only for trusted data"
-            )
+        _check_pixels(image.width, image.height, max_image_pixels, where)
         full_size, drafted = image.size, None
         if min_side is not None:  # (mode, box of the photo in the reduced image) for a JPEG; None elsewhere
             drafted = image.draft("RGB", (int(min_side), int(min_side)))
@@ -115,25 +109,33 @@ def inspect_image(
         reason = f"{type(exc).__name__}: {detail}"
         raise ImageDecodeError(f"{where}: cannot read the image header ({reason}); the file is corrupt or not an image",
                                reason) from exc
-    if size[0] * size[1] > max_image_pixels:
-        raise Image.DecompressionBombError(
-            f"{where}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels exceeds max_image_pixels={max_image_pixels} "
-            "(possible decompression bomb); raise the limit only for trusted data")
-    try:
-        orientation = int(image.getexif().get(0x0112, 1))  # as ImageOps.exif_transpose reads it
-    except Exception:  # malformed EXIF is not a broken photo: unrotated, as to_rgb does
-        orientation = 1
+    _check_pixels(size[0], size[1], max_image_pixels, where)
+    orientation = _exif_orientation(image)
     return EncodedImage(data, fmt, size, orientation if 1 <= orientation <= 8 else 1)
+
+
+def _check_pixels(width: int, height: int, max_image_pixels: int, where: str) -> None:
+    """PIL.Image.DecompressionBombError when the header's size is over ``max_image_pixels``."""
+    if width * height > max_image_pixels:
+        raise Image.DecompressionBombError(
+            f"{where}: {width}x{height} = {width * height} pixels exceeds max_image_pixels={max_image_pixels} "
+            "(possible decompression bomb); raise the limit only for trusted data")
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag as ImageOps.exif_transpose reads it; 1 where it is absent or the EXIF
+    is malformed (not a broken photo: left unrotated, as to_rgb does)."""
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
 
 
 def _mark_reduced(rgb: Image.Image, decoded: Image.Image, full_size: tuple[int, int],
                   box: tuple[float, float, float, float]) -> None:
     """Set ``rgb.info`` full_size and draft_box (decode_image) for a JPEG decoded at reduced scale:
     ``box`` and ``full_size`` are given before EXIF orientation (``decoded``), stored after it."""
-    try:
-        orientation = int(decoded.getexif().get(0x0112, 1))  # as ImageOps.exif_transpose reads it
-    except Exception:  # unreadable EXIF: to_rgb kept the image unrotated
-        orientation = 1
+    orientation = _exif_orientation(decoded)
     (w, h), (left, upper, right, lower) = decoded.size, box
     if orientation in (2, 3, 7, 8):  # mirrored left-right before any axis swap (7, 8: with it)
         left, right = w - right, w - left
