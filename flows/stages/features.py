@@ -104,13 +104,12 @@ def run_features(
     precision and the split's ids}, ``fast_decode`` (whether images were decoded at reduced scale:
     the export records it, so serving decodes alike; False for ``precomputed:`` and for the "device"
     decoder, which decodes at full size: serving's PIL full decode is within 1/255 a pixel of it on the
-    CPU), and per split n,
-    encoded, cached, failures, seconds, images_per_s.
+    CPU), ``decoder``, and per split n, encoded, cached, failures, seconds, images_per_s.
     ``fast_decode``: JPEGs decoded at reduced scale (hierloc.features.decode; its own cache key);
     False: full decode. ``decoder``: "pil", or "device" (JPEGs decoded by decode_jpeg on ``device``,
-    hierloc.features.device_decode; its own cache key; recorded as ``decoder``). Unreadable images
-    get NaN features (left out later); FeatureFailureError
-    when a split's share of them is above ``max_bad_fraction`` (a wrong image root, a broken backbone).
+    hierloc.features.device_decode; its own cache key). Unreadable images get NaN features (left out
+    later); FeatureFailureError when a split's share of them is above ``max_bad_fraction`` (a wrong
+    image root, a broken backbone).
     """
     kind, name = parse_spec(backbone)
     manifests = _image_columns(ingest_dir)
@@ -121,9 +120,10 @@ def run_features(
                       shard_size=shard_size, num_workers=num_workers, retry_failed=retry_failed, progress=progress,
                       fast_decode=fast_decode, decoder=decoder)
     cache, weights, precision, index = got["cache"], got["weights"], got["precision"], got["index"]
+    decoded = kind != "precomputed"  # images decoded here (precomputed features: none)
     out: dict = {"backbone": backbone, "dim": index.dim, "weights": weights, "precision": precision,
-                 "fast_decode": bool(fast_decode) and kind != "precomputed" and decoder == "pil", "cache": str(cache), "dirs": {},
-                 "digests": {}, "decoder": decoder if kind != "precomputed" else "pil"}
+                 "fast_decode": decoded and bool(fast_decode) and decoder == "pil",
+                 "decoder": decoder if decoded else "pil", "cache": str(cache), "dirs": {}, "digests": {}}
     for split, m in manifests.items():
         ids = m["id"].to_numpy(np.int64)
         missing = index.missing(ids)
