@@ -44,6 +44,7 @@ import contextlib
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 import zipfile
@@ -59,6 +60,9 @@ from hierloc.features.dataset import compact_items, device_batches
 from hierloc.features.decode import DecodePlan, plan_decoding
 from hierloc.features.device_decode import DeviceDecodePlan, device_decoded_batches
 from hierloc.features.extract import PRECISIONS, effective_precision, extract_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import sync  # noqa: E402  (benchmarks/gpu_common.py: clocks read after the device's queue)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,26 +124,20 @@ def todays_backbone(bb: Backbone) -> Backbone:
     return Backbone(bb.spec, bb.module, TodaysTransform(bb.transform), bb.dim, fast_decode=False)
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously: read clocks only after this)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def loader_rate(store: ImageStore, ids, containers, members, plan: DecodePlan | DeviceDecodePlan, *, batch_size: int,
                 workers: int, device: torch.device) -> float:
     """Images/s of the stage's loader alone: workers decode, batches reach the device model-ready, no model.
     A DeviceDecodePlan: workers read bytes, the JPEGs are decoded on ``device`` (decoder 'device')."""
     items = compact_items(np.asarray(ids, np.int64), np.asarray(containers, object), np.asarray(members, object),
                           None, None)
-    _sync(device)
+    sync(device)
     t0, n = time.perf_counter(), 0
     with torch.inference_mode():
         batches = device_decoded_batches if isinstance(plan, DeviceDecodePlan) else device_batches
         for _, _, errors in batches(items, store.open, plan, batch_size=batch_size, num_workers=workers,
                                     device=device):
             n += len(errors)
-    _sync(device)
+    sync(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -154,11 +152,11 @@ def encoder_rate(bb: Backbone, *, device: torch.device, precision: str, batch_si
         with amp:
             for _ in range(2):
                 bb.encode(x)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(n_batches):
                 bb.encode(x)
-            _sync(device)
+            sync(device)
     return n_batches * batch_size / (time.perf_counter() - t0)
 
 
@@ -195,12 +193,12 @@ def feature_rates(spec: str, photos: list[Path], n_images: int, *, device: str |
         out["loader_only_img_s"] = loader_rate(store, ids, containers, members, plan, batch_size=batch_size,
                                                workers=workers, device=device)
         marks: list[tuple[int, float]] = []
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         extract_features(ids, containers, members, store.open, bb, root / "cache", batch_size=batch_size,
                          shard_size=max(n_images, 1), num_workers=workers, device=device, precision=precision,
                          progress=lambda done, total, secs: marks.append((done, time.perf_counter())))
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
     out["end_to_end_img_s"] = n_images / (t1 - t0)
     first_n, first_t = marks[0] if marks else (0, t0)
