@@ -159,7 +159,7 @@ def host_syncs_per_step(data, ents, batch: int, refresh: tuple[int, ...], device
     import warnings
 
     from hierloc.train.distributed import setup
-    from hierloc.train.host_syncs import HostSyncs, training_tensors
+    from hierloc.train.host_syncs import step_syncs
     from hierloc.train.loop import _Loop
 
     out = {}
@@ -173,10 +173,8 @@ def host_syncs_per_step(data, ents, batch: int, refresh: tuple[int, ...], device
             batches = [perm[b * batch : (b + 1) * batch] for b in range(steps)]
             for rows in batches[:2]:  # optimiser state, cuDNN/cuBLAS choices
                 loop._step(rows, last_batch=False)
-            with HostSyncs(training_tensors([loop.model, loop.loss_fn], [loop.optims.opt, loop.optims.ropt])) as hs:
-                for rows in batches[2:]:
-                    loop._step(rows, last_batch=False)
-            row = {"steps": steps - 2, "host_syncs": len(hs.syncs), "where": sorted({s.where for s in hs.syncs})}
+            found = step_syncs(loop, batches[2:])
+            row = {"steps": steps - 2, "host_syncs": len(found), "where": sorted({s.where for s in found})}
             if dev.type == "cuda":
                 sync(dev)
                 torch.cuda.set_sync_debug_mode("warn")

@@ -128,3 +128,14 @@ def training_tensors(modules: Iterable[torch.nn.Module], optims: Iterable[torch.
         for state in opt.state.values():
             out += [v for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)]
     return out
+
+
+def step_syncs(loop, batches: Iterable[torch.Tensor]) -> list[Sync]:
+    """The host syncs of a training loop's (hierloc.train.loop._Loop) steps over ``batches`` (row
+    indices, one step each; none the last of its epoch), with its model, loss and optimiser state
+    as the device tensors."""
+    seeds = training_tensors([loop.model, loop.loss_fn], [loop.optims.opt, loop.optims.ropt])
+    with HostSyncs(seeds) as hs:
+        for rows in batches:
+            loop._step(rows, last_batch=False)
+    return hs.syncs

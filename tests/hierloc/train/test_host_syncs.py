@@ -12,7 +12,7 @@ import torch
 
 from hierloc.model.model import ModelConfig
 from hierloc.train.distributed import setup
-from hierloc.train.host_syncs import HostSyncs, training_tensors
+from hierloc.train.host_syncs import step_syncs
 from hierloc.train.loop import TrainConfig, _Loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,10 +31,7 @@ def _count(loop: _Loop, steps: range) -> list:
     bs = loop.cfg.batch_size
     for b in range(steps.start):  # optimiser state exists from here on
         loop._step(perm[b * bs : (b + 1) * bs], last_batch=False)
-    with HostSyncs(training_tensors([loop.model, loop.loss_fn], [loop.optims.opt, loop.optims.ropt])) as hs:
-        for b in steps:
-            loop._step(perm[b * bs : (b + 1) * bs], last_batch=False)
-    return hs.syncs
+    return step_syncs(loop, [perm[b * bs : (b + 1) * bs] for b in steps])
 
 
 @pytest.mark.parametrize("k", [1, 4])
