@@ -277,10 +277,15 @@ class HierLocModel(nn.Module):
         # Same clamp as alpha_img.
         return self.log_alpha_node.clamp(max=math.log(10.0)).exp()
 
+    def scalar_tensors(self) -> dict[str, torch.Tensor]:
+        """The learnt scalars as detached 0-d tensors where the model is (no host read: the training
+        step's finite checks record them on the device)."""
+        return {"curvature": self.curvature.detach(), "alpha_img": self.alpha_img.detach(),
+                "alpha_node": self.alpha_node.detach()}
+
     def scalars(self) -> dict[str, float]:
-        """The learnt scalars as floats, for logs and diagnostics (see check_finite's context)."""
-        return {"curvature": float(self.curvature.detach()), "alpha_img": float(self.alpha_img.detach()),
-                "alpha_node": float(self.alpha_node.detach())}
+        """The learnt scalars as floats, for logs and diagnostics."""
+        return {k: float(v) for k, v in self.scalar_tensors().items()}
 
     # --- encoders -------------------------------------------------------
     def base_image_tangent(self, phi: torch.Tensor) -> torch.Tensor:

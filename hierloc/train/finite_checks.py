@@ -11,18 +11,14 @@ Nothing is written after a bad step, so the last checkpoint is intact.
 
 from __future__ import annotations
 
-import torch
+import math
 
-#: What a loss record holds, after the total and per-level losses: per named tensor, these counts.
-_COUNTS = ("NaN", "+inf", "-inf")
+import torch
 
 
 def scalar_tensors(model: torch.nn.Module, loss_fn: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The learnt scalars of a run as 0-d device tensors (no host read)."""
-    out = {}
-    for name in ("curvature", "alpha_img", "alpha_node"):
-        if hasattr(model, name):
-            out[name] = getattr(model, name)
+    out = dict(model.scalar_tensors())  # HierLocModel's curvature, alpha_img, alpha_node
     out.update(tau=loss_fn.tau, sigma_km=loss_fn.sigma_km)
     out["lambda"] = loss_fn.log_lambda.exp()
     return {k: v.detach().float().reshape(()) for k, v in out.items()}
@@ -112,21 +108,15 @@ def _raise_loss(step: int, key: tuple, snap: list[float], shapes: dict[str, tupl
             shape = shapes.get(name, ())
             raise FloatingPointError(
                 f"{name} at step {step} is not finite: shape {shape}, {nan} NaN, {pinf} +inf, {ninf} -inf of "
-                f"{_numel(shape)} values. {context} {advice}")
+                f"{math.prod(shape)} values. {context} {advice}")
     raise FloatingPointError(
         f"loss at step {step} is {total} although its inputs are finite: an overflow inside the loss. "
         f"{context} Lower the learning rate or the initial temperature.")
 
 
 def _raise_grads(step: int, names: tuple[str, ...], norms: list[float]) -> None:
-    bad = [f"{n}: gradient norm {v}" for n, v in zip(names, norms) if v != v or v in (float("inf"), float("-inf"))]
+    bad = [f"{n}: gradient norm {v}" for n, v in zip(names, norms) if not math.isfinite(v)]
     raise FloatingPointError(
         f"non-finite gradients at step {step} (nothing was written after this step; the last checkpoint is "
         f"intact): {'; '.join(bad)}. Lower the learning rate or grad_clip, or train in float64 to investigate.")
 
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
